@@ -1,0 +1,106 @@
+"""Command-line flags of linear_moe (a Megatron ``extra_args_provider``) and their validation.
+
+Validation runs right after Megatron parses its arguments, before any model, data or process
+group work, and raises one-line errors that name the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from linear_moe.config import LinearMixerFields, resolve_mixer_defaults
+from linear_moe.models import PRESETS, get_preset
+from linear_moe.models.common import args_to_argv
+from linear_moe.registry import LINEAR, expand_layer_pattern, get_mixer
+
+DEFAULT_BASE_MODEL = "qwen2_moe"
+DEFAULT_MODEL_SIZE = "tiny"
+DEFAULT_LAYER_TYPE_LIST = "LLLN"
+
+_LA_HELP = {
+    "la_num_heads": "linear-mixer heads (default: --num-attention-heads)",
+    "la_expand_k": "key dim = hidden * expand_k (default: the mixer's)",
+    "la_expand_v": "value dim = hidden * expand_v (default: the mixer's)",
+    "la_conv_size": "short-convolution kernel size",
+    "la_output_norm": "per-head output norm: rmsnorm | identity (default: the mixer's)",
+    "la_gate_fn": "output-gate activation: swish | sigmoid | identity",
+    "la_gate_low_rank_dim": "GLA: rank of the key-decay projection",
+    "la_gate_logit_normalizer": "GLA: divisor of the log-sigmoid decay",
+    "la_chunk_size": "chunk length of the reference chunked op",
+}
+
+
+def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron ``extra_args_provider``."""
+    g = parser.add_argument_group("linear-moe")
+    g.add_argument("--base-model", default=DEFAULT_BASE_MODEL, choices=sorted(PRESETS),
+                   help="base-model preset (norms, MLP/MoE, softmax-attention flavour)")
+    g.add_argument("--model-size", default=DEFAULT_MODEL_SIZE,
+                   help="size preset of the base model (e.g. tiny, A0.3B-2B)")
+    g.add_argument("--la-module", default=LinearMixerFields.la_module,
+                   help="linear mixer for the 'L' layers (`linear-moe mixers` lists them)")
+    g.add_argument("--layer-type-list", default=DEFAULT_LAYER_TYPE_LIST,
+                   help="per-layer pattern, L = linear mixer, N = softmax attention; a shorter "
+                        "pattern repeats if it divides --num-layers")
+    g.add_argument("--la-mode", default=LinearMixerFields.la_mode,
+                   help="kernel mode: chunk | fused_recurrent (where the mixer has it)")
+    g.add_argument("--la-backend", default=LinearMixerFields.la_backend,
+                   choices=["auto", "reference", "fla"],
+                   help="auto = fla kernels on CUDA, fp32 torch reference otherwise")
+    g.add_argument("--la-use-short-conv", default=None, action=argparse.BooleanOptionalAction,
+                   help="short convolution on q/k/v (default: the mixer's)")
+    types = {"la_num_heads": int, "la_expand_k": float, "la_expand_v": float,
+             "la_conv_size": int, "la_output_norm": str, "la_gate_fn": str,
+             "la_gate_low_rank_dim": int, "la_gate_logit_normalizer": float,
+             "la_chunk_size": int}
+    for dest, typ in types.items():
+        g.add_argument("--" + dest.replace("_", "-"), type=typ,
+                       default=getattr(LinearMixerFields, dest), help=_LA_HELP[dest])
+    return parser
+
+
+def preset_argv(argv: list[str]) -> list[str]:
+    """Megatron flags of the --base-model/--model-size preset, placed before the user's own
+    flags so that anything given on the command line wins."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
+    pre.add_argument("--model-size", default=DEFAULT_MODEL_SIZE)
+    known, _ = pre.parse_known_args(argv)
+    return args_to_argv(get_preset(known.base_model).megatron_args(known.model_size)) + argv
+
+
+def validate_args(args) -> None:
+    """Check linear_moe's flags against Megatron's; fills in the per-layer pattern and the
+    mixer defaults. Raises ValueError with the fix."""
+    entry = get_mixer(args.la_module)
+    args.layer_type_list = expand_layer_pattern(args.layer_type_list, args.num_layers)
+    resolve_mixer_defaults(args)
+    if args.la_mode not in entry.modes:
+        raise ValueError(f"mixer '{entry.name}' has no --la-mode '{args.la_mode}'; choose one "
+                         f"of {', '.join(entry.modes)}")
+    tp = args.tensor_model_parallel_size
+    uses_linear = LINEAR in args.layer_type_list
+    if uses_linear and args.la_num_heads % tp:
+        raise ValueError(f"--la-num-heads {args.la_num_heads} is not divisible by "
+                         f"--tensor-model-parallel-size {tp}; pick a TP size dividing it")
+    if args.num_attention_heads % tp:
+        raise ValueError(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+                         f"--tensor-model-parallel-size {tp}")
+    if uses_linear and args.context_parallel_size > 1 and not entry.supports_cp:
+        raise ValueError(f"mixer '{entry.name}' has no context-parallel support; use "
+                         "--context-parallel-size 1")
+    if args.context_parallel_size > 1:
+        raise ValueError("context parallelism is not supported yet (SDPA softmax layers); use "
+                         "--context-parallel-size 1")
+    if uses_linear and not entry.supports_tp and tp > 1:
+        raise ValueError(f"mixer '{entry.name}' has no tensor-parallel support; use "
+                         "--tensor-model-parallel-size 1")
+    if getattr(args, "reset_attention_mask", False):
+        raise ValueError("--reset-attention-mask needs per-document state resets that the "
+                         "mixers do not implement yet; drop the flag")
+    if args.normalization != "RMSNorm":
+        raise ValueError(f"--normalization {args.normalization} is not supported; use RMSNorm")
+    num_experts = args.num_experts
+    if num_experts and num_experts % args.expert_model_parallel_size:
+        raise ValueError(f"--num-experts {num_experts} is not divisible by "
+                         f"--expert-model-parallel-size {args.expert_model_parallel_size}")

@@ -1,0 +1,57 @@
+"""Config fields of the linear mixers, added to Megatron's TransformerConfig.
+
+Each field has a ``--la-*`` flag of the same name (see arguments.py); ``None`` means "the mixer's
+own default" (registry MixerEntry.defaults), resolved once in ``resolve_mixer_defaults``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron.core.transformer import MLATransformerConfig, TransformerConfig
+
+
+@dataclass
+class LinearMixerFields:
+    la_module: str = "gla"
+    # Expanded per-layer pattern: 'L' = linear mixer, 'N' = softmax attention.
+    layer_type_list: Optional[str] = None
+    # Kernel family mode where fla offers several: "chunk" or "fused_recurrent".
+    la_mode: str = "chunk"
+    # "auto": fla kernels on CUDA tensors, the fp32 torch reference otherwise.
+    la_backend: str = "auto"
+    la_num_heads: Optional[int] = None  # defaults to num_attention_heads
+    la_expand_k: Optional[float] = None  # key dim = hidden * expand_k
+    la_expand_v: Optional[float] = None  # value dim = hidden * expand_v
+    la_use_short_conv: Optional[bool] = None
+    la_conv_size: int = 4
+    la_output_norm: Optional[str] = None  # rmsnorm | identity
+    la_gate_fn: str = "swish"  # activation of the output gate
+    la_gate_low_rank_dim: int = 16  # GLA: rank of the key-decay projection
+    la_gate_logit_normalizer: float = 16.0  # GLA: divides the log-sigmoid decay
+    la_chunk_size: int = 64
+
+
+@dataclass
+class LinearMoEConfig(TransformerConfig, LinearMixerFields):
+    """TransformerConfig + linear-mixer fields (softmax 'N' layers use MHA/GQA)."""
+
+
+@dataclass
+class LinearMoEMLAConfig(MLATransformerConfig, LinearMixerFields):
+    """MLATransformerConfig + linear-mixer fields (softmax 'N' layers use MLA)."""
+
+
+def resolve_mixer_defaults(config) -> None:
+    """Fill the ``None`` la_* fields from the chosen mixer's registry defaults."""
+    from linear_moe.registry import get_mixer
+
+    entry = get_mixer(config.la_module)
+    generic = {"la_expand_k": 1.0, "la_expand_v": 1.0, "la_use_short_conv": False,
+               "la_output_norm": "rmsnorm"}
+    for name, value in {**generic, **entry.defaults}.items():
+        if getattr(config, name) is None:
+            setattr(config, name, value)
+    if config.la_num_heads is None:
+        config.la_num_heads = config.num_attention_heads

@@ -1,0 +1,62 @@
+"""RMSNorm for the layer-norm slots, and the gated per-head output norm of the linear mixers."""
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+_GATE_FNS = {
+    "swish": F.silu,
+    "silu": F.silu,
+    "sigmoid": torch.sigmoid,
+    "identity": lambda x: x,
+}
+GATE_FNS = tuple(_GATE_FNS)
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm in fp32 that supports sequence parallelism.
+
+    megatron-core's local WrappedTorchNorm refuses sequence_parallel, which MoE with TP>1
+    requires; the weight is marked ``sequence_parallel`` so finalize_model_grads all-reduces its
+    gradient over the TP group.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x):
+        y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return y.to(x.dtype)
+
+
+class GatedRMSNorm(torch.nn.Module):
+    """o = RMSNorm_headdim(o) * weight * gate_fn(g), one weight shared by all heads.
+
+    Each TP rank sees only its heads, so the shared weight's gradient is a partial sum per rank:
+    routing the weight through copy_to_tensor_model_parallel_region all-reduces it in backward.
+    """
+
+    def __init__(self, head_dim: int, eps: float, gate_fn: str, params_dtype, tp_group,
+                 use_norm: bool = True):
+        super().__init__()
+        if gate_fn not in _GATE_FNS:
+            raise ValueError(f"unknown --la-gate-fn '{gate_fn}'; choose one of {list(_GATE_FNS)}")
+        self.eps = eps
+        self.gate_fn = _GATE_FNS[gate_fn]
+        self.tp_group = tp_group
+        self.use_norm = use_norm
+        if use_norm:
+            self.weight = torch.nn.Parameter(torch.ones(head_dim, dtype=params_dtype))
+
+    def forward(self, o, gate=None):
+        """o: [..., H, D]; gate: same shape or None."""
+        y = o.float()
+        if self.use_norm:
+            weight = copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group)
+            y = F.rms_norm(y, (y.shape[-1],), weight.float(), self.eps)
+        if gate is not None:
+            y = y * self.gate_fn(gate.float())
+        return y.to(o.dtype)

@@ -1,0 +1,31 @@
+"""Depthwise causal short convolution over the sequence, channels sharded over TP by heads."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from linear_moe.layers.tp_init import init_tp_sharded_
+
+
+class ShortConvolution(torch.nn.Module):
+    def __init__(self, channels: int, kernel_size: int, tp_rank: int, tp_size: int,
+                 params_dtype, activation: str | None = "silu"):
+        super().__init__()
+        if channels % tp_size:
+            raise ValueError(f"short-conv channels {channels} not divisible by TP {tp_size}")
+        self.kernel_size = kernel_size
+        self.activation = activation
+        self.weight = torch.nn.Parameter(
+            torch.empty(channels // tp_size, 1, kernel_size, dtype=params_dtype))
+        bound = 1.0 / math.sqrt(kernel_size)  # nn.Conv1d's default for a depthwise kernel
+        init_tp_sharded_(self.weight, (channels, 1, kernel_size), 0,
+                         lambda t: torch.nn.init.uniform_(t, -bound, bound), tp_rank, tp_size)
+
+    def forward(self, x):
+        """x: [b, s, c_local] -> [b, s, c_local]; position t sees t-kernel_size+1 .. t."""
+        s = x.shape[1]
+        y = F.conv1d(x.transpose(1, 2), self.weight.to(x.dtype), padding=self.kernel_size - 1,
+                     groups=x.shape[-1])[..., :s]
+        y = y.transpose(1, 2)
+        return F.silu(y) if self.activation == "silu" else y

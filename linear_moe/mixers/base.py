@@ -1,0 +1,168 @@
+"""The interface every linear mixer implements.
+
+A mixer sits in a Megatron TransformerLayer's ``self_attention`` slot, so it takes the arguments
+that slot is built with and returns ``(output [s, b, h], bias)``. Subclasses build their
+projections with ``column``/``row`` and implement ``mix(x) -> o`` on the full sequence.
+
+Tensor parallelism: every projection is split by heads (ColumnParallelLinear in,
+RowParallelLinear out); per-head parameters are sharded with ``init_tp_sharded_``. Under sequence
+parallelism the input is gathered once here, so the projections run on the full sequence and
+the output projection reduce-scatters back.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
+
+from linear_moe.layers import GatedRMSNorm, ShortConvolution
+
+
+class LinearMixer(MegatronModule):
+    def __init__(self, config, submodules=None, layer_number: int | None = None,
+                 attn_mask_type=None, pg_collection=None, cp_comm_type=None, **unused):
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        if pg_collection is not None:
+            self.tp_group = pg_collection.tp
+        else:
+            self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.tp_size = self.tp_group.size()
+        self.tp_rank = self.tp_group.rank()
+        if config.context_parallel_size > 1:
+            raise ValueError(f"mixer '{config.la_module}' has no context-parallel support yet; "
+                             "use --context-parallel-size 1 or a mixer with cp=yes "
+                             "(`linear-moe mixers`)")
+
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.la_num_heads
+        if self.num_heads % self.tp_size:
+            raise ValueError(f"--la-num-heads {self.num_heads} is not divisible by "
+                             f"--tensor-model-parallel-size {self.tp_size}")
+        self.num_local_heads = self.num_heads // self.tp_size
+        self.key_dim = int(config.hidden_size * config.la_expand_k)
+        self.value_dim = int(config.hidden_size * config.la_expand_v)
+        for name, dim in (("key", self.key_dim), ("value", self.value_dim)):
+            if dim % self.num_heads:
+                raise ValueError(f"{name} dim {dim} (hidden * la_expand_{name[0]}) is not "
+                                 f"divisible by --la-num-heads {self.num_heads}")
+        self.head_k_dim = self.key_dim // self.num_heads
+        self.head_v_dim = self.value_dim // self.num_heads
+
+        # The input is gathered over the sequence once (forward), so in-projections must not
+        # gather again.
+        self._in_config = copy.copy(config)
+        self._in_config.sequence_parallel = False
+
+    # -- building blocks -------------------------------------------------------------------
+    def column(self, in_features: int, out_features: int, bias: bool = False):
+        """Input projection split over TP by output features (i.e. by heads)."""
+        return ColumnParallelLinear(
+            in_features, out_features, config=self._in_config,
+            init_method=self.config.init_method, gather_output=False, bias=bias,
+            skip_bias_add=False, tp_group=self.tp_group)
+
+    def row(self, in_features: int):
+        """Output projection back to the hidden size, reducing over TP."""
+        return RowParallelLinear(
+            in_features, self.hidden_size, config=self.config,
+            init_method=self.config.output_layer_init_method, bias=self.config.add_bias_linear,
+            input_is_parallel=True, skip_bias_add=True, tp_group=self.tp_group)
+
+    def build_qkv_convs(self):
+        """SiLU short convolutions on q, k and v when --la-use-short-conv is on."""
+        self.use_short_conv = self.config.la_use_short_conv
+        if self.use_short_conv:
+            conv = lambda c: ShortConvolution(c, self.config.la_conv_size, self.tp_rank,
+                                              self.tp_size, self.config.params_dtype)
+            self.q_conv = conv(self.key_dim)
+            self.k_conv = conv(self.key_dim)
+            self.v_conv = conv(self.value_dim)
+
+    def convolve_qkv(self, q, k, v):
+        """q, k, v: [s, b, c_local] -> the same, convolved over s where enabled."""
+        if not self.use_short_conv:
+            return q, k, v
+        seq = lambda conv, t: conv(t.transpose(0, 1)).transpose(0, 1)
+        return seq(self.q_conv, q), seq(self.k_conv, k), seq(self.v_conv, v)
+
+    def output_norm(self):
+        """Per-head output norm + gate, as in fla's FusedRMSNormGated."""
+        kind = self.config.la_output_norm
+        if kind not in ("rmsnorm", "identity"):
+            raise ValueError(f"unknown --la-output-norm '{kind}'; choose rmsnorm or identity")
+        return GatedRMSNorm(self.head_v_dim, self.config.layernorm_epsilon,
+                            self.config.la_gate_fn, self.config.params_dtype, self.tp_group,
+                            use_norm=kind == "rmsnorm")
+
+    @staticmethod
+    def heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+        """[s, b, H*D] -> [b, s, H, D], the layout of the ops."""
+        s, b, _ = x.shape
+        return x.transpose(0, 1).reshape(b, s, -1, head_dim)
+
+    @staticmethod
+    def unheads(x: torch.Tensor) -> torch.Tensor:
+        """[b, s, H, D] -> [s, b, H*D]."""
+        b, s = x.shape[:2]
+        return x.reshape(b, s, -1).transpose(0, 1)
+
+    # -- Megatron interface ----------------------------------------------------------------
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [s, b, h] full sequence -> o: [s, b, value_dim / tp]."""
+        raise NotImplementedError
+
+    def forward(self, hidden_states, attention_mask=None, inference_context=None,
+                packed_seq_params=None, **unused):
+        if inference_context is not None:
+            raise NotImplementedError(
+                f"mixer '{self.config.la_module}' has no incremental-decoding support yet")
+        if packed_seq_params is not None:
+            raise NotImplementedError(
+                f"mixer '{self.config.la_module}' has no packed-sequence (varlen) support yet; "
+                "train without --reset-position-ids/packed sequences")
+        x = hidden_states
+        if self.config.sequence_parallel and self.tp_size > 1:
+            # Every rank then holds the full sequence and gets its full gradient (the
+            # in-projections all-reduce it), so backward only needs to split it.
+            x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False,
+                                                     group=self.tp_group)
+        o = self.mix(x)
+        return self.o_proj(o)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Megatron linears shard themselves; other parameters shard along the TP dim they were
+        marked with (init_tp_sharded_) and are replicated otherwise."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        out = {}
+        megatron_children = (ColumnParallelLinear, RowParallelLinear, MegatronModule)
+        for name, child in self.named_children():
+            child_prefix = f"{prefix}{name}."
+            if isinstance(child, megatron_children):
+                out.update(sharded_state_dict_default(child, child_prefix, sharded_offsets,
+                                                      metadata, tp_group=self.tp_group))
+                continue
+            state = child.state_dict(prefix="", keep_vars=True)
+            axis_map = {k: v.partition_dim for k, v in state.items()
+                        if getattr(v, "tensor_model_parallel", False)}
+            out.update(make_sharded_tensors_for_checkpoint(
+                state, child_prefix, axis_map, sharded_offsets, tp_group=self.tp_group,
+                dp_cp_group=metadata["dp_cp_group"]))
+        own = {}
+        self._save_to_state_dict(own, "", keep_vars=True)
+        axis_map = {k: v.partition_dim for k, v in own.items()
+                    if getattr(v, "tensor_model_parallel", False)}
+        out.update(make_sharded_tensors_for_checkpoint(
+            own, prefix, axis_map, sharded_offsets, tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"]))
+        return out

@@ -1,0 +1,73 @@
+"""Gated DeltaNet (Yang, Kautz & Hatamizadeh, 2024, arXiv:2412.06464).
+
+S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = q_t S_t, with
+alpha_t = exp(-exp(A_log) * softplus(a_t + dt_bias)) per head (Mamba2-style decay),
+beta_t = sigmoid(b_t), q/k L2-normalised, SiLU short convolutions on q/k/v, per-head RMSNorm and
+a swish output gate, as in fla's ``GatedDeltaNet``.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from linear_moe import ops
+from linear_moe.layers import init_tp_sharded_
+from linear_moe.mixers.base import LinearMixer
+from linear_moe.registry import register_mixer
+
+
+def _init_A_log(t):
+    t.uniform_(1.0, 16.0).log_()
+
+
+def _init_dt_bias(t, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4):
+    # dt ~ log-uniform[dt_min, dt_max]; store softplus^-1(dt) so softplus(dt_bias) = dt.
+    dt = torch.exp(torch.rand_like(t) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_floor)
+    t.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
+@register_mixer(
+    "gated_deltanet",
+    paper="Gated Delta Networks: Improving Mamba2 with Delta Rule (arXiv:2412.06464)",
+    kernel="fla chunk_gated_delta_rule / fused_recurrent_gated_delta_rule",
+    defaults={"la_expand_k": 0.75, "la_expand_v": 1.5, "la_use_short_conv": True,
+              "la_output_norm": "rmsnorm"},
+)
+class GatedDeltaNetMixer(LinearMixer):
+    def __init__(self, config, **kwargs):
+        super().__init__(config, **kwargs)
+        h, nh = self.hidden_size, self.num_heads
+        self.q_proj = self.column(h, self.key_dim)
+        self.k_proj = self.column(h, self.key_dim)
+        self.v_proj = self.column(h, self.value_dim)
+        self.a_proj = self.column(h, nh)  # decay input, one per head
+        self.b_proj = self.column(h, nh)  # beta (write strength), one per head
+        self.g_proj = self.column(h, self.value_dim)  # output gate
+        local = (nh // self.tp_size,)
+        self.A_log = torch.nn.Parameter(torch.empty(local, dtype=config.params_dtype))
+        self.dt_bias = torch.nn.Parameter(torch.empty(local, dtype=config.params_dtype))
+        init_tp_sharded_(self.A_log, (nh,), 0, _init_A_log, self.tp_rank, self.tp_size)
+        init_tp_sharded_(self.dt_bias, (nh,), 0, _init_dt_bias, self.tp_rank, self.tp_size)
+        self.build_qkv_convs()
+        self.o_norm = self.output_norm()
+        self.o_proj = self.row(self.value_dim)
+
+    def mix(self, x):
+        q, _ = self.q_proj(x)
+        k, _ = self.k_proj(x)
+        v, _ = self.v_proj(x)
+        q, k, v = self.convolve_qkv(q, k, v)
+        a, _ = self.a_proj(x)
+        b, _ = self.b_proj(x)
+        g_out, _ = self.g_proj(x)
+        q, k = self.heads(q, self.head_k_dim), self.heads(k, self.head_k_dim)
+        v, g_out = self.heads(v, self.head_v_dim), self.heads(g_out, self.head_v_dim)
+        a, b = a.transpose(0, 1).float(), b.transpose(0, 1).float()  # [b, s, H]
+        g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
+        beta = b.sigmoid()
+        o, _ = ops.gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True,
+                                    backend=self.config.la_backend, mode=self.config.la_mode,
+                                    chunk_size=self.config.la_chunk_size)
+        return self.unheads(self.o_norm(o, g_out))

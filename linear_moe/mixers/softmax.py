@@ -1,0 +1,54 @@
+"""Core attention for the softmax 'N' layers over torch SDPA.
+
+megatron-core's local spec falls back to an unfused DotProductAttention that materialises the
+[b, n, s, s] score matrix when TransformerEngine is absent; SDPA picks flash / memory-efficient
+kernels on CUDA and a fused CPU kernel, with the same inputs and outputs.
+"""
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+
+class SDPACoreAttention(MegatronModule):
+    """Drop-in for megatron-core's DotProductAttention (same constructor and forward)."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: float | None = None,
+                 softmax_scale: float | None = None, cp_comm_type: str | None = None,
+                 pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size > 1:
+            raise ValueError("SDPA core attention has no context-parallel support yet; use "
+                             "--context-parallel-size 1")
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1 / math.sqrt(head_dim)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        """query [sq, b, nq, d], key/value [sk, b, nkv, d] -> [sq, b, nq * d]."""
+        if packed_seq_params is not None:
+            raise NotImplementedError("packed sequences need TransformerEngine attention")
+        if attention_bias is not None:
+            raise NotImplementedError("attention_bias is not supported by SDPA core attention")
+        mask_type = attn_mask_type or self.attn_mask_type
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
+        # A causal layer's dataloader mask is the plain causal mask (--reset-attention-mask is
+        # refused in arguments.py), so SDPA's is_causal path replaces it.
+        causal = mask_type == AttnMaskType.causal
+        mask = None if causal or attention_mask is None else ~attention_mask  # True = keep
+        dropout_p = self.dropout_p if self.training else 0.0
+        with tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
+                scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1])
+        sq, b = query.shape[:2]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+

@@ -1,0 +1,139 @@
+"""The one place that assembles the model: registry mixer + base preset + layer pattern.
+
+Built on megatron-core's GPTModel with one TransformerLayer spec per layer (see
+docs/DESIGN.md for why GPTModel rather than HybridModel): an 'L' layer's ``self_attention`` slot
+holds the --la-module mixer, an 'N' layer's holds the preset's softmax attention, and the MLP
+slot holds the preset's MoE or dense MLP. Pipeline stages build the slice of layers they own.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state as mpu
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from linear_moe.config import LinearMoEConfig, resolve_mixer_defaults
+from linear_moe.layers import RMSNorm
+from linear_moe.models import get_preset
+from linear_moe.registry import LINEAR, get_mixer
+
+
+def layer_specs(config, base_model: str) -> list[ModuleSpec]:
+    """One TransformerLayer spec per layer of the whole model, following the pattern."""
+    preset = get_preset(base_model)
+    mixer = get_mixer(config.la_module)
+    specs = []
+    for index, kind in enumerate(config.layer_type_list):
+        if kind == LINEAR:
+            token_mixer = ModuleSpec(module=mixer.builder,
+                                     params={"attn_mask_type": AttnMaskType.causal})
+        else:
+            token_mixer = preset.attention_spec(config)
+        specs.append(ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=token_mixer,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=preset.mlp_spec(config, index),
+            mlp_bda=get_bias_dropout_add,
+        )))
+    return specs
+
+
+def decoder_block_spec(config, base_model: str, vp_stage=None, pp_rank=None):
+    """The layers this pipeline (virtual) stage builds, as megatron-core slices them."""
+    specs = layer_specs(config, base_model)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=specs[offset:offset + count],
+                                      layer_norm=RMSNorm)
+
+
+def build_config(args):
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    config = core_transformer_config_from_args(args, LinearMoEConfig)
+    for name in ("la_module", "layer_type_list", "la_mode", "la_backend", "la_num_heads",
+                 "la_expand_k", "la_expand_v", "la_use_short_conv", "la_conv_size",
+                 "la_output_norm", "la_gate_fn", "la_gate_low_rank_dim",
+                 "la_gate_logit_normalizer", "la_chunk_size"):
+        setattr(config, name, getattr(args, name))
+    resolve_mixer_defaults(config)
+    return config
+
+
+def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None,
+                   pg_collection=None):
+    """megatron.training's model provider."""
+    from megatron.training import get_args
+
+    args = get_args()
+    if config is None:
+        config = build_config(args)
+    block = decoder_block_spec(config, args.base_model, vp_stage=vp_stage)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=block,
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+        pg_collection=pg_collection,
+        vp_stage=vp_stage,
+    )
+    report_parameter_counts(model, config, vp_stage)
+    return model
+
+
+def parameter_counts(model, config) -> tuple[int, int]:
+    """(total, active) parameters of the whole model, summed over all ranks.
+
+    Each rank counts its parameters divided by how many ranks hold a copy (data-parallel
+    replicas; TP replicas for parameters that are not TP-sharded). Routed-expert parameters
+    count toward 'active' by top-k / num_experts.
+    """
+    tp = mpu.get_tensor_model_parallel_world_size()
+    dp = mpu.get_data_parallel_world_size(with_context_parallel=True)
+    expert_dp = mpu.get_expert_data_parallel_world_size() if config.num_moe_experts else dp
+    etp = mpu.get_expert_tensor_parallel_world_size() if config.num_moe_experts else tp
+    total = active = 0.0
+    for p in model.parameters():
+        is_expert = not getattr(p, "allreduce", True)
+        sharded = getattr(p, "tensor_model_parallel", False)
+        copies = (expert_dp * (1 if sharded else etp)) if is_expert else (
+            dp * (1 if sharded else tp))
+        n = p.numel() / copies
+        total += n
+        active += n * (config.moe_router_topk / config.num_moe_experts if is_expert else 1.0)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    counts = torch.tensor([total, active], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    return round(counts[0].item()), round(counts[1].item())
+
+
+def report_parameter_counts(model, config, vp_stage=None) -> None:
+    total, active = parameter_counts(model, config)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        where = "" if vp_stage is None else f" (virtual pipeline stage {vp_stage})"
+        print(f" > linear_moe model{where}: {total / 1e6:.3f}M parameters in total, "
+              f"{active / 1e6:.3f}M active per token; layers '{config.layer_type_list}', "
+              f"L = {config.la_module}", flush=True)

@@ -1,0 +1,40 @@
+"""Qwen2-MoE (Qwen1.5-MoE architecture): RMSNorm, SwiGLU experts + a gated shared expert,
+softmax-then-top-k routing without renormalisation, qkv bias and RoPE on the softmax layers,
+untied embeddings, auxiliary load-balancing loss."""
+
+from linear_moe.models.common import BasePreset, mlp_or_moe_spec, softmax_attention_spec
+
+COMMON = {
+    "normalization": "RMSNorm",
+    "norm_epsilon": 1e-6,
+    "swiglu": True,
+    "disable_bias_linear": True,
+    "add_qkv_bias": True,
+    "position_embedding_type": "rope",
+    "rotary_base": 1000000,
+    "untie_embeddings_and_output_weights": True,
+    "moe_router_pre_softmax": True,
+    "moe_router_load_balancing_type": "aux_loss",
+    "moe_aux_loss_coeff": 0.001,
+    "moe_token_dispatcher_type": "alltoall",
+    "moe_shared_expert_gate": True,
+    "attention_dropout": 0.0,
+    "hidden_dropout": 0.0,
+    "init_method_std": 0.02,
+}
+
+# Shared-expert width is 4x the routed expert width, the ratio of Qwen1.5-MoE-A2.7B.
+SIZES = {
+    "tiny": dict(num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=512,
+                 num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=128,
+                 moe_shared_expert_intermediate_size=256),
+    "A0.3B-2B": dict(num_layers=12, hidden_size=1024, num_attention_heads=8,
+                     ffn_hidden_size=3584, num_experts=64, moe_router_topk=8,
+                     moe_ffn_hidden_size=896, moe_shared_expert_intermediate_size=3584),
+    "A1B-7B": dict(num_layers=16, hidden_size=2048, num_attention_heads=16,
+                   ffn_hidden_size=4096, num_experts=64, moe_router_topk=8,
+                   moe_ffn_hidden_size=1024, moe_shared_expert_intermediate_size=4096),
+}
+
+PRESET = BasePreset("qwen2_moe", COMMON, SIZES, attention_spec=softmax_attention_spec,
+                    mlp_spec=mlp_or_moe_spec)

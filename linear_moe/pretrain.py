@@ -1,0 +1,173 @@
+"""Pretraining through ``megatron.training.pretrain``: argument set-up, forward step, datasets.
+
+``main()`` is what ``pretrain_linear_moe.py`` and ``linear-moe pretrain`` run. Without CUDA it
+enables megatron_patch.cpu_support and adds its flags first, so the same command trains on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import partial
+
+import torch
+
+import megatron_patch  # noqa: F401
+from megatron_patch import cpu_support
+
+
+def _prepare_argv(argv: list[str]) -> list[str]:
+    from linear_moe.arguments import preset_argv
+
+    # Order: CPU needs < preset < user flags (argparse keeps the last value).
+    argv = preset_argv(argv)
+    if not torch.cuda.is_available():
+        argv = cpu_support.CPU_ARGS + argv
+    return argv
+
+
+def get_batch(data_iterator):
+    """Tokens/labels/masks of one micro-batch: read on TP rank 0, broadcast over TP."""
+    from megatron.core import mpu, tensor_parallel
+
+    keys = ["tokens", "labels", "loss_mask", "position_ids"]
+    data = next(data_iterator) if mpu.get_tensor_model_parallel_rank() == 0 else None
+    if data is not None:
+        data = {k: data[k].long() if k != "loss_mask" else data[k].float() for k in keys}
+    ints = tensor_parallel.broadcast_data(["tokens", "labels", "position_ids"],
+                                          data and {k: data[k] for k in
+                                                    ("tokens", "labels", "position_ids")},
+                                          torch.int64)
+    mask = tensor_parallel.broadcast_data(["loss_mask"], data and {"loss_mask": data["loss_mask"]},
+                                          torch.float32)
+    return ints["tokens"], ints["labels"], mask["loss_mask"], ints["position_ids"]
+
+
+def loss_func(loss_mask, output_tensor):
+    """Sum of masked per-token losses and the token count; Megatron divides (per-token mean)."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1)
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().clone().detach().to(torch.int)
+    report = torch.cat([loss.clone().detach().view(1), num_tokens.view(1).float()])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    from megatron.training import get_timers
+
+    timers = get_timers()
+    timers("batch-generator", log_level=2).start()
+    tokens, labels, loss_mask, position_ids = get_batch(data_iterator)
+    timers("batch-generator").stop()
+    # attention_mask=None: the softmax layers are causal (SDPA is_causal), the mixers are causal
+    # by construction.
+    output = model(tokens, position_ids, None, labels=labels)
+    return output, partial(loss_func, loss_mask)
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+    from megatron.training import get_args, get_tokenizer, print_rank_0
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    args = get_args()
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=get_tokenizer(),
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=False,
+    )
+    print_rank_0("> building train, validation, and test datasets for linear_moe ...")
+    return BlendedMegatronDatasetBuilder(
+        MockGPTDataset if args.mock_data else GPTDataset, train_val_test_num_samples,
+        lambda: True, config).build()
+
+
+train_valid_test_datasets_provider.is_distributed = True
+
+
+def check_data_paths(args) -> None:
+    """Missing dataset files fail here, in one line, before any model is built."""
+    paths = [p for p in (args.data_path or []) if not _is_number(p)]
+    for split in ("train_data_path", "valid_data_path", "test_data_path"):
+        paths += [p for p in (getattr(args, split) or []) if not _is_number(p)]
+    if not paths and not args.mock_data:
+        raise ValueError("no training data: pass --data-path PREFIX (a Megatron indexed dataset, "
+                         "see toolkits/data/preprocess_data.py) or --mock-data")
+    for prefix in paths:
+        for ext in (".bin", ".idx"):
+            if not os.path.exists(prefix + ext):
+                raise FileNotFoundError(
+                    f"dataset file {prefix + ext} not found; build it with "
+                    f"`python toolkits/data/preprocess_data.py --output-prefix ...` or fix "
+                    f"--data-path")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_args(argv: list[str]):
+    """Megatron's argument parsing + linear_moe's checks, with the preset and CPU flags."""
+    from megatron.training.arguments import parse_and_validate_args
+
+    from linear_moe.arguments import add_args, validate_args
+
+    if not torch.cuda.is_available():
+        cpu_support.enable()
+    saved = sys.argv
+    sys.argv = [saved[0]] + _prepare_argv(argv)
+    try:
+        args = parse_and_validate_args(extra_args_provider=add_args)
+    finally:
+        sys.argv = saved
+    validate_args(args)
+    check_data_paths(args)
+    return args
+
+
+def _default_single_process_env() -> None:
+    """Let `python pretrain_linear_moe.py ...` run as one process without torchrun."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+
+    from linear_moe.model_provider import model_provider
+
+    _default_single_process_env()
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    cfg = pretrain_cfg_container_from_args(args)
+    pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
+             forward_step, model_provider=model_provider)
+
+
+if __name__ == "__main__":
+    main()
