@@ -108,21 +108,22 @@ def parameter_counts(model, config) -> tuple[int, int]:
 
     Each rank counts its parameters divided by how many ranks hold a copy (data-parallel
     replicas; TP replicas for parameters that are not TP-sharded). Routed-expert parameters
-    count toward 'active' by top-k / num_experts.
+    (not the shared expert) count toward 'active' by top-k / num_experts.
     """
     tp = mpu.get_tensor_model_parallel_world_size()
     dp = mpu.get_data_parallel_world_size(with_context_parallel=True)
     expert_dp = mpu.get_expert_data_parallel_world_size() if config.num_moe_experts else dp
     etp = mpu.get_expert_tensor_parallel_world_size() if config.num_moe_experts else tp
     total = active = 0.0
-    for p in model.parameters():
-        is_expert = not getattr(p, "allreduce", True)
+    for name, p in model.named_parameters():
+        expert_parallel = not getattr(p, "allreduce", True)  # reduced over expert-DP only
         sharded = getattr(p, "tensor_model_parallel", False)
-        copies = (expert_dp * (1 if sharded else etp)) if is_expert else (
+        copies = (expert_dp * (1 if sharded else etp)) if expert_parallel else (
             dp * (1 if sharded else tp))
         n = p.numel() / copies
         total += n
-        active += n * (config.moe_router_topk / config.num_moe_experts if is_expert else 1.0)
+        routed = ".mlp.experts." in name
+        active += n * (config.moe_router_topk / config.num_moe_experts if routed else 1.0)
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     counts = torch.tensor([total, active], dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
