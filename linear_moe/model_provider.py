@@ -71,6 +71,9 @@ def build_config(args):
                  "la_gate_logit_normalizer", "la_chunk_size"):
         setattr(config, name, getattr(args, name))
     resolve_mixer_defaults(config)
+    # Layers differ ('L' vs 'N'), so dist checkpointing must key them per layer
+    # (decoder.layers.<i>.*) instead of stacking them along a layer axis.
+    config.hetereogenous_dist_checkpoint = True
     return config
 
 
