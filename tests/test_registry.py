@@ -1,0 +1,119 @@
+"""Registry, layer pattern, CLI listing and early argument errors."""
+
+import argparse
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from linear_moe.arguments import add_args, preset_argv, validate_args
+from linear_moe.registry import expand_layer_pattern, get_mixer, register_mixer, registered_mixers
+
+
+def test_builtin_mixers_registered():
+    mixers = registered_mixers()
+    assert {"gla", "gated_deltanet"} <= set(mixers)
+    for entry in mixers.values():
+        assert entry.paper and entry.kernel and entry.modes
+
+
+def test_unknown_mixer_lists_registered():
+    with pytest.raises(ValueError, match=r"unknown mixer 'nope'.*gated_deltanet.*gla"):
+        get_mixer("nope")
+
+
+def test_duplicate_registration_refused(monkeypatch):
+    from linear_moe import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry.registered_mixers()))
+
+    class A:
+        pass
+
+    class B:
+        pass
+
+    register_mixer("_test_dup", paper="p", kernel="k")(A)
+    with pytest.raises(ValueError, match="registered twice"):
+        register_mixer("_test_dup", paper="p", kernel="k")(B)
+
+
+@pytest.mark.parametrize("pattern,layers,expected", [
+    ("LLLN", 4, "LLLN"), ("LN", 6, "LNLNLN"), ("L", 3, "LLL"), ("LLLNLLLN", 8, "LLLNLLLN"),
+])
+def test_pattern_expansion(pattern, layers, expected):
+    assert expand_layer_pattern(pattern, layers) == expected
+
+
+@pytest.mark.parametrize("pattern,layers,message", [
+    ("LLN", 4, "neither equals nor divides --num-layers 4"),
+    ("LLNLL", 4, "neither equals nor divides"),
+    ("LXN", 3, r"invalid character\(s\) \['X'\]"),
+    ("llln", 4, "invalid character"),
+    ("", 4, "empty"),
+])
+def test_pattern_errors(pattern, layers, message):
+    with pytest.raises(ValueError, match=message):
+        expand_layer_pattern(pattern, layers)
+
+
+def test_cli_lists_mixers_with_support_flags():
+    out = subprocess.run([sys.executable, "-m", "linear_moe.cli", "mixers"], capture_output=True,
+                         text=True, check=True).stdout
+    lines = [line for line in out.splitlines() if line.strip()]
+    names = [line.split("\t")[0] for line in lines]
+    assert names == sorted(registered_mixers())
+    for line in lines:
+        for flag in ("tp=", "cp=", "varlen=", "decode="):
+            assert flag in line
+
+
+def _args(**overrides):
+    parser = add_args(argparse.ArgumentParser())
+    args = parser.parse_args([])
+    base = dict(num_layers=4, num_attention_heads=4, tensor_model_parallel_size=1,
+                context_parallel_size=1, expert_model_parallel_size=1, num_experts=8,
+                normalization="RMSNorm", reset_attention_mask=False)
+    for key, value in {**base, **overrides}.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_validate_fills_pattern_and_mixer_defaults():
+    args = _args(la_module="gated_deltanet", layer_type_list="LN")
+    validate_args(args)
+    assert args.layer_type_list == "LNLN"
+    assert args.la_use_short_conv is True and args.la_expand_v == 1.5
+    assert args.la_num_heads == 4
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(la_module="nope"), "unknown mixer"),
+    (dict(layer_type_list="LLN"), "divides --num-layers"),
+    (dict(la_mode="parallel"), "no --la-mode 'parallel'"),
+    (dict(tensor_model_parallel_size=3), "not divisible by --tensor-model-parallel-size 3"),
+    (dict(context_parallel_size=2), "context-parallel"),
+    (dict(expert_model_parallel_size=3), "--num-experts 8 is not divisible"),
+    (dict(reset_attention_mask=True), "reset-attention-mask"),
+])
+def test_validate_errors_name_the_fix(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        validate_args(_args(**overrides))
+
+
+def test_preset_flags_come_first_so_user_flags_win():
+    argv = preset_argv(["--model-size", "tiny", "--num-layers", "8"])
+    assert argv[-2:] == ["--num-layers", "8"]
+    assert argv.index("--num-layers") < len(argv) - 2  # the preset's value precedes
+    with pytest.raises(ValueError, match="unknown --model-size 'huge'.*tiny"):
+        preset_argv(["--model-size", "huge"])
+
+
+def test_missing_dataset_fails_before_any_work(tmp_path):
+    from linear_moe.pretrain import check_data_paths
+
+    args = SimpleNamespace(data_path=[str(tmp_path / "corpus_text_document")], mock_data=False,
+                           train_data_path=None, valid_data_path=None, test_data_path=None)
+    with pytest.raises(FileNotFoundError, match="corpus_text_document.bin not found.*preprocess"):
+        check_data_paths(args)
