@@ -31,7 +31,9 @@ def _init_dt_bias(t, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4):
 @register_mixer(
     "gated_deltanet",
     paper="Gated Delta Networks: Improving Mamba2 with Delta Rule (arXiv:2412.06464)",
-    kernel="fla chunk_gated_delta_rule / fused_recurrent_gated_delta_rule",
+    kernel="fla chunk_gated_delta_rule",
+    # fla 0.6.0's fused_recurrent_gated_delta_rule has no backward, so it cannot train.
+    modes=("chunk",),
     defaults={"la_expand_k": 0.75, "la_expand_v": 1.5, "la_use_short_conv": True,
               "la_output_norm": "rmsnorm"},
 )
