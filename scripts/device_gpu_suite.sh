@@ -8,7 +8,7 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-export TRITON_CACHE_DIR=$PWD/.triton_cache
+export TRITON_CACHE_DIR=$PWD/.triton_cache TRITON_CACHE_AUTOTUNING=1
 mkdir -p "$TRITON_CACHE_DIR"
 STEPS=${STEPS:-tests main}
 {
@@ -18,7 +18,7 @@ STEPS=${STEPS:-tests main}
 
 if [[ " $STEPS " == *" tests "* ]]; then
     LINEAR_MOE_GPU_RESULTS=$OUT/gpu_results.jsonl timeout ${TEST_TIMEOUT:-540} python3 -m pytest -q -m gpu \
-        tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+        ${TEST_SELECT:-tests/gpu} ${PYTEST_K:+-k "$PYTEST_K"} -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 fi
 if [[ " $STEPS " == *" main "* ]]; then
     OUTPUT_BASEPATH=/tmp/lm_out PYTHON=python3 LOG_INTERVAL=10 timeout 400 \
