@@ -79,8 +79,12 @@ class LinearMixer(MegatronModule):
             init_method=self.config.output_layer_init_method, bias=self.config.add_bias_linear,
             input_is_parallel=True, skip_bias_add=True, tp_group=self.tp_group)
 
-    def build_qkv_convs(self):
-        """SiLU short convolutions on q, k and v when --la-use-short-conv is on."""
+    def build_qkv(self):
+        """q/k/v projections split by heads, plus SiLU short convolutions on each when
+        --la-use-short-conv is on."""
+        self.q_proj = self.column(self.hidden_size, self.key_dim)
+        self.k_proj = self.column(self.hidden_size, self.key_dim)
+        self.v_proj = self.column(self.hidden_size, self.value_dim)
         self.use_short_conv = self.config.la_use_short_conv
         if self.use_short_conv:
             conv = lambda c: ShortConvolution(c, self.config.la_conv_size, self.tp_rank,
@@ -89,8 +93,9 @@ class LinearMixer(MegatronModule):
             self.k_conv = conv(self.key_dim)
             self.v_conv = conv(self.value_dim)
 
-    def convolve_qkv(self, q, k, v):
-        """q, k, v: [s, b, c_local] -> the same, convolved over s where enabled."""
+    def qkv(self, x):
+        """x [s, b, h] -> q, k, v [s, b, dim_local], convolved over s where enabled."""
+        q, k, v = self.q_proj(x)[0], self.k_proj(x)[0], self.v_proj(x)[0]
         if not self.use_short_conv:
             return q, k, v
         seq = lambda conv, t: conv(t.transpose(0, 1)).transpose(0, 1)

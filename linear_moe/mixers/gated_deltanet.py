@@ -41,9 +41,7 @@ class GatedDeltaNetMixer(LinearMixer):
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         h, nh = self.hidden_size, self.num_heads
-        self.q_proj = self.column(h, self.key_dim)
-        self.k_proj = self.column(h, self.key_dim)
-        self.v_proj = self.column(h, self.value_dim)
+        self.build_qkv()
         self.a_proj = self.column(h, nh)  # decay input, one per head
         self.b_proj = self.column(h, nh)  # beta (write strength), one per head
         self.g_proj = self.column(h, self.value_dim)  # output gate
@@ -52,15 +50,11 @@ class GatedDeltaNetMixer(LinearMixer):
         self.dt_bias = torch.nn.Parameter(torch.empty(local, dtype=config.params_dtype))
         init_tp_sharded_(self.A_log, (nh,), 0, _init_A_log, self.tp_rank, self.tp_size)
         init_tp_sharded_(self.dt_bias, (nh,), 0, _init_dt_bias, self.tp_rank, self.tp_size)
-        self.build_qkv_convs()
         self.o_norm = self.output_norm()
         self.o_proj = self.row(self.value_dim)
 
     def mix(self, x):
-        q, _ = self.q_proj(x)
-        k, _ = self.k_proj(x)
-        v, _ = self.v_proj(x)
-        q, k, v = self.convolve_qkv(q, k, v)
+        q, k, v = self.qkv(x)
         a, _ = self.a_proj(x)
         b, _ = self.b_proj(x)
         g_out, _ = self.g_proj(x)

@@ -24,9 +24,7 @@ class GLAMixer(LinearMixer):
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         h = self.hidden_size
-        self.q_proj = self.column(h, self.key_dim)
-        self.k_proj = self.column(h, self.key_dim)
-        self.v_proj = self.column(h, self.value_dim)
+        self.build_qkv()
         self.g_proj = self.column(h, self.value_dim)  # output gate
         # Low-rank key decay: the rank-r down projection is tiny and replicated; the up
         # projection is split by heads like q/k.
@@ -34,15 +32,11 @@ class GLAMixer(LinearMixer):
                                        dtype=config.params_dtype)
         config.init_method(self.gk_down.weight)
         self.gk_up = self.column(config.la_gate_low_rank_dim, self.key_dim, bias=True)
-        self.build_qkv_convs()
         self.o_norm = self.output_norm()
         self.o_proj = self.row(self.value_dim)
 
     def mix(self, x):
-        q, _ = self.q_proj(x)
-        k, _ = self.k_proj(x)
-        v, _ = self.v_proj(x)
-        q, k, v = self.convolve_qkv(q, k, v)
+        q, k, v = self.qkv(x)
         gk, _ = self.gk_up(self.gk_down(x))
         g, _ = self.g_proj(x)
         q, k, v, gk, g = (self.heads(t, d) for t, d in (
