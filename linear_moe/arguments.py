@@ -23,7 +23,8 @@ _LA_HELP = {
     "la_expand_v": "value dim = hidden * expand_v (default: the mixer's)",
     "la_conv_size": "short-convolution kernel size",
     "la_output_norm": "per-head output norm: rmsnorm | identity (default: the mixer's)",
-    "la_gate_fn": "output-gate activation: swish | sigmoid | identity",
+    "la_gate_fn": "output-gate activation: swish | sigmoid | identity (default: the mixer's)",
+    "la_rope_theta": "retention: RoPE base applied to q/k",
     "la_gate_low_rank_dim": "GLA: rank of the key-decay projection",
     "la_gate_logit_normalizer": "GLA: divisor of the log-sigmoid decay",
     "la_chunk_size": "chunk length of the reference chunked op",
@@ -49,10 +50,12 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="auto = fla kernels on CUDA, fp32 torch reference otherwise")
     g.add_argument("--la-use-short-conv", default=None, action=argparse.BooleanOptionalAction,
                    help="short convolution on q/k/v (default: the mixer's)")
+    g.add_argument("--la-use-output-gate", default=None, action=argparse.BooleanOptionalAction,
+                   help="gate the normed output with a projection (default: the mixer's)")
     types = {"la_num_heads": int, "la_expand_k": float, "la_expand_v": float,
              "la_conv_size": int, "la_output_norm": str, "la_gate_fn": str,
              "la_gate_low_rank_dim": int, "la_gate_logit_normalizer": float,
-             "la_chunk_size": int}
+             "la_chunk_size": int, "la_rope_theta": float}
     for dest, typ in types.items():
         g.add_argument("--" + dest.replace("_", "-"), type=typ,
                        default=getattr(LinearMixerFields, dest), help=_LA_HELP[dest])

@@ -27,10 +27,12 @@ class LinearMixerFields:
     la_use_short_conv: Optional[bool] = None
     la_conv_size: int = 4
     la_output_norm: Optional[str] = None  # rmsnorm | identity
-    la_gate_fn: str = "swish"  # activation of the output gate
+    la_use_output_gate: Optional[bool] = None  # gate the normed output with a projection
+    la_gate_fn: Optional[str] = None  # activation of the output gate (swish|sigmoid|identity)
     la_gate_low_rank_dim: int = 16  # GLA: rank of the key-decay projection
     la_gate_logit_normalizer: float = 16.0  # GLA: divides the log-sigmoid decay
     la_chunk_size: int = 64
+    la_rope_theta: float = 10000.0  # retention: RoPE base on q/k
 
 
 @dataclass
@@ -49,7 +51,7 @@ def resolve_mixer_defaults(config) -> None:
 
     entry = get_mixer(config.la_module)
     generic = {"la_expand_k": 1.0, "la_expand_v": 1.0, "la_use_short_conv": False,
-               "la_output_norm": "rmsnorm"}
+               "la_output_norm": "rmsnorm", "la_use_output_gate": True, "la_gate_fn": "swish"}
     for name, value in {**generic, **entry.defaults}.items():
         if getattr(config, name) is None:
             setattr(config, name, value)

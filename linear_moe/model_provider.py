@@ -8,6 +8,8 @@ slot holds the preset's MoE or dense MLP. Pipeline stages build the slice of lay
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from megatron.core import parallel_state as mpu
 from megatron.core.models.gpt import GPTModel
@@ -24,7 +26,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-from linear_moe.config import LinearMoEConfig, resolve_mixer_defaults
+from linear_moe.config import LinearMixerFields, LinearMoEConfig, resolve_mixer_defaults
 from linear_moe.layers import RMSNorm
 from linear_moe.models import get_preset
 from linear_moe.registry import LINEAR, get_mixer
@@ -65,11 +67,8 @@ def build_config(args):
     from megatron.training.arguments import core_transformer_config_from_args
 
     config = core_transformer_config_from_args(args, LinearMoEConfig)
-    for name in ("la_module", "layer_type_list", "la_mode", "la_backend", "la_num_heads",
-                 "la_expand_k", "la_expand_v", "la_use_short_conv", "la_conv_size",
-                 "la_output_norm", "la_gate_fn", "la_gate_low_rank_dim",
-                 "la_gate_logit_normalizer", "la_chunk_size"):
-        setattr(config, name, getattr(args, name))
+    for field in dataclasses.fields(LinearMixerFields):
+        setattr(config, field.name, getattr(args, field.name))
     resolve_mixer_defaults(config)
     # Layers differ ('L' vs 'N'), so dist checkpointing must key them per layer
     # (decoder.layers.<i>.*) instead of stacking them along a layer axis.

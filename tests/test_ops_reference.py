@@ -308,8 +308,11 @@ def fake_fla(monkeypatch):
 
     consumer = types.ModuleType("fla.ops.gated_delta_rule.chunk")
     consumer.chunk_bwd_dqkwg = chunk_bwd_dqkwg
+    unproven = types.ModuleType("fla.ops.simple_gla.chunk")  # a consumer with no proven dims
+    unproven.chunk_bwd_dqkwg = chunk_bwd_dqkwg
     monkeypatch.setitem(sys.modules, "fla.ops.common.chunk_o", chunk_o)
     monkeypatch.setitem(sys.modules, "fla.ops.gated_delta_rule.chunk", consumer)
+    monkeypatch.setitem(sys.modules, "fla.ops.simple_gla.chunk", unproven)
     monkeypatch.delenv(fla_compat.GUARD_ENV, raising=False)
     return chunk_o, consumer
 
@@ -329,6 +332,9 @@ def test_hopper_shim_lifts_only_proven_dims(fake_fla):
         assert chunk_o.TRITON_ABOVE_3_7_1 is False  # restored after the call
     with pytest.raises(RuntimeError, match="#640"):
         _call_bwd(consumer, 32)
+    # simple_gla's data-dependent-gate backward is not proven on the GPU yet: guard kept
+    with pytest.raises(RuntimeError, match="#640"):
+        _call_bwd(sys.modules["fla.ops.simple_gla.chunk"], 64)
     # positional k works too
     k = torch.zeros(1, 1, 1, 64)
     assert consumer.chunk_bwd_dqkwg(k, k, k, k, k, k, None, torch.zeros(1)) == "ran"
@@ -357,4 +363,5 @@ def test_hopper_shim_targets_real_fla_names():
     assert "def chunk_bwd_dqkwg(" in chunk_o
     assert "IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1" in chunk_o
     assert "import chunk_bwd_dqkwg" in (root / "gated_delta_rule" / "chunk.py").read_text()
+    assert "chunk_bwd_dqkwg" in (root / "simple_gla" / "chunk.py").read_text()
     assert "chunk_bwd_dqkwg" not in (root / "gla" / "chunk.py").read_text()  # chunk_gla: own backward

@@ -94,21 +94,43 @@ class LinearMixer(MegatronModule):
             self.v_conv = conv(self.value_dim)
 
     def qkv(self, x):
-        """x [s, b, h] -> q, k, v [s, b, dim_local], convolved over s where enabled."""
+        """x [s, b, h] -> q, k [b, s, H_local, Dk] and v [b, s, H_local, Dv], convolved over
+        the sequence where enabled."""
         q, k, v = self.q_proj(x)[0], self.k_proj(x)[0], self.v_proj(x)[0]
-        if not self.use_short_conv:
-            return q, k, v
-        seq = lambda conv, t: conv(t.transpose(0, 1)).transpose(0, 1)
-        return seq(self.q_conv, q), seq(self.k_conv, k), seq(self.v_conv, v)
+        if self.use_short_conv:
+            seq = lambda conv, t: conv(t.transpose(0, 1)).transpose(0, 1)
+            q, k, v = seq(self.q_conv, q), seq(self.k_conv, k), seq(self.v_conv, v)
+        return (self.heads(q, self.head_k_dim), self.heads(k, self.head_k_dim),
+                self.heads(v, self.head_v_dim))
 
-    def output_norm(self):
-        """Per-head output norm + gate, as in fla's FusedRMSNormGated."""
+    @staticmethod
+    def per_head(t: torch.Tensor) -> torch.Tensor:
+        """A per-head projection [s, b, H_local] -> [b, s, H_local] in fp32."""
+        return t.transpose(0, 1).float()
+
+    def build_output(self):
+        """Optional output-gate projection, per-head output norm (+ gate, as fla's
+        FusedRMSNormGated) and the output projection."""
         kind = self.config.la_output_norm
         if kind not in ("rmsnorm", "identity"):
             raise ValueError(f"unknown --la-output-norm '{kind}'; choose rmsnorm or identity")
-        return GatedRMSNorm(self.head_v_dim, self.config.layernorm_epsilon,
-                            self.config.la_gate_fn, self.config.params_dtype, self.tp_group,
-                            use_norm=kind == "rmsnorm")
+        self.use_output_gate = self.config.la_use_output_gate
+        if self.use_output_gate:
+            self.g_proj = self.column(self.hidden_size, self.value_dim)
+        self.o_norm = GatedRMSNorm(self.head_v_dim, self.config.layernorm_epsilon,
+                                   self.config.la_gate_fn, self.config.params_dtype,
+                                   self.tp_group, use_norm=kind == "rmsnorm")
+        self.o_proj = self.row(self.value_dim)
+
+    def output(self, o, x):
+        """o [b, s, H_local, Dv] -> [s, b, value_dim / tp], normed and gated by x's gate."""
+        gate = self.heads(self.g_proj(x)[0], self.head_v_dim) if self.use_output_gate else None
+        return self.unheads(self.o_norm(o, gate))
+
+    def local_heads(self) -> slice:
+        """This TP rank's heads among all --la-num-heads (for per-head constants)."""
+        return slice(self.tp_rank * self.num_local_heads,
+                     (self.tp_rank + 1) * self.num_local_heads)
 
     @staticmethod
     def heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -44,26 +44,19 @@ class GatedDeltaNetMixer(LinearMixer):
         self.build_qkv()
         self.a_proj = self.column(h, nh)  # decay input, one per head
         self.b_proj = self.column(h, nh)  # beta (write strength), one per head
-        self.g_proj = self.column(h, self.value_dim)  # output gate
         local = (nh // self.tp_size,)
         self.A_log = torch.nn.Parameter(torch.empty(local, dtype=config.params_dtype))
         self.dt_bias = torch.nn.Parameter(torch.empty(local, dtype=config.params_dtype))
         init_tp_sharded_(self.A_log, (nh,), 0, _init_A_log, self.tp_rank, self.tp_size)
         init_tp_sharded_(self.dt_bias, (nh,), 0, _init_dt_bias, self.tp_rank, self.tp_size)
-        self.o_norm = self.output_norm()
-        self.o_proj = self.row(self.value_dim)
+        self.build_output()
 
     def mix(self, x):
         q, k, v = self.qkv(x)
-        a, _ = self.a_proj(x)
-        b, _ = self.b_proj(x)
-        g_out, _ = self.g_proj(x)
-        q, k = self.heads(q, self.head_k_dim), self.heads(k, self.head_k_dim)
-        v, g_out = self.heads(v, self.head_v_dim), self.heads(g_out, self.head_v_dim)
-        a, b = a.transpose(0, 1).float(), b.transpose(0, 1).float()  # [b, s, H]
+        a, b = self.per_head(self.a_proj(x)[0]), self.per_head(self.b_proj(x)[0])
         g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
         beta = b.sigmoid()
         o, _ = ops.gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True,
                                     backend=self.config.la_backend, mode=self.config.la_mode,
                                     chunk_size=self.config.la_chunk_size)
-        return self.unheads(self.o_norm(o, g_out))
+        return self.output(o, x)

@@ -25,24 +25,18 @@ class GLAMixer(LinearMixer):
         super().__init__(config, **kwargs)
         h = self.hidden_size
         self.build_qkv()
-        self.g_proj = self.column(h, self.value_dim)  # output gate
         # Low-rank key decay: the rank-r down projection is tiny and replicated; the up
         # projection is split by heads like q/k.
         self.gk_down = torch.nn.Linear(h, config.la_gate_low_rank_dim, bias=False,
                                        dtype=config.params_dtype)
         config.init_method(self.gk_down.weight)
         self.gk_up = self.column(config.la_gate_low_rank_dim, self.key_dim, bias=True)
-        self.o_norm = self.output_norm()
-        self.o_proj = self.row(self.value_dim)
+        self.build_output()
 
     def mix(self, x):
         q, k, v = self.qkv(x)
-        gk, _ = self.gk_up(self.gk_down(x))
-        g, _ = self.g_proj(x)
-        q, k, v, gk, g = (self.heads(t, d) for t, d in (
-            (q, self.head_k_dim), (k, self.head_k_dim), (v, self.head_v_dim),
-            (gk, self.head_k_dim), (g, self.head_v_dim)))
+        gk = self.heads(self.gk_up(self.gk_down(x))[0], self.head_k_dim)
         gk = F.logsigmoid(gk.float()) / self.config.la_gate_logit_normalizer
         o, _ = ops.gla(q, k, v, gk, backend=self.config.la_backend, mode=self.config.la_mode,
                        chunk_size=self.config.la_chunk_size)
-        return self.unheads(self.o_norm(o, g))
+        return self.output(o, x)

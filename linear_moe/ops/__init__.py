@@ -1,8 +1,10 @@
-"""Per-mixer math: GLA and the gated delta rule, each with a plain-torch
+"""Per-mixer math: GLA, scalar-decay GLA, the (gated) delta rule, each with a plain-torch
 `reference` backend (CPU path and oracle) and an `fla` backend (Triton, CUDA)."""
 
+from .delta_rule import delta_rule
 from .dispatch import resolve_backend
 from .gated_delta_rule import gated_delta_rule
 from .gla import gla
+from .simple_gla import simple_gla
 
-__all__ = ["gla", "gated_delta_rule", "resolve_backend"]
+__all__ = ["delta_rule", "gla", "gated_delta_rule", "resolve_backend", "simple_gla"]

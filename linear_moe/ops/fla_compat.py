@@ -35,7 +35,8 @@ PROVEN_GATED_BWD = frozenset({("gated_delta_rule", 64), ("gated_delta_rule", 128
 
 # op -> fla module that binds chunk_bwd_dqkwg by name (`from ... import`), so
 # that is the binding to replace; the definition in chunk_o stays untouched.
-_CONSUMERS = {"gated_delta_rule": "fla.ops.gated_delta_rule.chunk"}
+_CONSUMERS = {"gated_delta_rule": "fla.ops.gated_delta_rule.chunk",
+              "simple_gla": "fla.ops.simple_gla.chunk"}
 
 _SHIM_ATTR = "_linear_moe_hopper_shim"
 _lift_lock = threading.Lock()

@@ -1,0 +1,15 @@
+"""Rotary position embedding on [b, s, H, D] (half-split layout, as fla's RotaryEmbedding)."""
+
+import torch
+
+
+def apply_rotary(x: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Rotate the pairs (x_i, x_{i + D/2}) of position t by t * theta^(-2i/D)."""
+    s, d = x.shape[1], x.shape[-1]
+    if d % 2:
+        raise ValueError(f"rotary embedding needs an even head dim, got {d}")
+    inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
+    angles = torch.arange(s, dtype=torch.float32, device=x.device)[:, None] * inv_freq
+    cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]  # [1, s, 1, d/2]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

@@ -1,0 +1,41 @@
+"""Multi-scale retention (RetNet, Sun et al., 2023, arXiv:2307.08621).
+
+S_t = gamma_h S_{t-1} + k_t^T v_t, o_t = q_t S_t with a fixed decay per head
+gamma_h = 1 - 2^(-5-h) (h over ALL heads, so a TP rank keeps its heads' decays), RoPE on q/k,
+per-head RMSNorm and a swish output gate, as fla's ``MultiScaleRetention``.
+"""
+
+import torch
+
+from linear_moe import ops
+from linear_moe.layers import apply_rotary
+from linear_moe.mixers.base import LinearMixer
+from linear_moe.registry import register_mixer
+
+
+def retention_log_decays(num_heads: int) -> torch.Tensor:
+    return torch.log1p(-(2.0 ** (-5.0 - torch.arange(num_heads, dtype=torch.float64)))).float()
+
+
+@register_mixer(
+    "retention",
+    paper="Retentive Network (arXiv:2307.08621)",
+    kernel="fla chunk_simple_gla / fused_recurrent_simple_gla with fixed per-head decay",
+    defaults={"la_expand_k": 1.0, "la_expand_v": 2.0, "la_use_short_conv": False},
+)
+class RetentionMixer(LinearMixer):
+    def __init__(self, config, **kwargs):
+        super().__init__(config, **kwargs)
+        self.build_qkv()
+        self.build_output()
+        # A constant, not a parameter: not trained, not checkpointed.
+        self.register_buffer("log_decay", retention_log_decays(self.num_heads)[
+            self.local_heads()], persistent=False)
+
+    def mix(self, x):
+        q, k, v = self.qkv(x)
+        q = apply_rotary(q, self.config.la_rope_theta)
+        k = apply_rotary(k, self.config.la_rope_theta)
+        o, _ = ops.simple_gla(q, k, v, g_gamma=self.log_decay, backend=self.config.la_backend,
+                              mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
+        return self.output(o, x)

@@ -1,0 +1,31 @@
+"""Simple GLA: gated linear attention with one data-dependent decay per head
+(S_t = exp(g_t) S_{t-1} + k_t^T v_t, g_t = logsigmoid(w_h x_t) / normalizer), short convs,
+per-head RMSNorm and a swish output gate, as fla's ``SimpleGatedLinearAttention``."""
+
+import torch.nn.functional as F
+
+from linear_moe import ops
+from linear_moe.mixers.base import LinearMixer
+from linear_moe.registry import register_mixer
+
+
+@register_mixer(
+    "simple_gla",
+    paper="Gated Linear Attention (arXiv:2312.06635), scalar per-head gate variant",
+    kernel="fla chunk_simple_gla / fused_recurrent_simple_gla",
+    defaults={"la_expand_k": 1.0, "la_expand_v": 1.0, "la_use_short_conv": True},
+)
+class SimpleGLAMixer(LinearMixer):
+    def __init__(self, config, **kwargs):
+        super().__init__(config, **kwargs)
+        self.build_qkv()
+        self.g_decay_proj = self.column(self.hidden_size, self.num_heads, bias=True)
+        self.build_output()
+
+    def mix(self, x):
+        q, k, v = self.qkv(x)
+        g = F.logsigmoid(self.per_head(self.g_decay_proj(x)[0]))
+        g = g / self.config.la_gate_logit_normalizer
+        o, _ = ops.simple_gla(q, k, v, g=g, backend=self.config.la_backend,
+                              mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
+        return self.output(o, x)
