@@ -33,6 +33,7 @@ class LinearMixerFields:
     la_gate_logit_normalizer: float = 16.0  # GLA: divides the log-sigmoid decay
     la_chunk_size: int = 64
     la_rope_theta: float = 10000.0  # retention: RoPE base on q/k
+    la_feature_map: str = "elu"  # linear_attention: phi applied to q and k
 
 
 @dataclass

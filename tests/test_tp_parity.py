@@ -32,7 +32,7 @@ def _config(la_module, tp, moe):
         moe_token_dispatcher_type="alltoall", moe_router_load_balancing_type="none",
         moe_shared_expert_intermediate_size=48 if moe else None,
         la_module=la_module, layer_type_list="LN", la_num_heads=4, la_chunk_size=8,
-        la_use_short_conv=True,
+        la_use_short_conv=None,  # the mixer default (convs are covered by the mixers that have them)
     )
     resolve_mixer_defaults(config)
     return config

@@ -4,7 +4,9 @@ from linear_moe.mixers import (  # noqa: F401
     deltanet,
     gated_deltanet,
     gla,
+    hgrn2,
     lightning,
+    linear_attention,
     retention,
     simple_gla,
 )

@@ -1,0 +1,43 @@
+"""HGRN2 (Qin et al., 2024, arXiv:2404.07904): gated linear RNN with state expansion,
+
+    S_t = diag(f_t) S_{t-1} + (1 - f_t)^T i_t,   o_t = swish(q_t) S_t,   log f_t = logsigmoid(W_f x_t)
+
+i.e. GLA with the key tied to the forget gate (k = 1 - f), as fla's ``HGRN2Attention``.
+Deviations, on purpose: the cross-layer learnable lower bound of the HGRN2 model (which couples
+all layers, awkward under pipeline parallelism) is not used — fla's layer also runs without it;
+the output RMSNorm is per head (fla's spans all heads, which under TP would be a cross-rank norm).
+"""
+
+import torch.nn.functional as F
+
+from linear_moe import ops
+from linear_moe.mixers.base import LinearMixer
+from linear_moe.registry import register_mixer
+
+
+@register_mixer(
+    "hgrn2",
+    paper="HGRN2: Gated Linear RNNs with State Expansion (arXiv:2404.07904)",
+    kernel="fla chunk_gla / fused_recurrent_gla (k = 1 - forget gate)",
+    defaults={"la_expand_k": 1.0, "la_expand_v": 1.0, "la_use_short_conv": False,
+              "la_use_output_gate": False},
+)
+class HGRN2Mixer(LinearMixer):
+    def __init__(self, config, **kwargs):
+        super().__init__(config, **kwargs)
+        if config.la_use_short_conv:
+            raise ValueError("hgrn2 has no short convolution here; drop --la-use-short-conv")
+        h = self.hidden_size
+        self.q_proj = self.column(h, self.key_dim)
+        self.f_proj = self.column(h, self.key_dim)  # forget gate, per key dim
+        self.i_proj = self.column(h, self.value_dim)  # input
+        self.build_output()
+
+    def mix(self, x):
+        q = F.silu(self.heads(self.q_proj(x)[0], self.head_k_dim))
+        g = F.logsigmoid(self.heads(self.f_proj(x)[0], self.head_k_dim).float())
+        k = (1 - g.exp()).to(q.dtype)
+        i = self.heads(self.i_proj(x)[0], self.head_v_dim)
+        o, _ = ops.gla(q, k, i, g, backend=self.config.la_backend, mode=self.config.la_mode,
+                       chunk_size=self.config.la_chunk_size)
+        return self.output(o, x)
