@@ -26,6 +26,8 @@ _LA_HELP = {
     "la_gate_fn": "output-gate activation: swish | sigmoid | identity (default: the mixer's)",
     "la_rope_theta": "retention: RoPE base applied to q/k",
     "la_feature_map": "linear_attention: feature map on q/k (identity | elu | relu | swish)",
+    "la_ssm_state_dim": "mamba2: SSM state size N per group",
+    "la_ssm_groups": "mamba2: number of B/C groups (must divide heads and be divisible by TP)",
     "la_gate_low_rank_dim": "GLA: rank of the key-decay projection",
     "la_gate_logit_normalizer": "GLA: divisor of the log-sigmoid decay",
     "la_chunk_size": "chunk length of the reference chunked op",
@@ -56,7 +58,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     types = {"la_num_heads": int, "la_expand_k": float, "la_expand_v": float,
              "la_conv_size": int, "la_output_norm": str, "la_gate_fn": str,
              "la_gate_low_rank_dim": int, "la_gate_logit_normalizer": float,
-             "la_chunk_size": int, "la_rope_theta": float, "la_feature_map": str}
+             "la_chunk_size": int, "la_rope_theta": float, "la_feature_map": str,
+             "la_ssm_state_dim": int, "la_ssm_groups": int}
     for dest, typ in types.items():
         g.add_argument("--" + dest.replace("_", "-"), type=typ,
                        default=getattr(LinearMixerFields, dest), help=_LA_HELP[dest])

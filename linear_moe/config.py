@@ -34,6 +34,8 @@ class LinearMixerFields:
     la_chunk_size: int = 64
     la_rope_theta: float = 10000.0  # retention: RoPE base on q/k
     la_feature_map: str = "elu"  # linear_attention: phi applied to q and k
+    la_ssm_state_dim: int = 64  # mamba2: state size N per group
+    la_ssm_groups: int = 1  # mamba2: B/C groups (heads share a group's B and C)
 
 
 @dataclass

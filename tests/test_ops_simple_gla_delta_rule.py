@@ -103,3 +103,29 @@ def test_delta_rule_grads_match_oracle():
     delta_rule_oracle(q, k, v, beta, 8 ** -0.5)[0].square().sum().backward()
     for a, x in zip(grads, (q, k, v, beta)):
         assert (a.double() - x.grad.double()).abs().max() < 1e-4 * max(1.0, x.grad.abs().max())
+
+
+def ssd_oracle(x, dt, A, B, C, D):
+    """Mamba2: S_t = exp(dt_t A) S_{t-1} + B_t^T (dt_t x_t); y_t = C_t S_t + D x_t."""
+    b, T, H, P = x.shape
+    S = torch.zeros(b, H, B.shape[-1], P, dtype=torch.float64)
+    out = []
+    for t in range(T):
+        a = (dt[:, t] * A).double().exp()[..., None, None]
+        S = a * S + B[:, t, :, :, None].double() * (dt[:, t, :, None] * x[:, t]).double()[..., None, :]
+        out.append(torch.einsum("bhn,bhnp->bhp", C[:, t].double(), S) + D.double()[:, None] * x[:, t].double())
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("T", [1, 50, 128])
+def test_ssd_matches_mamba2_recurrence(T):
+    from linear_moe.ops import ssd
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, T, 4, 6, generator=g)
+    dt = F.softplus(torch.randn(2, T, 4, generator=g))
+    A = -torch.rand(4, generator=g) * 4
+    B, C = (torch.randn(2, T, 4, 5, generator=g) for _ in range(2))
+    D = torch.randn(4, generator=g)
+    y, _ = ssd(x, dt, A, B, C, D, chunk_size=16)
+    assert (y.double() - ssd_oracle(x, dt, A, B, C, D)).abs().max() < TOL

@@ -7,6 +7,7 @@ from linear_moe.mixers import (  # noqa: F401
     hgrn2,
     lightning,
     linear_attention,
+    mamba2,
     retention,
     simple_gla,
 )

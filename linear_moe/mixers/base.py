@@ -25,7 +25,7 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
-from linear_moe.layers import GatedRMSNorm, ShortConvolution
+from linear_moe.layers import GatedRMSNorm, ShortConvolution, init_tp_sharded_
 
 
 class LinearMixer(MegatronModule):
@@ -111,12 +111,15 @@ class LinearMixer(MegatronModule):
     def build_output(self):
         """Optional output-gate projection, per-head output norm (+ gate, as fla's
         FusedRMSNormGated) and the output projection."""
-        kind = self.config.la_output_norm
-        if kind not in ("rmsnorm", "identity"):
-            raise ValueError(f"unknown --la-output-norm '{kind}'; choose rmsnorm or identity")
         self.use_output_gate = self.config.la_use_output_gate
         if self.use_output_gate:
             self.g_proj = self.column(self.hidden_size, self.value_dim)
+        self.build_output_norm_and_projection()
+
+    def build_output_norm_and_projection(self):
+        kind = self.config.la_output_norm
+        if kind not in ("rmsnorm", "identity"):
+            raise ValueError(f"unknown --la-output-norm '{kind}'; choose rmsnorm or identity")
         self.o_norm = GatedRMSNorm(self.head_v_dim, self.config.layernorm_epsilon,
                                    self.config.la_gate_fn, self.config.params_dtype,
                                    self.tp_group, use_norm=kind == "rmsnorm")
@@ -126,6 +129,11 @@ class LinearMixer(MegatronModule):
         """o [b, s, H_local, Dv] -> [s, b, value_dim / tp], normed and gated by x's gate."""
         gate = self.heads(self.g_proj(x)[0], self.head_v_dim) if self.use_output_gate else None
         return self.unheads(self.o_norm(o, gate))
+
+    def per_head_parameter(self, init_fn) -> torch.nn.Parameter:
+        """A [num_heads] parameter (decay rate, dt bias, skip), this rank's heads."""
+        p = torch.nn.Parameter(torch.empty(self.num_local_heads, dtype=self.config.params_dtype))
+        return init_tp_sharded_(p, (self.num_heads,), 0, init_fn, self.tp_rank, self.tp_size)
 
     def local_heads(self) -> slice:
         """This TP rank's heads among all --la-num-heads (for per-head constants)."""

@@ -6,26 +6,12 @@ beta_t = sigmoid(b_t), q/k L2-normalised, SiLU short convolutions on q/k/v, per-
 a swish output gate, as in fla's ``GatedDeltaNet``.
 """
 
-import math
-
-import torch
 import torch.nn.functional as F
 
 from linear_moe import ops
-from linear_moe.layers import init_tp_sharded_
+from linear_moe.layers.decay_init import init_A_log_, init_dt_bias_
 from linear_moe.mixers.base import LinearMixer
 from linear_moe.registry import register_mixer
-
-
-def _init_A_log(t):
-    t.uniform_(1.0, 16.0).log_()
-
-
-def _init_dt_bias(t, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4):
-    # dt ~ log-uniform[dt_min, dt_max]; store softplus^-1(dt) so softplus(dt_bias) = dt.
-    dt = torch.exp(torch.rand_like(t) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-    dt = dt.clamp(min=dt_floor)
-    t.copy_(dt + torch.log(-torch.expm1(-dt)))
 
 
 @register_mixer(
@@ -44,11 +30,8 @@ class GatedDeltaNetMixer(LinearMixer):
         self.build_qkv()
         self.a_proj = self.column(h, nh)  # decay input, one per head
         self.b_proj = self.column(h, nh)  # beta (write strength), one per head
-        local = (nh // self.tp_size,)
-        self.A_log = torch.nn.Parameter(torch.empty(local, dtype=config.params_dtype))
-        self.dt_bias = torch.nn.Parameter(torch.empty(local, dtype=config.params_dtype))
-        init_tp_sharded_(self.A_log, (nh,), 0, _init_A_log, self.tp_rank, self.tp_size)
-        init_tp_sharded_(self.dt_bias, (nh,), 0, _init_dt_bias, self.tp_rank, self.tp_size)
+        self.A_log = self.per_head_parameter(init_A_log_)
+        self.dt_bias = self.per_head_parameter(init_dt_bias_)
         self.build_output()
 
     def mix(self, x):

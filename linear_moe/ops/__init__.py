@@ -6,5 +6,6 @@ from .dispatch import resolve_backend
 from .gated_delta_rule import gated_delta_rule
 from .gla import gla
 from .simple_gla import simple_gla
+from .ssd import ssd
 
-__all__ = ["delta_rule", "gla", "gated_delta_rule", "resolve_backend", "simple_gla"]
+__all__ = ["delta_rule", "gla", "gated_delta_rule", "resolve_backend", "simple_gla", "ssd"]
