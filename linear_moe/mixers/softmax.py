@@ -21,14 +21,15 @@ class SDPACoreAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout: float | None = None,
                  softmax_scale: float | None = None, cp_comm_type: str | None = None,
-                 pg_collection=None):
+                 pg_collection=None, k_channels: int | None = None,
+                 v_channels: int | None = None):
         super().__init__(config=config)
         if config.context_parallel_size > 1:
             raise ValueError("SDPA core attention has no context-parallel support yet; use "
                              "--context-parallel-size 1")
         self.attn_mask_type = attn_mask_type
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
-        head_dim = config.kv_channels
+        head_dim = k_channels or config.kv_channels  # MLA passes its q/k head dim
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1 / math.sqrt(head_dim)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,

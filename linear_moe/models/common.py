@@ -11,6 +11,10 @@ from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_bac
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.multi_latent_attention import (
+    MLASelfAttention,
+    MLASelfAttentionSubmodules,
+)
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -26,6 +30,9 @@ class BasePreset:
     name: str
     common_args: dict
     sizes: dict[str, dict]
+    # Published parameter counts (total, active) of sizes that match a released model, checked by
+    # tests/test_presets.py with the all-softmax pattern and the released vocabulary.
+    published: dict[str, tuple[float, float, int]] = field(default_factory=dict)
     attention_spec: Callable = field(default=None)
     mlp_spec: Callable = field(default=None)
 
@@ -53,11 +60,66 @@ def softmax_attention_spec(config) -> ModuleSpec:
     )
 
 
+def is_moe_layer(config, layer_index: int) -> bool:
+    """Whether layer ``layer_index`` (0-based) has experts, following --moe-layer-freq as
+    megatron-core reads it (an int period, or a 0/1 list such as DeepSeek's first-k-dense)."""
+    if not config.num_moe_experts:
+        return False
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return layer_index % freq == 0
+    if len(freq) != config.num_layers:
+        raise ValueError(f"--moe-layer-freq has {len(freq)} entries for {config.num_layers} "
+                         "layers; give one 0/1 per layer")
+    return bool(freq[layer_index])
+
+
 def mlp_or_moe_spec(config, layer_index: int):
-    """megatron-core's MoELayer (router, dispatcher, SequentialMLP experts, shared expert) when
-    the config has experts, else its dense MLP."""
+    """megatron-core's MoELayer (router, dispatcher, SequentialMLP experts, shared expert) on
+    MoE layers, else its dense MLP."""
     return get_mlp_module_spec_for_backend(
-        backend=LocalSpecProvider(), num_experts=config.num_moe_experts, moe_grouped_gemm=False)
+        backend=LocalSpecProvider(),
+        num_experts=config.num_moe_experts if is_moe_layer(config, layer_index) else None,
+        moe_grouped_gemm=False)
+
+
+class RMSNormColumnParallelLinear(ColumnParallelLinear):
+    """RMSNorm of the input, then a ColumnParallelLinear: DeepSeek-V2's kv_a_layernorm before
+    kv_b_proj. megatron-core 0.19.2 only offers this fused with TransformerEngine (local specs
+    with qk_layernorm and no q-LoRA are refused), so MLA specs here keep qk_layernorm off and
+    put the norm in the up-projection. The norm weight is replicated over TP; its gradient is
+    the same on every rank because the linear all-reduces its input gradient."""
+
+    def __init__(self, input_size, output_size, *, config, **kwargs):
+        super().__init__(input_size, output_size, config=config, **kwargs)
+        self.layer_norm = RMSNorm(config, input_size, eps=config.layernorm_epsilon)
+
+    def forward(self, x, *args, **kwargs):
+        return super().forward(self.layer_norm(x), *args, **kwargs)
+
+
+def mla_attention_spec(config) -> ModuleSpec:
+    """megatron-core's Multi-Latent Attention (DeepSeek-V2) with local linears, RMSNorm on the
+    compressed kv (and on the compressed q when there is a q-LoRA), SDPA as the core
+    attention."""
+    if config.qk_layernorm:
+        raise ValueError("MLA here normalises the compressed kv itself; drop --qk-layernorm")
+    q_up = RMSNormColumnParallelLinear if config.q_lora_rank is not None else ColumnParallelLinear
+    return ModuleSpec(
+        module=MLASelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=MLASelfAttentionSubmodules(
+            linear_q_proj=ColumnParallelLinear,
+            linear_q_down_proj=ColumnParallelLinear,
+            linear_q_up_proj=q_up,
+            linear_kv_down_proj=ColumnParallelLinear,
+            linear_kv_up_proj=RMSNormColumnParallelLinear,
+            core_attention=SDPACoreAttention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=IdentityOp,
+            kv_layernorm=IdentityOp,
+        ),
+    )
 
 
 def args_to_argv(args: dict) -> list[str]:

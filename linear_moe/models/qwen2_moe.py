@@ -1,6 +1,6 @@
-"""Qwen2-MoE (Qwen1.5-MoE architecture): RMSNorm, SwiGLU experts + a gated shared expert,
-softmax-then-top-k routing without renormalisation, qkv bias and RoPE on the softmax layers,
-untied embeddings, auxiliary load-balancing loss."""
+"""Qwen2 / Qwen2-MoE (Qwen1.5-MoE architecture): RMSNorm, SwiGLU, qkv bias and RoPE (theta 1e6)
+on the softmax layers; MoE sizes add routed SwiGLU experts with a gated shared expert,
+softmax-then-top-k routing without renormalisation and an auxiliary load-balancing loss."""
 
 from linear_moe.models.common import BasePreset, mlp_or_moe_spec, softmax_attention_spec
 
@@ -12,29 +12,39 @@ COMMON = {
     "add_qkv_bias": True,
     "position_embedding_type": "rope",
     "rotary_base": 1000000,
+    "attention_dropout": 0.0,
+    "hidden_dropout": 0.0,
+    "init_method_std": 0.02,
+}
+
+MOE = {
     "untie_embeddings_and_output_weights": True,
     "moe_router_pre_softmax": True,
     "moe_router_load_balancing_type": "aux_loss",
     "moe_aux_loss_coeff": 0.001,
     "moe_token_dispatcher_type": "alltoall",
     "moe_shared_expert_gate": True,
-    "attention_dropout": 0.0,
-    "hidden_dropout": 0.0,
-    "init_method_std": 0.02,
 }
 
-# Shared-expert width is 4x the routed expert width, the ratio of Qwen1.5-MoE-A2.7B.
+# Shared expert: 4x the routed width in tiny (the ratio of Qwen1.5-MoE-A2.7B); one routed
+# width in the named sizes, which keeps them at the active/total their names promise.
 SIZES = {
-    "tiny": dict(num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=512,
-                 num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=128,
+    "tiny": dict(MOE, num_layers=4, hidden_size=128, num_attention_heads=4,
+                 ffn_hidden_size=512, num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=128,
                  moe_shared_expert_intermediate_size=256),
-    "A0.3B-2B": dict(num_layers=12, hidden_size=1024, num_attention_heads=8,
+    "A0.3B-2B": dict(MOE, num_layers=12, hidden_size=1024, num_attention_heads=8,
                      ffn_hidden_size=3584, num_experts=64, moe_router_topk=8,
-                     moe_ffn_hidden_size=896, moe_shared_expert_intermediate_size=3584),
-    "A1B-7B": dict(num_layers=16, hidden_size=2048, num_attention_heads=16,
+                     moe_ffn_hidden_size=896, moe_shared_expert_intermediate_size=896),
+    "A1B-7B": dict(MOE, num_layers=16, hidden_size=2048, num_attention_heads=16,
                    ffn_hidden_size=4096, num_experts=64, moe_router_topk=8,
-                   moe_ffn_hidden_size=1024, moe_shared_expert_intermediate_size=4096),
+                   moe_ffn_hidden_size=1024, moe_shared_expert_intermediate_size=1024),
+    # Qwen2-0.5B: dense, GQA 14/2 heads, tied embeddings.
+    "0.5B": dict(num_layers=24, hidden_size=896, num_attention_heads=14,
+                 group_query_attention=True, num_query_groups=2, ffn_hidden_size=4864),
 }
 
-PRESET = BasePreset("qwen2_moe", COMMON, SIZES, attention_spec=softmax_attention_spec,
-                    mlp_spec=mlp_or_moe_spec)
+# (total, active, vocab) of released models these sizes reproduce (HF config + safetensors).
+PUBLISHED = {"0.5B": (494_032_768, 494_032_768, 151_936)}
+
+PRESET = BasePreset("qwen2_moe", COMMON, SIZES, PUBLISHED,
+                    attention_spec=softmax_attention_spec, mlp_spec=mlp_or_moe_spec)
