@@ -55,6 +55,11 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="short convolution on q/k/v (default: the mixer's)")
     g.add_argument("--la-use-output-gate", default=None, action=argparse.BooleanOptionalAction,
                    help="gate the normed output with a projection (default: the mixer's)")
+    g.add_argument("--sft-data-path", default=None,
+                   help="finetune on this jsonl of conversations (prompt/response or messages) "
+                        "with the loss on responses only, instead of --data-path")
+    g.add_argument("--sft-packing", action="store_true",
+                   help="pack several conversations per sample (default: one, padded)")
     types = {"la_num_heads": int, "la_expand_k": float, "la_expand_v": float,
              "la_conv_size": int, "la_output_norm": str, "la_gate_fn": str,
              "la_gate_low_rank_dim": int, "la_gate_logit_normalizer": float,

@@ -75,6 +75,8 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     from megatron.training.utils import get_blend_and_blend_per_split
 
     args = get_args()
+    if args.sft_data_path:
+        return _sft_datasets(args, get_tokenizer(), train_val_test_num_samples)
     blend, blend_per_split = get_blend_and_blend_per_split(args)
     config = GPTDatasetConfig(
         random_seed=args.seed,
@@ -98,8 +100,22 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
 train_valid_test_datasets_provider.is_distributed = True
 
 
+def _sft_datasets(args, tokenizer, num_samples):
+    from linear_moe.data.sft import SFTDataset
+
+    train_n, valid_n, _ = num_samples
+    build = lambda n, seed: SFTDataset(args.sft_data_path, tokenizer, args.seq_length, n,
+                                       seed=seed, packing=args.sft_packing)
+    return build(train_n, args.seed), (build(valid_n, args.seed + 1) if valid_n else None), None
+
+
 def check_data_paths(args) -> None:
     """Missing dataset files fail here, in one line, before any model is built."""
+    if args.sft_data_path:
+        if not os.path.exists(args.sft_data_path):
+            raise FileNotFoundError(f"SFT data file {args.sft_data_path} not found; fix "
+                                    "--sft-data-path")
+        return
     paths = [p for p in (args.data_path or []) if not _is_number(p)]
     for split in ("train_data_path", "valid_data_path", "test_data_path"):
         paths += [p for p in (getattr(args, split) or []) if not _is_number(p)]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from linear_moe.models import PRESETS
 from linear_moe.registry import registered_mixers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,12 +28,13 @@ def dataset(tmp_path_factory):
     return ensure_default_dataset(tmp_path_factory.mktemp("data"))
 
 
-def _command(dataset, checkpoint_dir, la_module="gla", train_iters=30, extra=()):
+def _command(dataset, checkpoint_dir, la_module="gla", train_iters=30, extra=(),
+             base_model="qwen2_moe"):
     from linear_moe.data import default_tokenizer_path
 
     return [
         sys.executable, str(ROOT / "pretrain_linear_moe.py"),
-        "--model-size", "tiny", "--la-module", la_module, "--layer-type-list", "LLLN",
+        "--base-model", base_model, "--model-size", "tiny", "--la-module", la_module, "--layer-type-list", "LLLN",
         "--seq-length", "128", "--max-position-embeddings", "128",
         "--micro-batch-size", "4", "--global-batch-size", "8",
         "--train-iters", str(train_iters), "--lr", "2e-3", "--min-lr", "1e-4",
@@ -71,6 +73,16 @@ def test_mixer_trains_in_tiny_preset(la_module, dataset, tmp_path):
     assert sorted(losses) == list(range(1, 21))
     first, last = losses[1], sum(losses[i] for i in range(16, 21)) / 5
     assert last < first - 0.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base_model", sorted(PRESETS))
+def test_each_base_model_trains_a_hybrid(base_model, dataset, tmp_path):
+    losses = _losses(_run(_command(dataset, tmp_path / "ckpt", "gated_deltanet", train_iters=20,
+                                   extra=["--save-interval", "1000"], base_model=base_model)))
+    assert sorted(losses) == list(range(1, 21))
+    first, last = losses[1], sum(losses[i] for i in range(16, 21)) / 5
+    assert last < first - 0.5, f"{base_model}: loss did not fall: {first:.3f} -> {last:.3f}"
 
 
 @pytest.mark.slow

@@ -114,6 +114,7 @@ def test_missing_dataset_fails_before_any_work(tmp_path):
     from linear_moe.pretrain import check_data_paths
 
     args = SimpleNamespace(data_path=[str(tmp_path / "corpus_text_document")], mock_data=False,
+                           sft_data_path=None,
                            train_data_path=None, valid_data_path=None, test_data_path=None)
     with pytest.raises(FileNotFoundError, match="corpus_text_document.bin not found.*preprocess"):
         check_data_paths(args)
