@@ -1,5 +1,7 @@
-"""Linear-MoE: linear-attention / SSM / linear-RNN sequence mixers with MoE on megatron-core."""
+"""Linear-MoE: linear-attention / SSM / linear-RNN sequence mixers with MoE on megatron-core.
 
-import megatron_patch  # noqa: F401  (must precede any megatron.training import)
+Kept import-light (the data tools and launchers use it without loading megatron); modules that
+import megatron.training import megatron_patch first.
+"""
 
 __version__ = "0.1.0"

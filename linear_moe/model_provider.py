@@ -64,6 +64,7 @@ def decoder_block_spec(config, base_model: str, vp_stage=None, pp_rank=None):
 
 
 def build_config(args):
+    import megatron_patch  # noqa: F401  (typing.override for megatron.training on 3.11)
     from megatron.training.arguments import core_transformer_config_from_args
 
     config = core_transformer_config_from_args(args, LinearMoEConfig)

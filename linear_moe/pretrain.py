@@ -171,6 +171,20 @@ def _default_single_process_env() -> None:
                       WORLD_SIZE="1", LOCAL_RANK="0")
 
 
+def check_only(argv: list[str]) -> int:
+    """Parse and validate everything a launch would, print one line, build nothing."""
+    try:
+        parse_args(argv)
+    except SystemExit as exc:  # argparse already printed its own error
+        return int(exc.code or 2)
+    except (ValueError, AssertionError, FileNotFoundError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"linear_moe: invalid settings: {reason}", file=sys.stderr)
+        return 2
+    print("linear_moe: settings ok", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
@@ -178,8 +192,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from linear_moe.model_provider import model_provider
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--check-only" in argv:
+        argv.remove("--check-only")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("RANK", "0")
+        sys.exit(check_only(argv))
     _default_single_process_env()
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parse_args(argv)
     cfg = pretrain_cfg_container_from_args(args)
     pretrain(cfg, train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
              forward_step, model_provider=model_provider)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -137,6 +138,11 @@ def _patch_torch_cuda():
     cuda.reset_peak_memory_stats = _noop()
     cuda.reset_max_memory_allocated = _noop()
     cuda.memory_stats = lambda *a, **k: {}
+    # Architecture queries (e.g. argument validation with TP > 1 asks for the compute
+    # capability): a "device" of capability 0.0.
+    cuda.get_device_capability = lambda *a, **k: (0, 0)
+    cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(
+        major=0, minor=0, name="cpu", total_memory=0, multi_processor_count=1)
     # RNG: the CPU generator plays the CUDA one.
     cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)

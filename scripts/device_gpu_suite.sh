@@ -17,8 +17,8 @@ STEPS=${STEPS:-tests main}
 } | tee "$OUT/versions.txt"
 
 if [[ " $STEPS " == *" tests "* ]]; then
-    LINEAR_MOE_GPU_RESULTS=$OUT/gpu_results.jsonl timeout ${TEST_TIMEOUT:-540} python3 -m pytest -q -m gpu \
-        ${TEST_SELECT:-tests/gpu} ${PYTEST_K:+-k "$PYTEST_K"} -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+    LINEAR_MOE_GPU_RESULTS=$OUT/gpu_results.jsonl timeout "${TEST_TIMEOUT:-540}" python3 -m pytest -q -m gpu \
+        "${TEST_SELECT:-tests/gpu}" ${PYTEST_K:+-k "$PYTEST_K"} -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 fi
 if [[ " $STEPS " == *" main "* ]]; then
     OUTPUT_BASEPATH=/tmp/lm_out PYTHON=python3 LOG_INTERVAL=10 timeout 400 \

