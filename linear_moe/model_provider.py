@@ -8,6 +8,7 @@ slot holds the preset's MoE or dense MLP. Pipeline stages build the slice of lay
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -141,3 +142,28 @@ def report_parameter_counts(model, config, vp_stage=None) -> None:
         print(f" > linear_moe model{where}: {total / 1e6:.3f}M parameters in total, "
               f"{active / 1e6:.3f}M active per token; layers '{config.layer_type_list}', "
               f"L = {config.la_module}", flush=True)
+
+
+def build_standalone(argv: list[str], device=None):
+    """Build the model that ``pretrain_linear_moe.py argv`` would train, outside
+    megatron.training's loop (benchmarks, parameter counts). Needs megatron-core's parallel
+    state initialised; leaves no global arguments behind. Returns (model, config, args)."""
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+    from megatron.training.global_vars import destroy_global_vars
+
+    from linear_moe.pretrain import parse_args
+
+    args = parse_args(argv)
+    try:
+        config = build_config(args)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = GPTModel(
+                config, decoder_block_spec(config, args.base_model), args.padded_vocab_size,
+                args.max_position_embeddings,
+                share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                position_embedding_type=args.position_embedding_type,
+                rotary_base=args.rotary_base)
+    finally:
+        destroy_global_vars()
+        destroy_num_microbatches_calculator()
+    return model, config, args

@@ -44,14 +44,18 @@ def test_scripts_are_shellcheck_clean():
 @pytest.mark.parametrize("folder", sorted(LAUNCHERS))
 def test_pretrain_then_finetune_launchers(folder, tmp_path):
     short = LAUNCHERS[folder]
+    # One base also exercises the Mamba2 hybrid variable (M = mamba2 layer).
+    extra = dict(MAMBA2_PATTERN="MMMN") if folder == "deepseek_v2" else {}
     pretrain = _launch(ROOT / f"examples/linear_moe_{folder}/run_pretrain_{short}.sh",
-                       _env(tmp_path))
+                       _env(tmp_path, **extra))
     assert pretrain.returncode == 0, pretrain.stdout[-3000:] + pretrain.stderr[-3000:]
     assert "iteration        3/       3" in pretrain.stdout
+    if extra:
+        assert "L = mamba2" in pretrain.stdout
     checkpoints = list((tmp_path / "checkpoint").glob("*-pretrain-*"))
     assert len(checkpoints) == 1
     finetune = _launch(ROOT / f"examples/linear_moe_{folder}/run_finetune_{short}.sh",
-                       _env(tmp_path, PRETRAIN_CHECKPOINT_PATH=checkpoints[0]))
+                       _env(tmp_path, PRETRAIN_CHECKPOINT_PATH=checkpoints[0], **extra))
     assert finetune.returncode == 0, finetune.stdout[-3000:] + finetune.stderr[-3000:]
     assert "attempting to finetune with checkpoint" in finetune.stdout
     assert "iteration        3/       3" in finetune.stdout

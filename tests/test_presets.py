@@ -11,34 +11,19 @@ CASES = [(base, size) for base, preset in sorted(PRESETS.items()) for size in pr
 
 
 def _count_worker(rank, world_size, cases):
-    import torch
     from megatron.core import parallel_state as mpu
-    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
-    from megatron.training.global_vars import destroy_global_vars
 
-    from linear_moe.model_provider import parameter_counts, build_config
-    from linear_moe.pretrain import parse_args
+    from linear_moe.model_provider import build_standalone, parameter_counts
 
     mpu.initialize_model_parallel(1)
     results = {}
     for base, size, pattern, vocab in cases:
-        args = parse_args(["--base-model", base, "--model-size", size, "--layer-type-list", pattern,
-                           "--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab - 1),
-                           "--mock-data", "--seq-length", "128", "--max-position-embeddings",
-                           "4096", "--micro-batch-size", "1", "--train-iters", "1"])
-        from megatron.core.models.gpt import GPTModel
-
-        from linear_moe.model_provider import decoder_block_spec
-
-        config = build_config(args)
-        with torch.device("meta"):
-            model = GPTModel(config, decoder_block_spec(config, base), args.padded_vocab_size,
-                             4096, share_embeddings_and_output_weights=not
-                             args.untie_embeddings_and_output_weights,
-                             position_embedding_type=args.position_embedding_type)
+        model, config, _ = build_standalone(
+            ["--base-model", base, "--model-size", size, "--layer-type-list", pattern,
+             "--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab - 1), "--mock-data",
+             "--seq-length", "128", "--max-position-embeddings", "4096", "--micro-batch-size",
+             "1", "--train-iters", "1"], device="meta")
         results[(base, size, pattern)] = parameter_counts(model, config)
-        destroy_global_vars()
-        destroy_num_microbatches_calculator()
     return results
 
 

@@ -1,0 +1,104 @@
+"""Shared pieces of the benchmarks: process set-up, timing, result files.
+
+Numbers only count from the GPU; on the CPU the scripts run at toy sizes so CI proves they work.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def setup_single_process():
+    """Megatron's model-parallel state for one process (CPU: gloo + cpu_support)."""
+    import megatron_patch  # noqa: F401
+    from megatron.core import parallel_state as mpu
+    from megatron.core import tensor_parallel
+    from megatron_patch import cpu_support
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29000 + os.getpid() % 1000))
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "gloo":
+            cpu_support.enable()
+        else:
+            torch.cuda.set_device(0)
+        torch.distributed.init_process_group(backend, rank=0, world_size=1)
+    if not mpu.model_parallel_is_initialized():
+        mpu.initialize_model_parallel(1)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def time_fn(fn, warmup: int, iters: int) -> float:
+    """Median milliseconds of fn() (synchronised on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_gib() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def environment() -> dict:
+    import fla
+    import megatron.core
+
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+        else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "megatron_core": megatron.core.__version__,
+        "fla": getattr(fla, "__version__", "?"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def write_results(rows: list[dict], out: str | None, title: str, columns: list[str]) -> None:
+    """Print a markdown table; with ``out`` also write <out>.json and <out>.md."""
+    env = environment()
+    header = f"## {title}\n\n{json.dumps(env)}\n\n| " + " | ".join(columns) + " |\n|" + \
+        "---|" * len(columns) + "\n"
+    body = "".join("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |\n" for r in rows)
+    print(header + body)
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out + ".json", "w") as f:
+            json.dump({"environment": env, "rows": rows}, f, indent=1)
+        with open(out + ".md", "w") as f:
+            f.write(header + body)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return "" if value is None else str(value)

@@ -1,0 +1,104 @@
+"""End-to-end benchmark: the same base model with different layer patterns, side by side in one
+run, at equal tokens per step: tokens/s, peak memory and the ratio to the all-softmax model.
+
+    python benchmarks/e2e_bench.py --base-model qwen2_moe --model-size A0.3B-2B \
+        --patterns N L LLLN --mixers gla gated_deltanet retention mamba2 \
+        --seq-lens 2048 8192 16384 32768 --tokens 16384 --out benchmarks/results/e2e_h100
+    python benchmarks/e2e_bench.py --toy     # CPU smoke run
+
+Targets on the GPU (issue 5): >= 0.9x the softmax model at 2K, >= 2x at 16K, >= 4x at 32K, peak
+memory at 32K <= 0.6x. Times are forward + backward of the language-model loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import device, peak_memory_gib, setup_single_process, time_fn, write_results  # noqa
+
+VOCAB = 32768
+
+
+def bench(base, size, pattern, mixer, seq, batch, warmup, iters, extra):
+    from linear_moe.model_provider import build_standalone
+
+    argv = ["--base-model", base, "--model-size", size, "--layer-type-list", pattern,
+            "--la-module", mixer, "--tokenizer-type", "NullTokenizer", "--vocab-size",
+            str(VOCAB - 1), "--mock-data", "--seq-length", str(seq),
+            "--max-position-embeddings", str(seq), "--micro-batch-size", str(batch),
+            "--train-iters", "1", *extra]
+    if torch.cuda.is_available():
+        argv.append("--bf16")
+    model, config, args = build_standalone(argv)
+    model = model.to(device())
+    if torch.cuda.is_available():
+        model = model.to(torch.bfloat16)
+        torch.cuda.reset_peak_memory_stats()
+    tokens = torch.randint(0, VOCAB, (batch, seq), device=device())
+    positions = torch.arange(seq, device=device()).expand(batch, seq)
+
+    def step():
+        loss = model(tokens, positions, None, labels=tokens)
+        loss.float().mean().backward()
+
+    ms = time_fn(step, warmup, iters)
+    row = {"pattern": pattern, "mixer": mixer if "L" in pattern else "-", "T": seq, "B": batch,
+           "ms": ms, "tokens_per_s": batch * seq / ms * 1e3, "peak_GiB": peak_memory_gib()}
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-model", default="qwen2_moe")
+    parser.add_argument("--model-size", default="A0.3B-2B")
+    parser.add_argument("--patterns", nargs="+", default=["N", "L", "LLLN"],
+                        help="'N' alone is the softmax baseline every row is compared with")
+    parser.add_argument("--mixers", nargs="+", default=["gla", "gated_deltanet"])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens per step")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--toy", action="store_true", help="tiny CPU-sized smoke run")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("extra", nargs="*", help="extra Megatron flags after --")
+    args = parser.parse_args(argv)
+    if args.toy:
+        args.model_size, args.seq_lens, args.tokens = "tiny", [64, 128], 256
+        args.warmup, args.iters = 1, 1
+    setup_single_process()
+    rows = []
+    for seq in args.seq_lens:
+        batch = max(1, args.tokens // seq)
+        baseline = bench(args.base_model, args.model_size, "N", args.mixers[0], seq, batch,
+                         args.warmup, args.iters, args.extra)
+        rows.append({**baseline, "speedup_vs_N": 1.0,
+                     "memory_vs_N": 1.0 if baseline["peak_GiB"] is not None else None})
+        for pattern in (p for p in args.patterns if p != "N"):
+            for mixer in args.mixers:
+                row = bench(args.base_model, args.model_size, pattern, mixer, seq, batch,
+                            args.warmup, args.iters, args.extra)
+                row["speedup_vs_N"] = row["tokens_per_s"] / baseline["tokens_per_s"]
+                if row["peak_GiB"] is not None:
+                    row["memory_vs_N"] = row["peak_GiB"] / baseline["peak_GiB"]
+                rows.append(row)
+    write_results(rows, args.out,
+                  f"End to end: {args.base_model} {args.model_size}, {args.tokens} tokens/step",
+                  ["pattern", "mixer", "T", "B", "ms", "tokens_per_s", "peak_GiB",
+                   "speedup_vs_N", "memory_vs_N"])
+    return rows
+
+
+if __name__ == "__main__":
+    main()

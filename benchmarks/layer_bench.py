@@ -1,0 +1,127 @@
+"""Layer benchmark: each mixer's full Megatron layer (projections + op + norm/gate + output
+projection) against its bare op plus the same projection work as two plain GEMMs, fwd+bwd,
+equal tokens per step. Reports the overhead ratio (target on the GPU: <= 1.10).
+
+    python benchmarks/layer_bench.py --seq-lens 2048 8192 32768 --tokens 65536 --out benchmarks/results/layer_h100
+    python benchmarks/layer_bench.py --toy      # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import device, setup_single_process, time_fn, write_results  # noqa: E402
+
+OP_NAMES = ("gla", "simple_gla", "gated_delta_rule", "delta_rule", "ssd")
+
+
+def build_mixer(name, hidden, heads, dtype):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from linear_moe.config import LinearMoEConfig, resolve_mixer_defaults
+    from linear_moe.registry import get_mixer
+
+    config = LinearMoEConfig(num_layers=1, hidden_size=hidden, num_attention_heads=heads,
+                             params_dtype=dtype, bf16=dtype == torch.bfloat16,
+                             normalization="RMSNorm", add_bias_linear=False,
+                             gradient_accumulation_fusion=False, la_module=name,
+                             la_num_heads=heads, use_cpu_initialization=True)
+    resolve_mixer_defaults(config)
+    mixer = get_mixer(name).builder(config, layer_number=1, attn_mask_type=AttnMaskType.causal)
+    return mixer.to(device())
+
+
+def record_op_call(mixer, x):
+    """Run the mixer once and capture the op it calls with its inputs."""
+    from linear_moe import ops
+
+    calls = []
+    originals = {n: getattr(ops, n) for n in OP_NAMES}
+
+    def recorder(name):
+        def call(*args, **kwargs):
+            calls.append((originals[name], args, kwargs))
+            return originals[name](*args, **kwargs)
+        return call
+
+    try:
+        for n in OP_NAMES:
+            setattr(ops, n, recorder(n))
+        mixer(x)
+    finally:
+        for n, fn in originals.items():
+            setattr(ops, n, fn)
+    assert len(calls) == 1, f"expected one op call, saw {len(calls)}"
+    return calls[0]
+
+
+def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters):
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    mixer = build_mixer(name, hidden, heads, dtype)
+    x = torch.randn(seq, batch, hidden, device=device(), dtype=dtype, requires_grad=True)
+
+    def layer_step():
+        out, _ = mixer(x)
+        out.backward(torch.ones_like(out))
+
+    fn, args, kwargs = record_op_call(mixer, x)
+    leaf = lambda a: (a.detach().clone().requires_grad_(a.is_floating_point())
+                      if torch.is_tensor(a) else a)
+    op_inputs = [leaf(a) for a in args]
+    kwargs = {k: leaf(v) for k, v in kwargs.items()}
+    in_features = sum(m.weight.shape[0] for m in mixer.modules()
+                      if isinstance(m, ColumnParallelLinear))
+    w_in = torch.randn(in_features, hidden, device=device(), dtype=dtype, requires_grad=True)
+    w_out = torch.randn(hidden, mixer.value_dim, device=device(), dtype=dtype,
+                        requires_grad=True)
+
+    def bare_step():
+        proj = x @ w_in.t()  # all in-projections as one GEMM
+        o, _ = fn(*op_inputs, **kwargs)
+        out = o.reshape(seq * batch, -1)[:, :mixer.value_dim] @ w_out.t()
+        (proj.sum() + out.sum()).backward()
+
+    layer_ms = time_fn(layer_step, warmup, iters)
+    bare_ms = time_fn(bare_step, warmup, iters)
+    return {"mixer": name, "T": seq, "B": batch, "layer_ms": layer_ms, "bare_ms": bare_ms,
+            "overhead": layer_ms / bare_ms}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mixers", nargs="*", default=None, help="default: all registered")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--tokens", type=int, default=65536, help="tokens per step (B = tokens/T)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--toy", action="store_true", help="tiny CPU-sized smoke run")
+    parser.add_argument("--out", default=None, help="write <out>.json and <out>.md")
+    args = parser.parse_args(argv)
+    if args.toy:
+        args.hidden, args.heads, args.seq_lens, args.tokens = 64, 2, [64], 128
+        args.warmup, args.iters = 1, 2
+    setup_single_process()
+    from linear_moe.registry import registered_mixers
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    rows = []
+    for name in args.mixers or sorted(registered_mixers()):
+        for seq in args.seq_lens:
+            rows.append(bench_mixer(name, args.hidden, args.heads, seq,
+                                    max(1, args.tokens // seq), dtype, args.warmup, args.iters))
+    write_results(rows, args.out, "Layer overhead: Megatron mixer layer vs bare op + GEMMs",
+                  ["mixer", "T", "B", "layer_ms", "bare_ms", "overhead"])
+    return rows
+
+
+if __name__ == "__main__":
+    main()
