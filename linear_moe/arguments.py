@@ -28,6 +28,10 @@ _LA_HELP = {
     "la_feature_map": "linear_attention: feature map on q/k (identity | elu | relu | swish)",
     "la_ssm_state_dim": "mamba2: SSM state size N per group",
     "la_ssm_groups": "mamba2: number of B/C groups (must divide heads and be divisible by TP)",
+    "la_mom_num_memories": "MoM: number of routed memories",
+    "la_mom_topk": "MoM: memories each token is routed to",
+    "la_mom_capacity_factor": "MoM: per-memory token capacity as a multiple of T*k/M (0: none)",
+    "la_mom_aux_loss_coeff": "MoM: weight of the load-balancing loss",
     "la_gate_low_rank_dim": "GLA: rank of the key-decay projection",
     "la_gate_logit_normalizer": "GLA: divisor of the log-sigmoid decay",
     "la_chunk_size": "chunk length of the reference chunked op",
@@ -53,6 +57,9 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="auto = fla kernels on CUDA, fp32 torch reference otherwise")
     g.add_argument("--la-use-short-conv", default=None, action=argparse.BooleanOptionalAction,
                    help="short convolution on q/k/v (default: the mixer's)")
+    g.add_argument("--la-mom-shared-memory", default=LinearMixerFields.la_mom_shared_memory,
+                   action=argparse.BooleanOptionalAction,
+                   help="MoM: a shared memory that every token writes to")
     g.add_argument("--la-use-output-gate", default=None, action=argparse.BooleanOptionalAction,
                    help="gate the normed output with a projection (default: the mixer's)")
     g.add_argument("--sft-data-path", default=None,
@@ -64,7 +71,9 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
              "la_conv_size": int, "la_output_norm": str, "la_gate_fn": str,
              "la_gate_low_rank_dim": int, "la_gate_logit_normalizer": float,
              "la_chunk_size": int, "la_rope_theta": float, "la_feature_map": str,
-             "la_ssm_state_dim": int, "la_ssm_groups": int}
+             "la_ssm_state_dim": int, "la_ssm_groups": int, "la_mom_num_memories": int,
+             "la_mom_topk": int, "la_mom_capacity_factor": float,
+             "la_mom_aux_loss_coeff": float}
     for dest, typ in types.items():
         g.add_argument("--" + dest.replace("_", "-"), type=typ,
                        default=getattr(LinearMixerFields, dest), help=_LA_HELP[dest])

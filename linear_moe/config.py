@@ -36,6 +36,11 @@ class LinearMixerFields:
     la_feature_map: str = "elu"  # linear_attention: phi applied to q and k
     la_ssm_state_dim: int = 64  # mamba2: state size N per group
     la_ssm_groups: int = 1  # mamba2: B/C groups (heads share a group's B and C)
+    la_mom_num_memories: int = 4  # MoM: routed memories
+    la_mom_topk: int = 2  # MoM: memories per token
+    la_mom_capacity_factor: float = 0.0  # MoM: 0 = no capacity limit
+    la_mom_shared_memory: bool = True  # MoM: a memory every token writes to
+    la_mom_aux_loss_coeff: float = 0.01  # MoM: load-balancing loss weight
 
 
 @dataclass

@@ -8,6 +8,7 @@ from linear_moe.mixers import (  # noqa: F401
     lightning,
     linear_attention,
     mamba2,
+    mom,
     retention,
     simple_gla,
 )

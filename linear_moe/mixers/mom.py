@@ -1,0 +1,179 @@
+"""Mixture-of-Memories (MoM, Du et al., 2025, arXiv:2502.13685): several independent linear
+memories, a router sending each token to its top-k memories, plus a shared memory that sees every
+token. Memory m only reads and writes the tokens routed to it (in order), so each memory is the
+base recurrence over a sub-sequence; a token's output is the routing-weighted sum of its
+memories' outputs (plus the shared memory's), then the usual per-head norm, gate and projection.
+
+    --la-mom-num-memories  M memories (each with its own key/value/decay projections)
+    --la-mom-topk          memories per token
+    --la-mom-capacity-factor  tokens a memory may take per sequence, as a multiple of its fair
+                           share T * k / M (0: unlimited); overflow tokens skip that memory
+    --la-mom-shared-memory / --no-la-mom-shared-memory
+    --la-mom-aux-loss-coeff  Switch-style load-balancing loss M * sum_m f_m * P_m
+
+Sub-sequences run through the op as packed varlen sequences (cu_seqlens), on both backends.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+from linear_moe import ops
+from linear_moe.layers.decay_init import init_A_log_, init_dt_bias_
+from linear_moe.mixers.base import LinearMixer
+from linear_moe.registry import register_mixer
+
+
+class MixtureOfMemories(LinearMixer):
+    """Routing, capacity, packing and the load-balancing loss; subclasses define one memory's
+    projections (``memory_inputs``) and recurrence (``run_memory``)."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__(config, **kwargs)
+        if config.la_use_short_conv:
+            raise ValueError("MoM mixers have no short convolution here; drop "
+                             "--la-use-short-conv")
+        self.num_memories = config.la_mom_num_memories
+        self.topk = config.la_mom_topk
+        if not 1 <= self.topk <= self.num_memories:
+            raise ValueError(f"--la-mom-topk {self.topk} must be in 1..--la-mom-num-memories "
+                             f"{self.num_memories}")
+        self.q_proj = self.column(self.hidden_size, self.key_dim)
+        # The router is tiny and replicated over TP (every rank sees the full input).
+        self.router = torch.nn.Linear(self.hidden_size, self.num_memories, bias=False,
+                                      dtype=config.params_dtype)
+        config.init_method(self.router.weight)
+        count = self.num_memories + int(config.la_mom_shared_memory)
+        self.memories = torch.nn.ModuleList(self.build_memory() for _ in range(count))
+        self.build_output()
+
+    def build_memory(self) -> torch.nn.ModuleDict:
+        raise NotImplementedError
+
+    def memory_inputs(self, memory, x):
+        """-> (k, v, *gates) in [b, s, H, *] for every position."""
+        raise NotImplementedError
+
+    def run_memory(self, q, inputs, cu_seqlens):
+        raise NotImplementedError
+
+    def _route(self, x):
+        s, b, _ = x.shape
+        probs = torch.softmax(self.router(x).float(), dim=-1).transpose(0, 1)  # [b, s, M]
+        weights, chosen = probs.topk(self.topk, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        # Each rank combines only its heads' outputs: all-reduce the weights' gradient.
+        weights = copy_to_tensor_model_parallel_region(weights, group=self.tp_group)
+        routed = torch.zeros_like(probs).scatter(-1, chosen, weights)  # [b, s, M]
+        if self.config.la_mom_capacity_factor > 0:
+            capacity = max(1, int(self.config.la_mom_capacity_factor * s * self.topk
+                                  / self.num_memories))
+            taken = (routed > 0).long().cumsum(1)  # position of each token in its memory's queue
+            routed = routed * (taken <= capacity)
+        coeff = self.config.la_mom_aux_loss_coeff
+        aux = None
+        if coeff > 0 and self.training:
+            fraction = (routed > 0).float().mean((0, 1)) / self.topk
+            aux = coeff * self.num_memories * (fraction * probs.mean((0, 1))).sum()
+        return routed, aux
+
+    def mix(self, x):
+        b, s = x.shape[1], x.shape[0]
+        q = self.heads(self.q_proj(x)[0], self.head_k_dim)
+        routed, aux = self._route(x)
+        out = None
+        for m, memory in enumerate(self.memories):
+            inputs = self.memory_inputs(memory, x)
+            if m < self.num_memories:
+                weight = routed[..., m]  # [b, s]
+                selected = weight.reshape(-1).nonzero().squeeze(-1)
+                if selected.numel() == 0:
+                    continue
+                lengths = (weight > 0).sum(1)
+                cu = F.pad(lengths[lengths > 0].cumsum(0), (1, 0)).to(torch.int32)
+            else:  # the shared memory: every token, weight 1
+                weight, selected = None, torch.arange(b * s, device=x.device)
+                cu = torch.arange(0, (b + 1) * s, s, device=x.device, dtype=torch.int32)
+            pick = lambda t: t.reshape(b * s, *t.shape[2:])[selected].unsqueeze(0)
+            o = self.run_memory(pick(q), [pick(t) for t in inputs], cu)[0]  # [n, H, V]
+            if weight is not None:
+                o = o * weight.reshape(-1)[selected][:, None, None].to(o.dtype)
+            full = o.new_zeros(b * s, *o.shape[1:]).index_add(0, selected, o)
+            out = full if out is None else out + full
+        out = out.reshape(b, s, *out.shape[1:])
+        if aux is not None:
+            out = MoEAuxLossAutoScaler.apply(out, aux)
+        return self.output(out, x)
+
+
+@register_mixer(
+    "mom_gla",
+    paper="MoM: Linear Sequence Modeling with Mixture-of-Memories (arXiv:2502.13685), GLA memories",
+    kernel="fla chunk_gla / fused_recurrent_gla over packed sub-sequences",
+    defaults={"la_expand_k": 0.5, "la_expand_v": 1.0, "la_use_short_conv": False},
+)
+class MoMGLAMixer(MixtureOfMemories):
+    def build_memory(self):
+        rank = self.config.la_gate_low_rank_dim
+        down = torch.nn.Linear(self.hidden_size, rank, bias=False,
+                               dtype=self.config.params_dtype)
+        self.config.init_method(down.weight)
+        return torch.nn.ModuleDict({
+            "k": self.column(self.hidden_size, self.key_dim),
+            "v": self.column(self.hidden_size, self.value_dim),
+            "gk_down": down,
+            "gk_up": self.column(rank, self.key_dim, bias=True),
+        })
+
+    def memory_inputs(self, memory, x):
+        k = self.heads(memory["k"](x)[0], self.head_k_dim)
+        v = self.heads(memory["v"](x)[0], self.head_v_dim)
+        gk = self.heads(memory["gk_up"](memory["gk_down"](x))[0], self.head_k_dim)
+        return k, v, F.logsigmoid(gk.float()) / self.config.la_gate_logit_normalizer
+
+    def run_memory(self, q, inputs, cu_seqlens):
+        k, v, gk = inputs
+        o, _ = ops.gla(q, k, v, gk, cu_seqlens=cu_seqlens, backend=self.config.la_backend,
+                       mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
+        return o
+
+
+@register_mixer(
+    "mom_gated_deltanet",
+    paper="MoM: Linear Sequence Modeling with Mixture-of-Memories (arXiv:2502.13685), "
+          "Gated DeltaNet memories",
+    kernel="fla chunk_gated_delta_rule over packed sub-sequences",
+    modes=("chunk",),
+    defaults={"la_expand_k": 0.75, "la_expand_v": 1.5, "la_use_short_conv": False},
+)
+class MoMGatedDeltaNetMixer(MixtureOfMemories):
+    def __init__(self, config, **kwargs):
+        super().__init__(config, **kwargs)
+        self.A_log = self.per_head_parameter(init_A_log_)
+        self.dt_bias = self.per_head_parameter(init_dt_bias_)
+
+    def build_memory(self):
+        return torch.nn.ModuleDict({
+            "k": self.column(self.hidden_size, self.key_dim),
+            "v": self.column(self.hidden_size, self.value_dim),
+            "a": self.column(self.hidden_size, self.num_heads),
+            "b": self.column(self.hidden_size, self.num_heads),
+        })
+
+    def memory_inputs(self, memory, x):
+        k = self.heads(memory["k"](x)[0], self.head_k_dim)
+        v = self.heads(memory["v"](x)[0], self.head_v_dim)
+        a, b = self.per_head(memory["a"](x)[0]), self.per_head(memory["b"](x)[0])
+        return k, v, a, b
+
+    def run_memory(self, q, inputs, cu_seqlens):
+        k, v, a, b = inputs
+        g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
+        o, _ = ops.gated_delta_rule(q, k, v, g, b.sigmoid(), use_qk_l2norm=True,
+                                    cu_seqlens=cu_seqlens, backend=self.config.la_backend,
+                                    mode=self.config.la_mode,
+                                    chunk_size=self.config.la_chunk_size)
+        return o
