@@ -5,6 +5,7 @@ from linear_moe.mixers import (  # noqa: F401
     gated_deltanet,
     gla,
     hgrn2,
+    kda,
     lightning,
     linear_attention,
     mamba2,

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linear_moe.ops import delta_rule, fla_compat, gated_delta_rule, gla, simple_gla
+from linear_moe.ops import delta_rule, fla_compat, gated_delta_rule, gla, kda, simple_gla
 
 pytestmark = [
     pytest.mark.gpu,
@@ -195,3 +195,15 @@ def test_delta_rule_fla_matches_reference(mode, head_dim):
     q, k, v, _, beta, h0 = _gdn_inputs(head_dim)
     _compare("delta_rule", mode, head_dim, ("q", "k", "v", "beta", "initial_state"),
              run("fla"), run("reference"), [q, k, v, beta, h0])
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_kda_fla_matches_reference(head_dim):
+    def run(backend):
+        return lambda q, k, v, g, beta, h0: kda(q, k, v, g, beta, initial_state=h0,
+                                                output_final_state=True, backend=backend)
+
+    q, k, v, _, beta, h0 = _gdn_inputs(head_dim)
+    g = F.logsigmoid(torch.randn(B, T, H, head_dim, device="cuda")).to(torch.bfloat16)
+    _compare("kda", "chunk", head_dim, ("q", "k", "v", "g", "beta", "initial_state"),
+             run("fla"), run("reference"), [q, k, v, g, beta, h0])

@@ -1,0 +1,49 @@
+"""Kimi Delta Attention (Kimi Linear, arXiv:2510.26692): the gated delta rule with a per-channel
+decay, g_t = -exp(A_log_h) * softplus(W_up W_down x_t + dt_bias) per key dim (low-rank decay
+projection), beta_t = sigmoid(w_h x_t), L2-normalised q/k, SiLU short convolutions, per-head
+RMSNorm and a sigmoid output gate. (fla's layer uses a low-rank output gate; here it is the
+full-rank gate projection of every mixer.)"""
+
+import torch
+import torch.nn.functional as F
+
+from linear_moe import ops
+from linear_moe.layers import init_tp_sharded_
+from linear_moe.layers.decay_init import init_A_log_, init_dt_bias_
+from linear_moe.mixers.base import LinearMixer
+from linear_moe.registry import register_mixer
+
+
+@register_mixer(
+    "kda",
+    paper="Kimi Linear: Kimi Delta Attention (arXiv:2510.26692)",
+    kernel="fla chunk_kda / fused_recurrent_kda",
+    defaults={"la_expand_k": 1.0, "la_expand_v": 1.0, "la_use_short_conv": True,
+              "la_gate_fn": "sigmoid"},
+)
+class KDAMixer(LinearMixer):
+    def __init__(self, config, **kwargs):
+        super().__init__(config, **kwargs)
+        self.build_qkv()
+        # Low-rank decay projection (rank = head dim): replicated down, head-split up.
+        self.f_down = torch.nn.Linear(self.hidden_size, self.head_k_dim, bias=False,
+                                      dtype=config.params_dtype)
+        config.init_method(self.f_down.weight)
+        self.f_up = self.column(self.head_k_dim, self.key_dim)
+        self.b_proj = self.column(self.hidden_size, self.num_heads)
+        self.A_log = self.per_head_parameter(init_A_log_)
+        self.dt_bias = torch.nn.Parameter(
+            torch.empty(self.key_dim // self.tp_size, dtype=config.params_dtype))
+        init_tp_sharded_(self.dt_bias, (self.key_dim,), 0, init_dt_bias_, self.tp_rank,
+                         self.tp_size)
+        self.build_output()
+
+    def mix(self, x):
+        q, k, v = self.qkv(x)
+        f = self.heads(self.f_up(self.f_down(x))[0], self.head_k_dim).float()
+        dt_bias = self.dt_bias.float().view(self.num_local_heads, self.head_k_dim)
+        g = -self.A_log.float().exp()[:, None] * F.softplus(f + dt_bias)
+        beta = self.per_head(self.b_proj(x)[0]).sigmoid()
+        o, _ = ops.kda(q, k, v, g, beta, use_qk_l2norm=True, backend=self.config.la_backend,
+                       mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
+        return self.output(o, x)

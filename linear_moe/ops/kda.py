@@ -1,0 +1,84 @@
+"""Kimi Delta Attention (Kimi Linear, arXiv:2510.26692), fla layout [B, T, H, D]: the gated
+delta rule with a per-key-dim (diagonal) decay,
+
+    S_t = (I - beta_t k_t^T k_t) Diag(exp(g_t)) S_{t-1} + beta_t k_t^T v_t,   o_t = scale q_t S_t
+
+Chunked reference: with u_t = beta_t (v_t - (k_t * exp(g_t)) S_{t-1}) the state is
+S_t = Diag(exp(g_t)) S_{t-1} + k_t^T u_t, so inside a chunk (cumulative log decay G, S_0 the
+state entering it)  (I + A) U = diag(beta) V - diag(beta) (K * exp(G)) S_0  with
+A[t, j] = beta_t sum_d k_td k_jd exp(G_td - G_jd) for j < t: GLA's pairwise-decay scores of K
+with itself. Outputs and the outgoing state then follow GLA's chunk form with U as values.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ._chunked import from_chunks, over_sequences, pad_time, suffix_sum, to_chunks
+from .dispatch import check_mode, compute_dtype, resolve_backend
+from .gated_delta_rule import l2norm
+from .gla import _intra_chunk_scores
+
+
+def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+        cu_seqlens=None, use_qk_l2norm=True, backend="auto", mode="chunk", chunk_size=64):
+    """q, k, g [B, T, H, K] (g: log decay <= 0), v [B, T, H, V], beta [B, T, H].
+
+    Returns (o [B, T, H, V] in q.dtype, final state [N, H, K, V] or None)."""
+    check_mode(mode)
+    if q.shape != k.shape or g.shape != q.shape or beta.shape != q.shape[:3]:
+        raise ValueError(f"kda expects q, k, g [B, T, H, K], beta [B, T, H]; got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, g {tuple(g.shape)}, beta "
+                         f"{tuple(beta.shape)}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if resolve_backend(backend, q) == "fla":
+        from fla.ops.kda import chunk_kda, fused_recurrent_kda
+
+        fn = chunk_kda if mode == "chunk" else fused_recurrent_kda
+        h0 = None if initial_state is None else initial_state.float()
+        o, state = fn(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=h0,
+                      output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                      use_qk_l2norm_in_kernel=use_qk_l2norm)
+        return o, (state.float() if state is not None and output_final_state else None)
+
+    out_dtype, dtype = q.dtype, compute_dtype(q, k, v, g, beta, initial_state)
+    q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    h0 = None if initial_state is None else initial_state.to(dtype)
+    run = functools.partial(_kda_chunked, chunk=chunk_size)
+    o, state = over_sequences(run, cu_seqlens, (q * scale, k, v, g, beta), h0)
+    return o.to(out_dtype), (state if output_final_state else None)
+
+
+def _kda_chunked(q, k, v, g, beta, h0, *, chunk: int):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    S = h0 if h0 is not None else q.new_zeros(B, H, K, V)
+    if T == 0:
+        return v.new_zeros(B, 0, H, V), S
+    q, k, v, g, beta = pad_time(chunk, q, k, v, g, beta)
+    q, k, v, g = (to_chunks(x, chunk) for x in (q, k, v, g))  # [B, H, NC, C, D]
+    beta = to_chunks(beta, chunk)  # [B, H, NC, C]
+
+    G = g.cumsum(-2)
+    strict = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril(-1)
+    A = (beta[..., None] * _intra_chunk_scores(k, k, g)).masked_fill(~strict, 0)
+    eye = torch.eye(chunk, dtype=q.dtype, device=q.device)
+    rhs = torch.cat([beta[..., None] * v, beta[..., None] * k * G.exp()], -1)
+    u_base, w = torch.linalg.solve_triangular(eye + A, rhs, upper=False,
+                                              unitriangular=True).split([V, K], -1)
+    attn = _intra_chunk_scores(q, k, g)  # causal, diagonal included
+    q_state = q * G.exp()
+    k_state = k * suffix_sum(g, -2).exp()
+    chunk_decay = G[..., -1, :, None].exp()  # [B, H, NC, K, 1]
+
+    outs = []
+    for n in range(q.shape[2]):
+        u = u_base[:, :, n] - w[:, :, n] @ S
+        outs.append(q_state[:, :, n] @ S + attn[:, :, n] @ u)
+        S = chunk_decay[:, :, n] * S + k_state[:, :, n].transpose(-1, -2) @ u
+    return from_chunks(torch.stack(outs, 2), T), S
