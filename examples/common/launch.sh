@@ -75,7 +75,8 @@ case "$AC" in
     *) fail "AC must be none, sel or full, not '$AC'" ;;
 esac
 case "$DO" in
-    true) OPTIMIZER=(--use-distributed-optimizer) ;;
+    true) OPTIMIZER=(--use-distributed-optimizer)
+          echo "linear_moe launcher: note: without Apex/TransformerEngine, resuming with the distributed optimizer is not bit-exact (README)" >&2 ;;
     false) OPTIMIZER=() ;;
     *) fail "DO must be true or false, not '$DO'" ;;
 esac
