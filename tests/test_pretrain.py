@@ -119,3 +119,17 @@ def test_killed_run_resumes_with_identical_losses(dataset, tmp_path):
     expected[17] = (reference[16] + reference[17]) / 2
     for it in range(16, 31):
         assert resumed[it] == pytest.approx(expected[it], rel=2e-6), (it, resumed, reference)
+
+
+@pytest.mark.slow
+def test_distributed_optimizer_run_resumes(dataset, tmp_path):
+    """megatron_patch.distrib_optim_resume: without it, loading a distributed-optimizer
+    checkpoint with torch's Adam (no Apex/TE) raises; the resumed run must train on."""
+    ckpt = tmp_path / "ckpt"
+    cmd = _command(dataset, ckpt, train_iters=8,
+                   extra=["--save-interval", "4", "--use-distributed-optimizer"])
+    assert sorted(_losses(_run(cmd))) == list(range(1, 9))
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("4")
+    resumed = _run(cmd)
+    assert "loading distributed checkpoint" in resumed
+    assert sorted(_losses(resumed)) == [5, 6, 7, 8]
