@@ -43,6 +43,19 @@ class BasePreset:
         return {**self.common_args, **self.sizes[size]}
 
 
+# Flags every modern decoder preset here shares: pre-RMSNorm, SwiGLU, no linear biases, RoPE,
+# no dropout.
+MODERN_DECODER = {
+    "normalization": "RMSNorm",
+    "swiglu": True,
+    "disable_bias_linear": True,
+    "position_embedding_type": "rope",
+    "attention_dropout": 0.0,
+    "hidden_dropout": 0.0,
+    "init_method_std": 0.02,
+}
+
+
 def softmax_attention_spec(config) -> ModuleSpec:
     """Megatron's SelfAttention (MHA/GQA, RoPE, optional qkv bias via config.add_qkv_bias) with
     SDPA as the core attention."""

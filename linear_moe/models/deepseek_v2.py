@@ -2,14 +2,16 @@
 routed experts + shared experts, the first k layers dense, softmax-then-top-k routing with a
 routed scaling factor, sequence-level auxiliary loss, RMSNorm, untied embeddings."""
 
-from linear_moe.models.common import BasePreset, mla_attention_spec, mlp_or_moe_spec
+from linear_moe.models.common import (
+    MODERN_DECODER,
+    BasePreset,
+    mla_attention_spec,
+    mlp_or_moe_spec,
+)
 
 COMMON = {
-    "normalization": "RMSNorm",
+    **MODERN_DECODER,
     "norm_epsilon": 1e-6,
-    "swiglu": True,
-    "disable_bias_linear": True,
-    "position_embedding_type": "rope",
     "rotary_base": 10000,
     "untie_embeddings_and_output_weights": True,
     "multi_latent_attention": True,
@@ -20,9 +22,6 @@ COMMON = {
     "moe_router_load_balancing_type": "seq_aux_loss",
     "moe_aux_loss_coeff": 0.001,
     "moe_token_dispatcher_type": "alltoall",
-    "attention_dropout": 0.0,
-    "hidden_dropout": 0.0,
-    "init_method_std": 0.02,
 }
 
 SIZES = {

@@ -1,19 +1,18 @@
 """Llama 3: dense SwiGLU, GQA, RoPE theta 5e5, RMSNorm, no biases. Add --num-experts (and
 --moe-router-topk) to make its MLPs mixtures of experts."""
 
-from linear_moe.models.common import BasePreset, mlp_or_moe_spec, softmax_attention_spec
+from linear_moe.models.common import (
+    MODERN_DECODER,
+    BasePreset,
+    mlp_or_moe_spec,
+    softmax_attention_spec,
+)
 
 COMMON = {
-    "normalization": "RMSNorm",
+    **MODERN_DECODER,
     "norm_epsilon": 1e-5,
-    "swiglu": True,
-    "disable_bias_linear": True,
-    "position_embedding_type": "rope",
     "rotary_base": 500000,
     "group_query_attention": True,
-    "attention_dropout": 0.0,
-    "hidden_dropout": 0.0,
-    "init_method_std": 0.02,
 }
 
 SIZES = {

@@ -1,14 +1,16 @@
 """Mixtral: 8 SwiGLU experts, top-2 routing (top-k then softmax), GQA with 8 KV heads,
 RoPE theta 1e6, RMSNorm, no biases, untied embeddings."""
 
-from linear_moe.models.common import BasePreset, mlp_or_moe_spec, softmax_attention_spec
+from linear_moe.models.common import (
+    MODERN_DECODER,
+    BasePreset,
+    mlp_or_moe_spec,
+    softmax_attention_spec,
+)
 
 COMMON = {
-    "normalization": "RMSNorm",
+    **MODERN_DECODER,
     "norm_epsilon": 1e-5,
-    "swiglu": True,
-    "disable_bias_linear": True,
-    "position_embedding_type": "rope",
     "rotary_base": 1000000,
     "untie_embeddings_and_output_weights": True,
     "group_query_attention": True,
@@ -17,9 +19,6 @@ COMMON = {
     "moe_router_load_balancing_type": "aux_loss",
     "moe_aux_loss_coeff": 0.001,
     "moe_token_dispatcher_type": "alltoall",
-    "attention_dropout": 0.0,
-    "hidden_dropout": 0.0,
-    "init_method_std": 0.02,
 }
 
 SIZES = {

@@ -2,19 +2,18 @@
 on the softmax layers; MoE sizes add routed SwiGLU experts with a gated shared expert,
 softmax-then-top-k routing without renormalisation and an auxiliary load-balancing loss."""
 
-from linear_moe.models.common import BasePreset, mlp_or_moe_spec, softmax_attention_spec
+from linear_moe.models.common import (
+    MODERN_DECODER,
+    BasePreset,
+    mlp_or_moe_spec,
+    softmax_attention_spec,
+)
 
 COMMON = {
-    "normalization": "RMSNorm",
+    **MODERN_DECODER,
     "norm_epsilon": 1e-6,
-    "swiglu": True,
-    "disable_bias_linear": True,
     "add_qkv_bias": True,
-    "position_embedding_type": "rope",
     "rotary_base": 1000000,
-    "attention_dropout": 0.0,
-    "hidden_dropout": 0.0,
-    "init_method_std": 0.02,
 }
 
 MOE = {

@@ -106,8 +106,15 @@ def _gdn_chunked(q, k, v, g, beta, h0, *, chunk: int):
     q_state = q * G.exp()[..., None]  # reads the state entering the chunk
     k_state = k * suffix_sum(g, -1).exp()[..., None]  # decays each write to the chunk end
 
+    return delta_chunk_scan(u_base, w, q_state, attn, k_state, chunk_decay, S, T)
+
+
+def delta_chunk_scan(u_base, w, q_state, attn, k_state, chunk_decay, S, T):
+    """The sequential part of a chunked delta rule (also KDA's): per chunk n, the corrected
+    values U = U~ - W S, outputs Q_state S + attn U, and the state passed to the next chunk.
+    Tensors are [B, H, NC, C, *]; returns (o [B, T, H, V], final S)."""
     outs = []
-    for n in range(q.shape[2]):  # sequential only in the [K, V] state
+    for n in range(u_base.shape[2]):  # sequential only in the [K, V] state
         u = u_base[:, :, n] - w[:, :, n] @ S
         outs.append(q_state[:, :, n] @ S + attn[:, :, n] @ u)
         S = chunk_decay[:, :, n] * S + k_state[:, :, n].transpose(-1, -2) @ u

@@ -16,9 +16,9 @@ import functools
 
 import torch
 
-from ._chunked import from_chunks, over_sequences, pad_time, suffix_sum, to_chunks
+from ._chunked import over_sequences, pad_time, suffix_sum, to_chunks
 from .dispatch import check_mode, compute_dtype, resolve_backend
-from .gated_delta_rule import l2norm
+from .gated_delta_rule import delta_chunk_scan, l2norm
 from .gla import _intra_chunk_scores
 
 
@@ -76,9 +76,4 @@ def _kda_chunked(q, k, v, g, beta, h0, *, chunk: int):
     k_state = k * suffix_sum(g, -2).exp()
     chunk_decay = G[..., -1, :, None].exp()  # [B, H, NC, K, 1]
 
-    outs = []
-    for n in range(q.shape[2]):
-        u = u_base[:, :, n] - w[:, :, n] @ S
-        outs.append(q_state[:, :, n] @ S + attn[:, :, n] @ u)
-        S = chunk_decay[:, :, n] * S + k_state[:, :, n].transpose(-1, -2) @ u
-    return from_chunks(torch.stack(outs, 2), T), S
+    return delta_chunk_scan(u_base, w, q_state, attn, k_state, chunk_decay, S, T)
