@@ -22,10 +22,23 @@ _LA_HELP = {
     "la_expand_k": "key dim = hidden * expand_k (default: the mixer's)",
     "la_expand_v": "value dim = hidden * expand_v (default: the mixer's)",
     "la_conv_size": "short-convolution kernel size",
-    "la_output_norm": "per-head output norm: rmsnorm | identity (default: the mixer's)",
+    "la_output_norm": "per-head output norm: rmsnorm | identity, groupnorm | identity for "
+                      "rwkv6/rwkv7 (default: the mixer's)",
     "la_gate_fn": "output-gate activation: swish | sigmoid | identity (default: the mixer's)",
     "la_rope_theta": "retention: RoPE base applied to q/k",
-    "la_feature_map": "linear_attention: feature map on q/k (identity | elu | relu | swish)",
+    "la_feature_map": "linear_attention: feature map on q/k (identity | elu | relu | swish | "
+                      "dpfp | hedgehog | t2r; the last two are learnable, one map per head)",
+    "la_feature_map_norm": "linear_attention: normalise the output by phi(q) . sum phi(k) "
+                           "(for positive feature maps)",
+    "la_norm_q": "linear_attention: divide phi(q) by its sum over features",
+    "la_norm_k": "linear_attention: divide phi(k) by its sum over features",
+    "la_dpfp_nu": "linear_attention: DPFP order nu (key features = 2 * nu * head dim)",
+    "la_feature_dim": "based/rebased: q/k dim per head before the polynomial feature map",
+    "la_gsa_num_slots": "GSA: memory slots per head",
+    "la_gsa_gate_logit_normalizer": "GSA: tau of the slot forget gate sigmoid(.)^(1/tau)",
+    "la_token_shift_low_rank_dim": "rwkv6: rank of the data-dependent token-shift LoRA",
+    "la_decay_low_rank_dim": "rwkv6/rwkv7: rank of the decay LoRA (default: fla's, 64 for "
+                             "rwkv6, ~2.5 sqrt(hidden) for rwkv7)",
     "la_ssm_state_dim": "mamba2: SSM state size N per group",
     "la_ssm_groups": "mamba2: number of B/C groups (must divide heads and be divisible by TP)",
     "la_mom_num_memories": "MoM: number of routed memories",
@@ -51,7 +64,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="per-layer pattern, L = linear mixer, N = softmax attention; a shorter "
                         "pattern repeats if it divides --num-layers")
     g.add_argument("--la-mode", default=LinearMixerFields.la_mode,
-                   help="kernel mode: chunk | fused_recurrent (where the mixer has it)")
+                   help="kernel mode: chunk | fused_recurrent, or parallel | fused_chunk for "
+                        "based/rebased (where the mixer has it; `linear-moe mixers` lists them)")
     g.add_argument("--la-backend", default=LinearMixerFields.la_backend,
                    choices=["auto", "reference", "fla"],
                    help="auto = fla kernels on CUDA, fp32 torch reference otherwise")
@@ -62,6 +76,9 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="MoM: a shared memory that every token writes to")
     g.add_argument("--la-use-output-gate", default=None, action=argparse.BooleanOptionalAction,
                    help="gate the normed output with a projection (default: the mixer's)")
+    for dest in ("la_feature_map_norm", "la_norm_q", "la_norm_k"):
+        g.add_argument("--" + dest.replace("_", "-"), default=getattr(LinearMixerFields, dest),
+                       action=argparse.BooleanOptionalAction, help=_LA_HELP[dest])
     g.add_argument("--sft-data-path", default=None,
                    help="finetune on this jsonl of conversations (prompt/response or messages) "
                         "with the loss on responses only, instead of --data-path")
@@ -71,6 +88,9 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
              "la_conv_size": int, "la_output_norm": str, "la_gate_fn": str,
              "la_gate_low_rank_dim": int, "la_gate_logit_normalizer": float,
              "la_chunk_size": int, "la_rope_theta": float, "la_feature_map": str,
+             "la_dpfp_nu": int, "la_feature_dim": int,
+             "la_gsa_num_slots": int, "la_gsa_gate_logit_normalizer": float,
+             "la_token_shift_low_rank_dim": int, "la_decay_low_rank_dim": int,
              "la_ssm_state_dim": int, "la_ssm_groups": int, "la_mom_num_memories": int,
              "la_mom_topk": int, "la_mom_capacity_factor": float,
              "la_mom_aux_loss_coeff": float}
@@ -90,10 +110,30 @@ def preset_argv(argv: list[str]) -> list[str]:
     return args_to_argv(get_preset(known.base_model).megatron_args(known.model_size)) + argv
 
 
+def _drop_fusions_without_their_kernels(args) -> None:
+    """Megatron defaults two fusions on whose kernels come from TransformerEngine (RoPE) and
+    apex/TE (fused wgrad accumulation); without them the model build fails deep inside
+    TransformerConfig, so turn them off up front and say so."""
+    import importlib.util
+
+    dropped = []
+    if getattr(args, "apply_rope_fusion", False) and importlib.util.find_spec("transformer_engine") is None:
+        args.apply_rope_fusion = False
+        dropped.append("--no-rope-fusion (needs TransformerEngine)")
+    if (getattr(args, "gradient_accumulation_fusion", False)
+            and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None):
+        args.gradient_accumulation_fusion = False
+        dropped.append("--no-gradient-accumulation-fusion (needs apex/TE's "
+                       "fused_weight_gradient_mlp_cuda)")
+    if dropped and getattr(args, "rank", 0) == 0:
+        print("linear_moe: applied " + "; ".join(dropped), flush=True)
+
+
 def validate_args(args) -> None:
     """Check linear_moe's flags against Megatron's; fills in the per-layer pattern and the
     mixer defaults. Raises ValueError with the fix."""
     entry = get_mixer(args.la_module)
+    _drop_fusions_without_their_kernels(args)
     args.layer_type_list = expand_layer_pattern(args.layer_type_list, args.num_layers)
     resolve_mixer_defaults(args)
     if args.la_mode not in entry.modes:

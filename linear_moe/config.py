@@ -26,7 +26,7 @@ class LinearMixerFields:
     la_expand_v: Optional[float] = None  # value dim = hidden * expand_v
     la_use_short_conv: Optional[bool] = None
     la_conv_size: int = 4
-    la_output_norm: Optional[str] = None  # rmsnorm | identity
+    la_output_norm: Optional[str] = None  # rmsnorm | identity (rwkv6/rwkv7: groupnorm | identity)
     la_use_output_gate: Optional[bool] = None  # gate the normed output with a projection
     la_gate_fn: Optional[str] = None  # activation of the output gate (swish|sigmoid|identity)
     la_gate_low_rank_dim: int = 16  # GLA: rank of the key-decay projection
@@ -34,6 +34,15 @@ class LinearMixerFields:
     la_chunk_size: int = 64
     la_rope_theta: float = 10000.0  # retention: RoPE base on q/k
     la_feature_map: str = "elu"  # linear_attention: phi applied to q and k
+    la_feature_map_norm: bool = False  # linear_attention: o / (phi(q) . sum phi(k)) (fla's do_feature_map_norm)
+    la_norm_q: bool = False  # linear_attention: phi(q) / (sum_i phi(q)_i + 1e-4), fla's norm_q
+    la_norm_k: bool = False  # linear_attention: the same on phi(k), fla's norm_k
+    la_dpfp_nu: int = 4  # linear_attention dpfp: order nu (2 * nu * head_k_dim features)
+    la_feature_dim: int = 16  # based/rebased: q/k dim per head before the polynomial map
+    la_gsa_num_slots: int = 64  # GSA: memory slots per head (fla's GSA model default)
+    la_gsa_gate_logit_normalizer: float = 8.0  # GSA: tau in alpha = sigmoid(.)^(1/tau)
+    la_token_shift_low_rank_dim: int = 32  # rwkv6: rank of the data-dependent token-shift LoRA
+    la_decay_low_rank_dim: Optional[int] = None  # rwkv6/rwkv7: decay LoRA rank (None: fla's)
     la_ssm_state_dim: int = 64  # mamba2: state size N per group
     la_ssm_groups: int = 1  # mamba2: B/C groups (heads share a group's B and C)
     la_mom_num_memories: int = 4  # MoM: routed memories

@@ -10,6 +10,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=$PWD/.triton_cache TRITON_CACHE_AUTOTUNING=1
 mkdir -p "$TRITON_CACHE_DIR"
+# A previous call's cache comes back as <16 MB parts (the limit on files returned from $OUT);
+# carry them in as .triton_cache_parts and they are unpacked here.
+if compgen -G ".triton_cache_parts/triton_cache.tgz.part-*" > /dev/null; then
+    cat .triton_cache_parts/triton_cache.tgz.part-* | tar xzf - -C "$PWD" && echo "triton cache restored: $(du -sh .triton_cache | cut -f1)"
+fi
 STEPS=${STEPS:-tests main}
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -26,5 +31,8 @@ if [[ " $STEPS " == *" main "* ]]; then
     echo "main job rc=$?"
     grep -E "linear_moe|iteration +[0-9]+/|saved checkpoint" "$OUT/main_job.log" | cut -c1-230 | tail -25
 fi
-tar czf "$OUT/triton_cache.tgz" -C "$PWD" .triton_cache 2>/dev/null
+if [[ " $STEPS " == *" bench "* ]]; then
+    timeout "${BENCH_TIMEOUT:-400}" bash -c "${BENCH_CMD:?set BENCH_CMD}" 2>&1 | tee "$OUT/bench.log" | tail -40
+fi
+tar czf - -C "$PWD" .triton_cache 2>/dev/null | split -b 15m - "$OUT/triton_cache.tgz.part-"
 ls -la "$OUT"

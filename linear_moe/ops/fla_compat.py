@@ -12,7 +12,8 @@ reference; everywhere else fla's guard stays in force and raises. Add a pair
 only together with a passing GPU parity run for it.
 
 chunk_gla is not affected: its backward (fla/ops/gla/chunk.py::chunk_gla_bwd)
-uses its own kernels and never calls chunk_bwd_dqkwg.
+uses its own kernels and never calls chunk_bwd_dqkwg. Nor is chunk_gsa: its
+backward is chunk_gla_bwd plus fla/ops/gsa/chunk_bwd.py's own kernels.
 
 LINEAR_MOE_FLA_HOPPER_GUARD (read at each call):
     unset / ""  lift for the proven pairs only

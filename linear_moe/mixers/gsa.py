@@ -1,0 +1,74 @@
+"""Gated Slot Attention (Zhang et al., 2024, arXiv:2409.07146).
+
+A bounded memory of m slots per head (--la-gsa-num-slots), written under a data-dependent
+per-slot forget gate alpha_t = sigmoid(W_f x_t)^(1/tau) (tau = --la-gsa-gate-logit-normalizer):
+
+    K~_t = diag(alpha_t) K~_{t-1} + (1 - alpha_t) k_t^T
+    V~_t = diag(alpha_t) V~_{t-1} + (1 - alpha_t) v_t^T
+    o_t  = V~_t^T softmax(K~_t q_t)
+
+as fla's ``GatedSlotAttention``: swish on q, k and v (after the optional SiLU short
+convolutions), attention scale 1, then swish(o), RMSNorm and the output projection, no output
+gate by default. Every parameter is split by heads over TP: q/k/v and the slot gate f (one
+row block of m per head) are column-parallel, the norm weight is per value channel.
+Deviation, on purpose: the output RMSNorm statistic is per head (fla's spans all heads, which
+under TP would be a cross-rank norm); its weight is per channel as fla's. Not exposed: fla's
+relu/t2r feature maps and k/v head sharing (num_kv_heads).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from linear_moe import ops
+from linear_moe.layers import GatedRMSNorm, init_tp_sharded_
+from linear_moe.mixers.base import LinearMixer
+from linear_moe.registry import register_mixer
+
+
+@register_mixer(
+    "gsa",
+    paper="Gated Slot Attention for Efficient Linear-Time Sequence Modeling (arXiv:2409.07146)",
+    kernel="fla chunk_gsa / fused_recurrent_gsa",
+    defaults={"la_expand_k": 1.0, "la_expand_v": 1.0, "la_use_short_conv": False,
+              "la_output_norm": "rmsnorm", "la_use_output_gate": False},
+)
+class GSAMixer(LinearMixer):
+    def __init__(self, config, **kwargs):
+        super().__init__(config, **kwargs)
+        self.num_slots = config.la_gsa_num_slots
+        if self.num_slots < 1:
+            raise ValueError(f"--la-gsa-num-slots must be >= 1, got {self.num_slots}")
+        self.build_qkv()
+        # Slot forget gate: m logits per head, so the column split keeps whole heads.
+        self.f_proj = self.column(self.hidden_size, self.num_heads * self.num_slots)
+        self.build_output()
+
+    def build_output_norm_and_projection(self):
+        kind = self.config.la_output_norm
+        if kind not in ("rmsnorm", "identity"):
+            raise ValueError(f"unknown --la-output-norm '{kind}'; choose rmsnorm or identity")
+        # o_norm only applies the optional output gate; the norm itself is below, because
+        # fla's norm weight has one entry per value channel (not one shared by the heads).
+        self.o_norm = GatedRMSNorm(self.head_v_dim, self.config.layernorm_epsilon,
+                                   self.config.la_gate_fn, self.config.params_dtype,
+                                   self.tp_group, use_norm=False)
+        self.norm_weight = None
+        if kind == "rmsnorm":
+            self.norm_weight = torch.nn.Parameter(torch.empty(
+                self.num_local_heads, self.head_v_dim, dtype=self.config.params_dtype))
+            init_tp_sharded_(self.norm_weight, (self.num_heads, self.head_v_dim), 0,
+                             torch.nn.init.ones_, self.tp_rank, self.tp_size)
+        self.o_proj = self.row(self.value_dim)
+
+    def mix(self, x):
+        q, k, v = (F.silu(t) for t in self.qkv(x))
+        f = self.heads(self.f_proj(x)[0], self.num_slots).float()
+        g = F.logsigmoid(f) / self.config.la_gsa_gate_logit_normalizer  # log alpha_t <= 0
+        s = -torch.expm1(g)  # 1 - alpha_t, without cancellation for alpha_t near 1
+        o, _ = ops.gsa(q, k, v, s, g, scale=1.0, backend=self.config.la_backend,
+                       mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
+        y = F.silu(o.float())
+        if self.norm_weight is not None:
+            y = F.rms_norm(y, (self.head_v_dim,), eps=self.config.layernorm_epsilon)
+            y = y * self.norm_weight.float()  # [H_local, Dv]: this rank's heads' channels
+        return self.output(y.to(o.dtype), x)
