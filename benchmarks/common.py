@@ -83,6 +83,12 @@ def environment() -> dict:
     return info
 
 
+def emit(row: dict) -> dict:
+    """Print one finished row at once (a run cut off by a time limit keeps what it measured)."""
+    print("ROW " + json.dumps(row), flush=True)
+    return row
+
+
 def write_results(rows: list[dict], out: str | None, title: str, columns: list[str]) -> None:
     """Print a markdown table; with ``out`` also write <out>.json and <out>.md."""
     env = environment()

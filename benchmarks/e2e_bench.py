@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device, peak_memory_gib, setup_single_process, time_fn, write_results  # noqa
+from common import device, emit, peak_memory_gib, setup_single_process, time_fn, write_results  # noqa
+from flops import training_flops_per_token  # noqa
 
 VOCAB = 32768
 
@@ -37,6 +38,7 @@ def bench(base, size, pattern, mixer, seq, batch, warmup, iters, extra):
     if torch.cuda.is_available():
         argv.append("--bf16")
     model, config, args = build_standalone(argv)
+    flops_per_token = training_flops_per_token(model, config, seq)
     model = model.to(device())
     if torch.cuda.is_available():
         model = model.to(torch.bfloat16)
@@ -50,7 +52,8 @@ def bench(base, size, pattern, mixer, seq, batch, warmup, iters, extra):
 
     ms = time_fn(step, warmup, iters)
     row = {"pattern": pattern, "mixer": mixer if "L" in pattern else "-", "T": seq, "B": batch,
-           "ms": ms, "tokens_per_s": batch * seq / ms * 1e3, "peak_GiB": peak_memory_gib()}
+           "ms": ms, "tokens_per_s": batch * seq / ms * 1e3,
+           "model_TFLOP_s": flops_per_token * batch * seq / ms / 1e9, "peak_GiB": peak_memory_gib()}
     del model
     gc.collect()
     if torch.cuda.is_available():
@@ -83,8 +86,8 @@ def main(argv=None):
         batch = max(1, args.tokens // seq)
         baseline = bench(args.base_model, args.model_size, "N", args.mixers[0], seq, batch,
                          args.warmup, args.iters, args.extra)
-        rows.append({**baseline, "speedup_vs_N": 1.0,
-                     "memory_vs_N": 1.0 if baseline["peak_GiB"] is not None else None})
+        rows.append(emit({**baseline, "speedup_vs_N": 1.0,
+                          "memory_vs_N": 1.0 if baseline["peak_GiB"] is not None else None}))
         for pattern in (p for p in args.patterns if p != "N"):
             for mixer in args.mixers:
                 row = bench(args.base_model, args.model_size, pattern, mixer, seq, batch,
@@ -92,10 +95,10 @@ def main(argv=None):
                 row["speedup_vs_N"] = row["tokens_per_s"] / baseline["tokens_per_s"]
                 if row["peak_GiB"] is not None:
                     row["memory_vs_N"] = row["peak_GiB"] / baseline["peak_GiB"]
-                rows.append(row)
+                rows.append(emit(row))
     write_results(rows, args.out,
                   f"End to end: {args.base_model} {args.model_size}, {args.tokens} tokens/step",
-                  ["pattern", "mixer", "T", "B", "ms", "tokens_per_s", "peak_GiB",
+                  ["pattern", "mixer", "T", "B", "ms", "tokens_per_s", "model_TFLOP_s", "peak_GiB",
                    "speedup_vs_N", "memory_vs_N"])
     return rows
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from linear_moe.config import LinearMixerFields, resolve_mixer_defaults
+from linear_moe.layers.grouped_experts import EXPERT_IMPLS
 from linear_moe.models import PRESETS, get_preset
 from linear_moe.models.common import args_to_argv
 from linear_moe.registry import LINEAR, expand_layer_pattern, get_mixer
@@ -79,6 +80,11 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for dest in ("la_feature_map_norm", "la_norm_q", "la_norm_k"):
         g.add_argument("--" + dest.replace("_", "-"), default=getattr(LinearMixerFields, dest),
                        action=argparse.BooleanOptionalAction, help=_LA_HELP[dest])
+    g.add_argument("--moe-expert-impl", default=LinearMixerFields.moe_expert_impl,
+                   choices=list(EXPERT_IMPLS),
+                   help="MoE experts: grouped_mm (one torch._grouped_mm per projection over "
+                        "all local experts) or sequential (megatron-core's per-expert loop); "
+                        "the same parameters and checkpoints")
     g.add_argument("--sft-data-path", default=None,
                    help="finetune on this jsonl of conversations (prompt/response or messages) "
                         "with the loss on responses only, instead of --data-path")

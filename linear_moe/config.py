@@ -50,6 +50,9 @@ class LinearMixerFields:
     la_mom_capacity_factor: float = 0.0  # MoM: 0 = no capacity limit
     la_mom_shared_memory: bool = True  # MoM: a memory every token writes to
     la_mom_aux_loss_coeff: float = 0.01  # MoM: load-balancing loss weight
+    # MoE experts: "grouped_mm" (two torch._grouped_mm over all local experts) or
+    # megatron-core's "sequential" per-expert loop; same parameters and checkpoints.
+    moe_expert_impl: str = "grouped_mm"
 
 
 @dataclass

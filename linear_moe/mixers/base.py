@@ -120,10 +120,14 @@ class LinearMixer(MegatronModule):
         kind = self.config.la_output_norm
         if kind not in ("rmsnorm", "identity"):
             raise ValueError(f"unknown --la-output-norm '{kind}'; choose rmsnorm or identity")
+        self.build_output_norm(use_norm=kind == "rmsnorm")
+        self.o_proj = self.row(self.value_dim)
+
+    def build_output_norm(self, use_norm: bool):
+        """o_norm: the per-head RMSNorm (where use_norm) and the optional output gate."""
         self.o_norm = GatedRMSNorm(self.head_v_dim, self.config.layernorm_epsilon,
                                    self.config.la_gate_fn, self.config.params_dtype,
-                                   self.tp_group, use_norm=kind == "rmsnorm")
-        self.o_proj = self.row(self.value_dim)
+                                   self.tp_group, use_norm=use_norm)
 
     def output(self, o, x):
         """o [b, s, H_local, Dv] -> [s, b, value_dim / tp], normed and gated by x's gate."""

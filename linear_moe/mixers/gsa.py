@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from linear_moe import ops
-from linear_moe.layers import GatedRMSNorm, init_tp_sharded_
+from linear_moe.layers import init_tp_sharded_
 from linear_moe.mixers.base import LinearMixer
 from linear_moe.registry import register_mixer
 
@@ -43,22 +43,16 @@ class GSAMixer(LinearMixer):
         self.f_proj = self.column(self.hidden_size, self.num_heads * self.num_slots)
         self.build_output()
 
-    def build_output_norm_and_projection(self):
-        kind = self.config.la_output_norm
-        if kind not in ("rmsnorm", "identity"):
-            raise ValueError(f"unknown --la-output-norm '{kind}'; choose rmsnorm or identity")
-        # o_norm only applies the optional output gate; the norm itself is below, because
+    def build_output_norm(self, use_norm: bool):
+        # o_norm only applies the optional output gate; the norm itself is in mix, because
         # fla's norm weight has one entry per value channel (not one shared by the heads).
-        self.o_norm = GatedRMSNorm(self.head_v_dim, self.config.layernorm_epsilon,
-                                   self.config.la_gate_fn, self.config.params_dtype,
-                                   self.tp_group, use_norm=False)
+        super().build_output_norm(use_norm=False)
         self.norm_weight = None
-        if kind == "rmsnorm":
+        if use_norm:
             self.norm_weight = torch.nn.Parameter(torch.empty(
                 self.num_local_heads, self.head_v_dim, dtype=self.config.params_dtype))
             init_tp_sharded_(self.norm_weight, (self.num_heads, self.head_v_dim), 0,
                              torch.nn.init.ones_, self.tp_rank, self.tp_size)
-        self.o_proj = self.row(self.value_dim)
 
     def mix(self, x):
         q, k, v = (F.silu(t) for t in self.qkv(x))

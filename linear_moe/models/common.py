@@ -3,6 +3,8 @@ the 'N' layers, and the MLP/MoE spec."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,6 +21,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from linear_moe.layers import RMSNorm
+from linear_moe.layers.grouped_experts import GroupedMMExperts
 from linear_moe.mixers.softmax import SDPACoreAttention
 
 
@@ -88,12 +91,20 @@ def is_moe_layer(config, layer_index: int) -> bool:
 
 
 def mlp_or_moe_spec(config, layer_index: int):
-    """megatron-core's MoELayer (router, dispatcher, SequentialMLP experts, shared expert) on
-    MoE layers, else its dense MLP."""
-    return get_mlp_module_spec_for_backend(
-        backend=LocalSpecProvider(),
-        num_experts=config.num_moe_experts if is_moe_layer(config, layer_index) else None,
+    """megatron-core's MoELayer (router, dispatcher, experts, shared expert) on MoE layers, else
+    its dense MLP. The experts are megatron-core's SequentialMLP, or by default its grouped
+    subclass (linear_moe.layers.grouped_experts) with the same parameters."""
+    moe = is_moe_layer(config, layer_index)
+    spec = get_mlp_module_spec_for_backend(
+        backend=LocalSpecProvider(), num_experts=config.num_moe_experts if moe else None,
         moe_grouped_gemm=False)
+    if moe and getattr(config, "moe_expert_impl", "grouped_mm") == "grouped_mm":
+        submodules = spec.keywords["submodules"]
+        experts = functools.partial(GroupedMMExperts, *submodules.experts.args,
+                                    **submodules.experts.keywords)
+        spec = functools.partial(spec.func, *spec.args, **{
+            **spec.keywords, "submodules": dataclasses.replace(submodules, experts=experts)})
+    return spec
 
 
 class RMSNormColumnParallelLinear(ColumnParallelLinear):

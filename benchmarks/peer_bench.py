@@ -1,0 +1,166 @@
+"""Against the single-GPU peer (issue 5, item 4): fla's own GLAForCausalLM /
+GatedDeltaNetForCausalLM trained in plain PyTorch, and our Llama3-style dense preset of the same
+shape with the same mixer, side by side in one run at equal tokens per step.
+
+    python benchmarks/peer_bench.py --mixers gla gated_deltanet --seq-lens 2048 8192 \
+        --out benchmarks/results/peer_h100
+    python benchmarks/peer_bench.py --toy     # CPU smoke run (fla's models need CUDA to run)
+
+Shape (the issue's): hidden 1024, 12 layers, 8 heads of 128, FFN 7168, vocab 32768, untied
+embeddings, bf16, 16,384 tokens/step; forward + backward of the LM loss, no optimizer step.
+Target: ours >= 1.1x their tokens/s at equal or lower peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import device, emit, peak_memory_gib, setup_single_process, time_fn, write_results  # noqa
+from flops import training_flops_per_token  # noqa
+
+SHAPE = dict(hidden=1024, layers=12, heads=8, head_dim=128, ffn=7168, vocab=32768)
+TOY = dict(hidden=64, layers=2, heads=4, head_dim=16, ffn=128, vocab=512)
+
+
+def fla_model(mixer, s):
+    """fla's model with our mixer's settings (GLA: key dim hidden/2, output gate; GDN: short
+    conv, output gate, key = value = head_dim)."""
+    if mixer == "gla":
+        from fla.models import GLAConfig, GLAForCausalLM
+
+        cfg = GLAConfig(hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+                        num_heads=s["heads"], expand_k=0.5, expand_v=1.0,
+                        intermediate_size=s["ffn"], vocab_size=s["vocab"],
+                        tie_word_embeddings=False)
+        return GLAForCausalLM(cfg)
+    if mixer == "gated_deltanet":
+        from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+        cfg = GatedDeltaNetConfig(hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+                                  num_heads=s["heads"], head_dim=s["head_dim"], expand_v=1.0,
+                                  intermediate_size=s["ffn"], vocab_size=s["vocab"],
+                                  tie_word_embeddings=False)
+        return GatedDeltaNetForCausalLM(cfg)
+    raise ValueError(f"no fla peer model for '{mixer}'; choose gla or gated_deltanet")
+
+
+def our_argv(mixer, s, seq, batch):
+    expand_k = {"gla": 0.5}.get(mixer, s["heads"] * s["head_dim"] / s["hidden"])
+    argv = ["--base-model", "llama3", "--model-size", "tiny", "--layer-type-list", "L",
+            "--la-module", mixer, "--num-layers", str(s["layers"]),
+            "--hidden-size", str(s["hidden"]), "--ffn-hidden-size", str(s["ffn"]),
+            "--num-attention-heads", str(s["heads"]), "--num-query-groups", str(s["heads"]),
+            "--kv-channels", str(s["head_dim"]), "--la-num-heads", str(s["heads"]),
+            "--la-expand-k", str(expand_k), "--la-expand-v", "1.0",
+            "--untie-embeddings-and-output-weights", "--tokenizer-type", "NullTokenizer",
+            "--vocab-size", str(s["vocab"] - 1), "--mock-data", "--seq-length", str(seq),
+            "--max-position-embeddings", str(seq), "--micro-batch-size", str(batch),
+            "--train-iters", "1"]
+    if mixer == "gated_deltanet":
+        argv.append("--la-use-short-conv")
+    if torch.cuda.is_available():
+        argv.append("--bf16")
+    return argv
+
+
+def _measure(step, warmup, iters):
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    ms = time_fn(step, warmup, iters)
+    return ms, peak_memory_gib()
+
+
+def bench_ours(mixer, s, seq, batch, warmup, iters):
+    from linear_moe.model_provider import build_standalone
+
+    model, config, _ = build_standalone(our_argv(mixer, s, seq, batch))
+    flops_per_token = training_flops_per_token(model, config, seq)
+    params = sum(p.numel() for p in model.parameters())
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = model.to(device(), dtype)
+    tokens = torch.randint(0, s["vocab"], (batch, seq), device=device())
+    positions = torch.arange(seq, device=device()).expand(batch, seq)
+
+    def step():
+        model(tokens, positions, None, labels=tokens).float().mean().backward()
+
+    ms, peak = _measure(step, warmup, iters)
+    del model
+    return {"model": f"linear_moe llama3 'L' {mixer}", "params": params, "ms": ms,
+            "peak_GiB": peak, "flops_per_token": flops_per_token}
+
+
+def bench_fla(mixer, s, seq, batch, warmup, iters):
+    model = fla_model(mixer, s)
+    params = sum(p.numel() for p in model.parameters())
+    row = {"model": f"fla {type(model).__name__}", "params": params}
+    if not torch.cuda.is_available():  # fla's layers are Triton kernels only
+        return {**row, "ms": None, "peak_GiB": None, "note": "not run: fla needs CUDA"}
+    model = model.to(device(), torch.bfloat16)
+    tokens = torch.randint(0, s["vocab"], (batch, seq), device=device())
+
+    def step():
+        model(input_ids=tokens, labels=tokens).loss.backward()
+
+    ms, peak = _measure(step, warmup, iters)
+    del model
+    return {**row, "ms": ms, "peak_GiB": peak}
+
+
+def _finish(row, mixer, seq, batch):
+    row.update(mixer=mixer, T=seq, B=batch)
+    if row["ms"] is not None:
+        row["tokens_per_s"] = batch * seq / row["ms"] * 1e3
+        if "flops_per_token" in row:
+            row["model_TFLOP_s"] = row["flops_per_token"] * batch * seq / row["ms"] / 1e9
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mixers", nargs="+", default=["gla", "gated_deltanet"])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens per step")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--toy", action="store_true", help="tiny CPU-sized smoke run")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    shape = SHAPE
+    if args.toy:
+        shape, args.seq_lens, args.tokens, args.warmup, args.iters = TOY, [64], 128, 1, 1
+    setup_single_process()
+    rows = []
+    for seq in args.seq_lens:
+        batch = max(1, args.tokens // seq)
+        for mixer in args.mixers:
+            theirs = emit(_finish(bench_fla(mixer, shape, seq, batch, args.warmup, args.iters),
+                                  mixer, seq, batch))
+            gc.collect()
+            ours = bench_ours(mixer, shape, seq, batch, args.warmup, args.iters)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            ours = _finish(ours, mixer, seq, batch)
+            if theirs["ms"] is not None:  # the same model FLOPs for both: the shapes are equal
+                theirs["model_TFLOP_s"] = ours["model_TFLOP_s"] * ours["ms"] / theirs["ms"]
+                ours["speedup_vs_fla"] = theirs["ms"] / ours["ms"]
+                ours["memory_vs_fla"] = ours["peak_GiB"] / theirs["peak_GiB"]
+            ours["params_vs_fla"] = ours["params"] / theirs["params"]
+            rows += [theirs, emit(ours)]
+    write_results(rows, args.out,
+                  f"Peer: fla's models in plain PyTorch vs linear_moe, {args.tokens} tokens/step",
+                  ["model", "mixer", "T", "B", "params", "ms", "tokens_per_s", "model_TFLOP_s",
+                   "peak_GiB", "speedup_vs_fla", "memory_vs_fla", "params_vs_fla", "note"])
+    return rows
+
+
+if __name__ == "__main__":
+    main()

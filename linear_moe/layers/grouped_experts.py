@@ -1,0 +1,104 @@
+"""MoE experts as two grouped GEMMs over ``torch._grouped_mm``.
+
+megatron-core 0.19.2 only groups expert GEMMs through TransformerEngine; without it the local
+spec's SequentialMLP runs one small GEMM pair per expert in a Python loop (64 experts: ~4x the
+dense step on the H100, ../shared/DEVICE.md). This module keeps SequentialMLP's parameters,
+initialisation and checkpoint format (it *is* a SequentialMLP, so checkpoints move freely
+between the two) and replaces only the forward: the tokens arrive sorted by expert, so fc1 and
+fc2 of all local experts are each one ``torch._grouped_mm`` over the token offsets.
+
+The experts' weights are stacked on the fly inside a custom autograd function that saves the
+weight list, not the stacked copy, and re-stacks in backward: no extra weight-sized activation
+is held per layer, at the cost of one weight-sized copy per pass (~0.1 ms per layer at
+A0.3B-2B on an H100, against GEMMs of several ms).
+
+Expert linears are local matmuls here: under expert-TP/EP Megatron marks them
+``explicit_expert_comm`` (the token dispatcher does the communication), and with TP = EP = 1
+their copy/reduce is the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+from megatron.core.transformer.moe.experts import SequentialMLP
+
+EXPERT_IMPLS = ("grouped_mm", "sequential")
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """y[rows of group e] = x[rows of group e] @ W_e^T for W_e [out, in]; groups end at offs."""
+
+    @staticmethod
+    def forward(ctx, x, offs, *weights):
+        w = torch.stack(weights)  # [E, out, in]
+        ctx.save_for_backward(x, offs, *weights)
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, offs, *weights = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = torch._grouped_mm(dy, torch.stack(weights), offs=offs)
+        # dW_e = dy_e^T x_e: a grouped GEMM whose reduction runs over each group's rows.
+        dw = torch._grouped_mm(dy.t(), x, offs=offs)  # [E, out, in]
+        return (dx, None, *dw.unbind(0))
+
+
+def grouped_mm_unsupported_reason(config, hidden_size: int, ffn_local: int) -> str | None:
+    """Why the grouped path cannot run this config (None: it can)."""
+    if config.add_bias_linear:
+        return "expert biases (--disable-bias-linear is the supported setting)"
+    if config.fp8 or getattr(config, "fp4", None):
+        return "fp8/fp4 experts (need TransformerEngine)"
+    if getattr(config, "activation_func_clamp_value", None) is not None:
+        return "clamped GLU activations"
+    if config.moe_apply_probs_on_input:
+        return "--moe-apply-probs-on-input"
+    # torch._grouped_mm needs 16-byte aligned rows.
+    elem = torch.finfo(config.params_dtype).bits // 8
+    widths = (hidden_size, ffn_local, ffn_local * (2 if config.gated_linear_unit else 1))
+    if any((w * elem) % 16 for w in widths):
+        return f"hidden/ffn widths {widths} not 16-byte aligned"
+    return None
+
+
+class GroupedMMExperts(SequentialMLP):
+    """SequentialMLP whose forward groups all local experts' GEMMs (see module docstring)."""
+
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None, name=None):
+        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection,
+                         name=name)
+        fc1 = self.local_experts[0].linear_fc1.weight
+        self.unsupported = grouped_mm_unsupported_reason(
+            self.config, fc1.shape[1], self.local_experts[0].linear_fc2.weight.shape[1])
+        if self.unsupported and torch.distributed.is_initialized() \
+                and torch.distributed.get_rank() == 0 and name and name.endswith("0.mlp.experts"):
+            print(f"linear_moe: grouped_mm experts fall back to the per-expert loop: "
+                  f"{self.unsupported}", flush=True)
+
+    def _activation(self, h, probs):
+        """Megatron MLP's activation, scaled per token by its routing probability."""
+        cfg = self.config
+        if cfg.bias_activation_fusion and cfg.gated_linear_unit and cfg.activation_func is F.silu:
+            return weighted_bias_swiglu_impl(h, None, probs.unsqueeze(-1),
+                                             cfg.activation_func_fp8_input_store)
+        if cfg.gated_linear_unit:
+            a, b = torch.chunk(h, 2, dim=-1)
+            out = cfg.activation_func(a) * (b + cfg.glu_linear_offset)
+        else:
+            out = cfg.activation_func(h)
+        return (out * probs.unsqueeze(-1)).to(h.dtype)
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+        x = permuted_local_hidden_states
+        if self.unsupported or self.num_local_experts == 1 or x.dtype not in (
+                torch.bfloat16, torch.float32) or (x.is_cuda and x.dtype != torch.bfloat16):
+            return super().forward(x, tokens_per_expert, permuted_probs)
+        offs = torch.as_tensor(tokens_per_expert, device=x.device).cumsum(0).to(torch.int32)
+        fc1 = [e.linear_fc1.weight for e in self.local_experts]
+        fc2 = [e.linear_fc2.weight for e in self.local_experts]
+        h = _GroupedLinear.apply(x, offs, *fc1)
+        h = self._activation(h, permuted_probs)
+        return _GroupedLinear.apply(h, offs, *fc2), None
