@@ -6,6 +6,9 @@ run, at equal tokens per step: tokens/s, peak memory and the ratio to the all-so
         --seq-lens 2048 8192 16384 32768 --tokens 16384 --out benchmarks/results/e2e_h100
     python benchmarks/e2e_bench.py --toy     # CPU smoke run
 
+`--mixers gated_deltanet megatron_gdn` adds megatron-core's own GDN layer (benchmarks/native_gdn.py)
+as the comparator of issue 5, item 3.
+
 Targets on the GPU (issue 5): >= 0.9x the softmax model at 2K, >= 2x at 16K, >= 4x at 32K, peak
 memory at 32K <= 0.6x. Times are forward + backward of the language-model loss.
 """
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device, emit, peak_memory_gib, setup_single_process, time_fn, write_results  # noqa
 from flops import training_flops_per_token  # noqa
+import native_gdn  # noqa: F401,E402  (registers the megatron_gdn comparator; CUDA only)
 
 VOCAB = 32768
 
