@@ -30,6 +30,42 @@ def test_grouped_linear_matches_per_group_matmuls_with_an_empty_group():
     assert grads[2].abs().max() == 0  # the empty expert gets a zero gradient
 
 
+def test_experts_pad_an_unaligned_token_count():
+    """Rows are padded to a multiple of 8 for the weight-gradient GEMM; 13 routed tokens give
+    the per-expert loop's outputs and gradients."""
+    from types import SimpleNamespace
+
+    from linear_moe.layers.grouped_experts import GroupedMMExperts
+
+    torch.manual_seed(0)
+    sizes = [4, 0, 6, 3]
+    fc1 = [torch.randn(64, 16, requires_grad=True) for _ in sizes]  # SwiGLU: 2 x 32
+    fc2 = [torch.randn(16, 32, requires_grad=True) for _ in sizes]
+    experts = SimpleNamespace(
+        num_local_experts=4, unsupported=None,
+        config=SimpleNamespace(bias_activation_fusion=False, gated_linear_unit=True,
+                               activation_func=F.silu, glu_linear_offset=0.0),
+        local_experts=[SimpleNamespace(linear_fc1=SimpleNamespace(weight=a),
+                                       linear_fc2=SimpleNamespace(weight=b))
+                       for a, b in zip(fc1, fc2)])
+    experts._activation = lambda h, p: GroupedMMExperts._activation(experts, h, p)
+    x = torch.randn(sum(sizes), 16, requires_grad=True)
+    probs = torch.rand(sum(sizes))
+    out, _ = GroupedMMExperts.forward(experts, x, torch.tensor(sizes), probs)
+    assert out.shape == (13, 16)
+    ref = []
+    for xs, ps, a, b in zip(x.split(sizes), probs.split(sizes), fc1, fc2):
+        g, u = (xs @ a.T).chunk(2, -1)
+        ref.append((F.silu(g) * u * ps[:, None]) @ b.T)
+    ref = torch.cat(ref)
+    assert (out - ref).abs().max() < 1e-4
+    dy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *fc1, *fc2], dy)
+    ref_grads = torch.autograd.grad(ref, [x, *fc1, *fc2], dy)
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).abs().max() < 1e-3 * max(1.0, r.abs().max().item())
+
+
 def test_unaligned_or_biased_experts_fall_back_with_a_reason():
     from linear_moe.config import LinearMoEConfig
 

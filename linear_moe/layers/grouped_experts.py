@@ -25,6 +25,7 @@ from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 EXPERT_IMPLS = ("grouped_mm", "sequential")
+_ROW_ALIGN = 8  # rows: 16 bytes in bf16 (and 32 in fp32)
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -96,9 +97,20 @@ class GroupedMMExperts(SequentialMLP):
         if self.unsupported or self.num_local_experts == 1 or x.dtype not in (
                 torch.bfloat16, torch.float32) or (x.is_cuda and x.dtype != torch.bfloat16):
             return super().forward(x, tokens_per_expert, permuted_probs)
-        offs = torch.as_tensor(tokens_per_expert, device=x.device).cumsum(0).to(torch.int32)
+        rows = x.shape[0]
+        # The weight-gradient GEMM reads x and dy transposed: its leading dimension is the row
+        # count, which must be 16-byte aligned. Zero rows appended to the last expert change
+        # nothing (zero inputs, and their outputs are dropped so their gradients are zero).
+        pad = -rows % _ROW_ALIGN
+        counts = torch.as_tensor(tokens_per_expert, device=x.device)
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+            permuted_probs = F.pad(permuted_probs, (0, pad))
+            counts = counts.clone()
+            counts[-1] += pad
+        offs = counts.cumsum(0).to(torch.int32)
         fc1 = [e.linear_fc1.weight for e in self.local_experts]
         fc2 = [e.linear_fc2.weight for e in self.local_experts]
         h = _GroupedLinear.apply(x, offs, *fc1)
         h = self._activation(h, permuted_probs)
-        return _GroupedLinear.apply(h, offs, *fc2), None
+        return _GroupedLinear.apply(h, offs, *fc2)[:rows], None

@@ -25,6 +25,14 @@ def sharded_parameter(full_shape: tuple, init_fn, tp_rank: int, tp_size: int,
     return init_tp_sharded_(p, full_shape, 0, init_fn, tp_rank, tp_size)
 
 
+def replicated_linear(in_features: int, out_features: int, config) -> torch.nn.Linear:
+    """A bias-free linear kept whole on every TP rank (the LoRA down projections): small, and
+    its output feeds head-split projections, whose input gradients Megatron all-reduces."""
+    linear = torch.nn.Linear(in_features, out_features, bias=False, dtype=config.params_dtype)
+    config.init_method(linear.weight)
+    return linear
+
+
 def set_sharded_(param: torch.nn.Parameter, full: torch.Tensor, tp_rank: int, tp_size: int):
     """Overwrite an already TP-split parameter (a Megatron linear's bias) with this rank's slice
     of `full` along dim 0."""
@@ -67,7 +75,8 @@ def shift_mix_init(hidden: int, power: float) -> torch.Tensor:
     return 1.0 - (torch.arange(hidden, dtype=torch.float32) / hidden) ** power
 
 
-def check_rwkv_config(config, name: str) -> None:
+def check_config(config, name: str) -> None:
+    """Refuse the generic mixer options an RWKV mixer replaces with its own token mixing."""
     if config.la_use_short_conv:
         raise ValueError(f"{name} mixes tokens with its token shift, not a short convolution; "
                          "drop --la-use-short-conv")

@@ -21,15 +21,7 @@ import torch
 
 from linear_moe import ops
 from linear_moe.layers import GatedRMSNorm
-from linear_moe.layers.rwkv import (
-    HeadGroupNorm,
-    check_rwkv_config,
-    layer_ratios,
-    set_sharded_,
-    shift_mix_init,
-    sharded_parameter,
-    token_shift_delta,
-)
+from linear_moe.layers import rwkv
 from linear_moe.mixers.base import LinearMixer
 from linear_moe.registry import register_mixer
 
@@ -48,24 +40,23 @@ _DECAY_LOW_RANK_DIM = 64  # fla's gate_low_rank_dim
 class RWKV6Mixer(LinearMixer):
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
-        check_rwkv_config(config, "rwkv6")
+        rwkv.check_config(config, "rwkv6")
         h, dtype = self.hidden_size, config.params_dtype
         rank = config.la_token_shift_low_rank_dim
         decay_rank = config.la_decay_low_rank_dim or _DECAY_LOW_RANK_DIM
-        deep, shallow = layer_ratios(self.layer_number, config.num_layers)
+        deep, shallow = rwkv.layer_ratios(self.layer_number, config.num_layers)
 
         # ddlerp, replicated: mix_x is the static mix fed to the LoRA, mix_bias the static part
         # of each of the five mixes (the reference model's time_maa_*).
-        self.mix_x = torch.nn.Parameter(shift_mix_init(h, shallow).to(dtype))
+        self.mix_x = torch.nn.Parameter(rwkv.shift_mix_init(h, shallow).to(dtype))
         self.mix_bias = torch.nn.Parameter(torch.stack([
-            shift_mix_init(h, 0.5 * shallow),  # r
-            shift_mix_init(h, shallow),  # w
-            shift_mix_init(h, shallow),  # k
-            shift_mix_init(h, shallow) - 0.3 * deep,  # v
-            shift_mix_init(h, 0.5 * shallow),  # g
+            rwkv.shift_mix_init(h, 0.5 * shallow),  # r
+            rwkv.shift_mix_init(h, shallow),  # w
+            rwkv.shift_mix_init(h, shallow),  # k
+            rwkv.shift_mix_init(h, shallow) - 0.3 * deep,  # v
+            rwkv.shift_mix_init(h, 0.5 * shallow),  # g
         ]).to(dtype))
-        self.mix_down = torch.nn.Linear(h, len(_MIXES) * rank, bias=False, dtype=dtype)
-        config.init_method(self.mix_down.weight)
+        self.mix_down = rwkv.replicated_linear(h, len(_MIXES) * rank, config)
         self.mix_up = torch.nn.Parameter(torch.empty(len(_MIXES), rank, h, dtype=dtype))
         config.init_method(self.mix_up)
 
@@ -75,23 +66,23 @@ class RWKV6Mixer(LinearMixer):
         self.g_proj = self.column(h, self.value_dim)
         # Decay LoRA: replicated down, head-split up whose bias holds the per-channel decay
         # speeds, -6 .. -1 from the first to the last channel (log of -log decay).
-        self.w_down = torch.nn.Linear(h, decay_rank, bias=False, dtype=dtype)
-        config.init_method(self.w_down.weight)
+        self.w_down = rwkv.replicated_linear(h, decay_rank, config)
         self.w_up = self.column(decay_rank, self.key_dim, bias=True)
         n = torch.arange(self.key_dim, dtype=torch.float32) / max(self.key_dim - 1, 1)
-        set_sharded_(self.w_up.bias, -6 + 5 * n ** (0.7 + 1.3 * deep), self.tp_rank,
-                     self.tp_size)
+        rwkv.set_sharded_(self.w_up.bias, -6 + 5 * n ** (0.7 + 1.3 * deep), self.tp_rank,
+                          self.tp_size)
         # Bonus of the current token, per head and key dim.
         zigzag = ((torch.arange(self.key_dim) + 1) % 3 - 1) * 0.1
         bonus = (deep * (1 - n) + zigzag).view(self.num_heads, self.head_k_dim)
-        self.bonus = sharded_parameter((self.num_heads, self.head_k_dim), lambda t: t.copy_(bonus),
-                                       self.tp_rank, self.tp_size, dtype)
+        self.bonus = rwkv.sharded_parameter((self.num_heads, self.head_k_dim),
+                                            lambda t: t.copy_(bonus), self.tp_rank, self.tp_size,
+                                            dtype)
 
         self.o_norm = None
         if config.la_output_norm == "groupnorm":
-            self.o_norm = HeadGroupNorm(self.num_heads, self.head_v_dim,
-                                        config.layernorm_epsilon, self.tp_rank, self.tp_size,
-                                        dtype)
+            self.o_norm = rwkv.HeadGroupNorm(self.num_heads, self.head_v_dim,
+                                             config.layernorm_epsilon, self.tp_rank,
+                                             self.tp_size, dtype)
         # the gate alone (no norm): o * gate_fn(g), --la-gate-fn
         self.o_gate = GatedRMSNorm(self.head_v_dim, config.layernorm_epsilon, config.la_gate_fn,
                                    dtype, self.tp_group, use_norm=False)
@@ -99,7 +90,7 @@ class RWKV6Mixer(LinearMixer):
 
     def mix(self, x):
         s, b, h = x.shape
-        delta = token_shift_delta(x)
+        delta = rwkv.token_shift_delta(x)
         lora = torch.tanh(self.mix_down(x + delta * self.mix_x)).view(s, b, len(_MIXES), -1)
         mixes = torch.einsum("sbnr,nrh->sbnh", lora, self.mix_up) + self.mix_bias
         xr, xw, xk, xv, xg = (x + delta * m for m in mixes.unbind(2))

@@ -27,15 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from linear_moe import ops
-from linear_moe.layers.rwkv import (
-    HeadGroupNorm,
-    check_rwkv_config,
-    layer_ratios,
-    set_sharded_,
-    shift_mix_init,
-    sharded_parameter,
-    token_shift_delta,
-)
+from linear_moe.layers import rwkv
 from linear_moe.mixers.base import LinearMixer
 from linear_moe.registry import register_mixer
 
@@ -60,26 +52,26 @@ def _low_rank(hidden: int, scale: float, factor: float = 1.0) -> int:
 class RWKV7Mixer(LinearMixer):
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
-        check_rwkv_config(config, "rwkv7")
+        rwkv.check_config(config, "rwkv7")
         h, dtype = self.hidden_size, config.params_dtype
         factor = self.head_k_dim / 64  # fla widens the LoRAs for heads over 64
         decay_rank = config.la_decay_low_rank_dim or _low_rank(h, 2.5, factor)
         a_rank, gate_rank = _low_rank(h, 2.5, factor), _low_rank(h, 5.0)
-        deep, shallow = layer_ratios(self.layer_number, config.num_layers)
+        deep, shallow = rwkv.layer_ratios(self.layer_number, config.num_layers)
 
         # Static token-shift lerps x + (x_{t-1} - x) * shift_mix[i], replicated.
         self.shift_mix = torch.nn.Parameter(torch.stack(
-            [shift_mix_init(h, p * shallow) for p in _SHIFT_POWERS.values()]).to(dtype))
+            [rwkv.shift_mix_init(h, p * shallow) for p in _SHIFT_POWERS.values()]).to(dtype))
 
         self.r_proj = self.column(h, self.key_dim)
         self.k_proj = self.column(h, self.key_dim)
         self.v_proj = self.column(h, self.value_dim)
         # LoRAs: replicated down projections, head-split up projections.
-        self.w_down = self._replicated_linear(h, decay_rank)
+        self.w_down = rwkv.replicated_linear(h, decay_rank, config)
         self.w_up = self.column(decay_rank, self.key_dim, bias=True)
-        self.a_down = self._replicated_linear(h, a_rank)
+        self.a_down = rwkv.replicated_linear(h, a_rank, config)
         self.a_up = self.column(a_rank, self.key_dim, bias=True)
-        self.g_down = self._replicated_linear(h, gate_rank)
+        self.g_down = rwkv.replicated_linear(h, gate_rank, config)
         self.g_up = self.column(gate_rank, self.value_dim)
 
         # Per-channel constants over the key dims (fla: `linear`, `zigzag` within a head).
@@ -89,12 +81,13 @@ class RWKV7Mixer(LinearMixer):
         zigzag = ((n % self.head_k_dim) - half) / half
         zigzag = zigzag * zigzag.abs()
         decay_speed = -6 + 6 * (linear + 0.5) ** (1 + deep ** 0.3)
-        set_sharded_(self.w_up.bias, decay_speed + 0.5 + 2.5 * zigzag, self.tp_rank, self.tp_size)
-        set_sharded_(self.a_up.bias, -0.19 + 0.3 * zigzag + 0.4 * linear, self.tp_rank,
-                     self.tp_size)
+        rwkv.set_sharded_(self.w_up.bias, decay_speed + 0.5 + 2.5 * zigzag, self.tp_rank,
+                          self.tp_size)
+        rwkv.set_sharded_(self.a_up.bias, -0.19 + 0.3 * zigzag + 0.4 * linear, self.tp_rank,
+                          self.tp_size)
 
         def shard(full_shape, init):
-            return sharded_parameter(full_shape, init, self.tp_rank, self.tp_size, dtype)
+            return rwkv.sharded_parameter(full_shape, init, self.tp_rank, self.tp_size, dtype)
 
         self.k_k = shard((self.key_dim,), lambda t: t.copy_(0.71 - 0.1 * linear))
         self.k_a = shard((self.key_dim,), lambda t: t.fill_(1.02))
@@ -103,20 +96,14 @@ class RWKV7Mixer(LinearMixer):
         self.o_norm = None
         if config.la_output_norm == "groupnorm":
             index = (self.layer_number or 1) - 1
-            self.o_norm = HeadGroupNorm(
+            self.o_norm = rwkv.HeadGroupNorm(
                 self.num_heads, self.head_v_dim, self.head_k_dim * config.layernorm_epsilon,
                 self.tp_rank, self.tp_size, dtype,
                 weight_init=((index + 1) / config.num_layers) ** 0.7)
         self.o_proj = self.row(self.value_dim)
 
-    def _replicated_linear(self, in_features, out_features):
-        linear = torch.nn.Linear(in_features, out_features, bias=False,
-                                 dtype=self.config.params_dtype)
-        self.config.init_method(linear.weight)
-        return linear
-
     def mix(self, x):
-        delta = token_shift_delta(x)
+        delta = rwkv.token_shift_delta(x)
         xr, xw, xk, xv, xa, xg = (x + delta * m for m in self.shift_mix.unbind(0))
         heads_k = lambda t: self.heads(t, self.head_k_dim)  # noqa: E731
 

@@ -59,20 +59,26 @@ MODERN_DECODER = {
 }
 
 
+def _causal_sdpa_attention_spec(module, submodules_cls, **projections) -> ModuleSpec:
+    """A causal self-attention spec with SDPA as the core attention and a row-parallel output
+    projection; ``projections`` are the module's other submodules (input projections, norms)."""
+    return ModuleSpec(
+        module=module,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=submodules_cls(core_attention=SDPACoreAttention,
+                                  linear_proj=RowParallelLinear, **projections),
+    )
+
+
 def softmax_attention_spec(config) -> ModuleSpec:
     """Megatron's SelfAttention (MHA/GQA, RoPE, optional qkv bias via config.add_qkv_bias) with
     SDPA as the core attention."""
     qk_norm = RMSNorm if config.qk_layernorm else IdentityOp
-    return ModuleSpec(
-        module=SelfAttention,
-        params={"attn_mask_type": AttnMaskType.causal},
-        submodules=SelfAttentionSubmodules(
-            linear_qkv=ColumnParallelLinear,
-            core_attention=SDPACoreAttention,
-            linear_proj=RowParallelLinear,
-            q_layernorm=qk_norm,
-            k_layernorm=qk_norm,
-        ),
+    return _causal_sdpa_attention_spec(
+        SelfAttention, SelfAttentionSubmodules,
+        linear_qkv=ColumnParallelLinear,
+        q_layernorm=qk_norm,
+        k_layernorm=qk_norm,
     )
 
 
@@ -129,20 +135,15 @@ def mla_attention_spec(config) -> ModuleSpec:
     if config.qk_layernorm:
         raise ValueError("MLA here normalises the compressed kv itself; drop --qk-layernorm")
     q_up = RMSNormColumnParallelLinear if config.q_lora_rank is not None else ColumnParallelLinear
-    return ModuleSpec(
-        module=MLASelfAttention,
-        params={"attn_mask_type": AttnMaskType.causal},
-        submodules=MLASelfAttentionSubmodules(
-            linear_q_proj=ColumnParallelLinear,
-            linear_q_down_proj=ColumnParallelLinear,
-            linear_q_up_proj=q_up,
-            linear_kv_down_proj=ColumnParallelLinear,
-            linear_kv_up_proj=RMSNormColumnParallelLinear,
-            core_attention=SDPACoreAttention,
-            linear_proj=RowParallelLinear,
-            q_layernorm=IdentityOp,
-            kv_layernorm=IdentityOp,
-        ),
+    return _causal_sdpa_attention_spec(
+        MLASelfAttention, MLASelfAttentionSubmodules,
+        linear_q_proj=ColumnParallelLinear,
+        linear_q_down_proj=ColumnParallelLinear,
+        linear_q_up_proj=q_up,
+        linear_kv_down_proj=ColumnParallelLinear,
+        linear_kv_up_proj=RMSNormColumnParallelLinear,
+        q_layernorm=IdentityOp,
+        kv_layernorm=IdentityOp,
     )
 
 
