@@ -11,6 +11,7 @@ _GATE_FNS = {
     "identity": lambda x: x,
 }
 GATE_FNS = tuple(_GATE_FNS)
+_FLA_GATE_ACTIVATIONS = {"swish": "swish", "silu": "swish", "sigmoid": "sigmoid"}
 
 
 class RMSNorm(torch.nn.Module):
@@ -28,8 +29,9 @@ class RMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x):
-        y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
-        return y.to(x.dtype)
+        # In the input's dtype: torch accumulates in fp32 inside rms_norm either way, and a
+        # bf16 input then takes one kernel instead of an fp32 copy in and a cast out.
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 class GatedRMSNorm(torch.nn.Module):
@@ -40,11 +42,14 @@ class GatedRMSNorm(torch.nn.Module):
     """
 
     def __init__(self, head_dim: int, eps: float, gate_fn: str, params_dtype, tp_group,
-                 use_norm: bool = True):
+                 use_norm: bool = True, fused: bool = False):
         super().__init__()
         if gate_fn not in _GATE_FNS:
             raise ValueError(f"unknown --la-gate-fn '{gate_fn}'; choose one of {list(_GATE_FNS)}")
         self.eps = eps
+        # fla's Triton rms_norm_gated on CUDA: norm, weight and gate in one kernel each way
+        # (fp32 inside); the plain-torch path stays the reference.
+        self.fused_activation = _FLA_GATE_ACTIVATIONS.get(gate_fn) if fused else None
         self.gate_fn = _GATE_FNS[gate_fn]
         self.tp_group = tp_group
         self.use_norm = use_norm
@@ -53,6 +58,14 @@ class GatedRMSNorm(torch.nn.Module):
 
     def forward(self, o, gate=None):
         """o: [..., H, D]; gate: same shape or None."""
+        if (self.fused_activation and o.is_cuda and self.use_norm and gate is not None):
+            from fla.modules.fused_norm_gate import rms_norm_gated
+
+            weight = copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group)
+            d = o.shape[-1]
+            y = rms_norm_gated(o.reshape(-1, d), gate.reshape(-1, d), weight.to(o.dtype), None,
+                               activation=self.fused_activation, eps=self.eps)
+            return y.view_as(o)
         y = o.float()
         if self.use_norm:
             weight = copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group)

@@ -127,7 +127,8 @@ class LinearMixer(MegatronModule):
         """o_norm: the per-head RMSNorm (where use_norm) and the optional output gate."""
         self.o_norm = GatedRMSNorm(self.head_v_dim, self.config.layernorm_epsilon,
                                    self.config.la_gate_fn, self.config.params_dtype,
-                                   self.tp_group, use_norm=use_norm)
+                                   self.tp_group, use_norm=use_norm,
+                                   fused=self.config.la_backend != "reference")
 
     def output(self, o, x):
         """o [b, s, H_local, Dv] -> [s, b, value_dim / tp], normed and gated by x's gate."""

@@ -1,0 +1,79 @@
+"""The CUDA fast paths of the norms equal their fp32 torch path: GatedRMSNorm through fla's
+rms_norm_gated (bf16 in, fp32 inside) and RMSNorm in the input's dtype, fwd and bwd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linear_moe.layers.norm import GatedRMSNorm, RMSNorm
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+REL_TOL = 1e-2
+
+
+@pytest.fixture(scope="module")
+def world_group():
+    """A one-rank process group: the shared norm weight's TP all-reduce is then the identity."""
+    import socket
+
+    if not torch.distributed.is_initialized():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                             rank=0, world_size=1)
+    return torch.distributed.group.WORLD
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _grads(module, inputs, dy):
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    y = module(*leaves)
+    y.backward(dy.to(y.dtype))
+    return y, [x.grad for x in leaves] + [p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("gate_fn", ["swish", "sigmoid"])
+def test_fused_gated_rmsnorm_matches_fp32_torch(gate_fn, world_group):
+    torch.manual_seed(0)
+    group = world_group
+    o = torch.randn(2, 300, 4, 128, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn_like(o)
+    dy = torch.randn_like(o)
+    fused = GatedRMSNorm(128, 1e-6, gate_fn, torch.bfloat16, group, fused=True).cuda()
+    ref = GatedRMSNorm(128, 1e-6, gate_fn, torch.float32, group, fused=False).cuda()
+    with torch.no_grad():
+        fused.weight.copy_(torch.rand(128) + 0.5)
+        ref.weight.copy_(fused.weight.float())
+    y, grads = _grads(fused, [o, g], dy)
+    y_ref, grads_ref = _grads(ref, [o.float(), g.float()], dy.float())
+    assert y.dtype == torch.bfloat16
+    for name, a, b in zip(["y", "do", "dg", "dweight"], [y, *grads], [y_ref, *grads_ref]):
+        assert rel_err(a, b) <= REL_TOL, (name, rel_err(a, b))
+
+
+def test_rmsnorm_in_bf16_matches_fp32():
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 2, 1024, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    norm = RMSNorm(SimpleNamespace(params_dtype=torch.bfloat16, sequence_parallel=False),
+                   1024).cuda()
+    ref = RMSNorm(SimpleNamespace(params_dtype=torch.float32, sequence_parallel=False),
+                  1024).cuda()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(1024) + 0.5)
+        ref.weight.copy_(norm.weight.float())
+    y, grads = _grads(norm, [x], dy)
+    y_ref, grads_ref = _grads(ref, [x.float()], dy.float())
+    for name, a, b in zip(["y", "dx", "dweight"], [y, *grads], [y_ref, *grads_ref]):
+        assert rel_err(a, b) <= REL_TOL, (name, rel_err(a, b))
