@@ -10,9 +10,16 @@ import argparse
 
 from linear_moe.config import LinearMixerFields, resolve_mixer_defaults
 from linear_moe.layers.grouped_experts import EXPERT_IMPLS
+from linear_moe.mixers.base import check_head_sharing
 from linear_moe.models import PRESETS, get_preset
 from linear_moe.models.common import args_to_argv
-from linear_moe.registry import LINEAR, expand_layer_pattern, get_mixer
+from linear_moe.registry import (
+    LINEAR,
+    expand_layer_pattern,
+    get_mixer,
+    mixer_specific_options,
+    unused_option_error,
+)
 
 DEFAULT_BASE_MODEL = "qwen2_moe"
 DEFAULT_MODEL_SIZE = "tiny"
@@ -20,15 +27,45 @@ DEFAULT_LAYER_TYPE_LIST = "LLLN"
 
 _LA_HELP = {
     "la_num_heads": "linear-mixer heads (default: --num-attention-heads)",
+    "la_num_kv_heads": "GQA: k/v heads, each shared by --la-num-heads / this consecutive query "
+                       "heads; must divide --la-num-heads and be divisible by TP (gla, "
+                       "retention, simple_gla, linear_attention; default: --la-num-heads)",
+    "la_num_v_heads": "GVA: value heads, each group of this / --la-num-heads reading one q/k "
+                      "head; a multiple of --la-num-heads (which TP must divide); head dims "
+                      "stay, so the value width grows (gated_deltanet, kda; default: "
+                      "--la-num-heads)",
     "la_expand_k": "key dim = hidden * expand_k (default: the mixer's)",
     "la_expand_v": "value dim = hidden * expand_v (default: the mixer's)",
     "la_conv_size": "short-convolution kernel size",
+    "la_conv_bias": "bias on the short convolutions (needs a short convolution; fla's "
+                    "conv_bias, mamba2's use_conv_bias)",
+    "la_norm_elementwise_affine": "learnable weight (groupnorm: and bias) of the per-head output "
+                                  "norm; off: a plain norm without parameters (needs "
+                                  "--la-output-norm other than identity)",
+    "la_clamp_min": "GLA: clamp the log decay logsigmoid(.)/normalizer from below at this "
+                    "value (fla's clamp_min; default: no clamp)",
+    "la_allow_neg_eigval": "deltanet/gated_deltanet/kda: beta = 2 sigmoid(.) in (0, 2), so "
+                           "I - beta k k^T can have negative eigenvalues",
+    "la_use_beta": "deltanet: data-dependent write strength beta = sigmoid(w x); off: beta = 1",
+    "la_qk_activation": "deltanet: activation of q/k: silu (in the short conv) | relu | elu "
+                        "(elu + 1) | identity",
+    "la_qk_norm": "deltanet: normalisation of q/k: l2 | sum (divide by the L1 norm)",
+    "la_ssm_d_has_hdim": "mamba2: skip parameter D per channel (heads * head dim) instead of "
+                         "per head",
+    "la_ssm_norm_before_gate": "mamba2: norm(y) * silu(z) instead of norm(y * silu(z))",
+    "la_ssm_dt_min": "mamba2: dt init is log-uniform in [dt_min, dt_max]",
+    "la_ssm_dt_max": "mamba2: dt init is log-uniform in [dt_min, dt_max]",
+    "la_ssm_dt_init_floor": "mamba2: lower clamp of the initial dt",
+    "la_ssm_dt_limit": "mamba2: LO HI clamp of dt = softplus(. + dt_bias) in the forward",
+    "la_ssm_a_init_range": "mamba2: LO HI, A ~ U[LO, HI] at init (decay rate -A)",
     "la_output_norm": "per-head output norm: rmsnorm | identity, groupnorm | identity for "
                       "rwkv6/rwkv7 (default: the mixer's)",
     "la_gate_fn": "output-gate activation: swish | sigmoid | identity (default: the mixer's)",
     "la_rope_theta": "retention: RoPE base applied to q/k",
-    "la_feature_map": "linear_attention: feature map on q/k (identity | elu | relu | swish | "
-                      "dpfp | hedgehog | t2r; the last two are learnable, one map per head)",
+    "la_feature_map": "feature map on q/k; linear_attention (default elu): identity | elu | "
+                      "relu | swish | dpfp | hedgehog | t2r (the last two learnable, one map per "
+                      "head); gla/retention/simple_gla (default none): identity | elu | relu | "
+                      "swish",
     "la_feature_map_norm": "linear_attention: normalise the output by phi(q) . sum phi(k) "
                            "(for positive feature maps)",
     "la_norm_q": "linear_attention: divide phi(q) by its sum over features",
@@ -77,7 +114,9 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="MoM: a shared memory that every token writes to")
     g.add_argument("--la-use-output-gate", default=None, action=argparse.BooleanOptionalAction,
                    help="gate the normed output with a projection (default: the mixer's)")
-    for dest in ("la_feature_map_norm", "la_norm_q", "la_norm_k"):
+    for dest in ("la_feature_map_norm", "la_norm_q", "la_norm_k", "la_conv_bias",
+                 "la_norm_elementwise_affine", "la_allow_neg_eigval", "la_use_beta",
+                 "la_ssm_d_has_hdim", "la_ssm_norm_before_gate"):
         g.add_argument("--" + dest.replace("_", "-"), default=getattr(LinearMixerFields, dest),
                        action=argparse.BooleanOptionalAction, help=_LA_HELP[dest])
     g.add_argument("--moe-expert-impl", default=LinearMixerFields.moe_expert_impl,
@@ -90,7 +129,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "with the loss on responses only, instead of --data-path")
     g.add_argument("--sft-packing", action="store_true",
                    help="pack several conversations per sample (default: one, padded)")
-    types = {"la_num_heads": int, "la_expand_k": float, "la_expand_v": float,
+    types = {"la_num_heads": int, "la_num_kv_heads": int, "la_num_v_heads": int,
+             "la_expand_k": float, "la_expand_v": float,
              "la_conv_size": int, "la_output_norm": str, "la_gate_fn": str,
              "la_gate_low_rank_dim": int, "la_gate_logit_normalizer": float,
              "la_chunk_size": int, "la_rope_theta": float, "la_feature_map": str,
@@ -100,8 +140,17 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
              "la_ssm_state_dim": int, "la_ssm_groups": int, "la_mom_num_memories": int,
              "la_mom_topk": int, "la_mom_capacity_factor": float,
              "la_mom_aux_loss_coeff": float}
+    types.update(la_clamp_min=float, la_ssm_dt_min=float, la_ssm_dt_max=float,
+                 la_ssm_dt_init_floor=float)
     for dest, typ in types.items():
         g.add_argument("--" + dest.replace("_", "-"), type=typ,
+                       default=getattr(LinearMixerFields, dest), help=_LA_HELP[dest])
+    for dest, choices in (("la_qk_activation", ["silu", "relu", "elu", "identity"]),
+                          ("la_qk_norm", ["l2", "sum"])):
+        g.add_argument("--" + dest.replace("_", "-"), choices=choices,
+                       default=getattr(LinearMixerFields, dest), help=_LA_HELP[dest])
+    for dest in ("la_ssm_dt_limit", "la_ssm_a_init_range"):
+        g.add_argument("--" + dest.replace("_", "-"), type=float, nargs=2, metavar=("LO", "HI"),
                        default=getattr(LinearMixerFields, dest), help=_LA_HELP[dest])
     return parser
 
@@ -135,18 +184,48 @@ def _drop_fusions_without_their_kernels(args) -> None:
         print("linear_moe: applied " + "; ".join(dropped), flush=True)
 
 
+def check_mixer_options(entry, args) -> None:
+    """Refuse a non-default value of a mixer-specific option (one that some mixer lists in its
+    registry ``options``) for a mixer that does not read it. Runs before the mixer defaults
+    are filled in, so a default is LinearMixerFields' value."""
+    for name in sorted(mixer_specific_options()):
+        value = getattr(args, name, None)
+        if isinstance(value, list):  # nargs=2 flags
+            value = tuple(value)
+            setattr(args, name, value)
+        if name not in entry.options and value != getattr(LinearMixerFields, name):
+            raise ValueError(unused_option_error(entry, name))
+
+
+def check_option_dependencies(entry, args) -> None:
+    """Options of shared building blocks that only mean something when the block is there."""
+    if args.la_conv_bias and not args.la_use_short_conv:
+        raise ValueError(f"--la-conv-bias needs a short convolution, which mixer "
+                         f"'{entry.name}' has off; add --la-use-short-conv or drop --la-conv-bias")
+    if not args.la_norm_elementwise_affine and args.la_output_norm == "identity":
+        raise ValueError(f"--no-la-norm-elementwise-affine needs an output norm, and mixer "
+                         f"'{entry.name}' has --la-output-norm identity; drop the flag or set "
+                         "--la-output-norm")
+
+
 def validate_args(args) -> None:
     """Check linear_moe's flags against Megatron's; fills in the per-layer pattern and the
     mixer defaults. Raises ValueError with the fix."""
     entry = get_mixer(args.la_module)
     _drop_fusions_without_their_kernels(args)
     args.layer_type_list = expand_layer_pattern(args.layer_type_list, args.num_layers)
+    check_mixer_options(entry, args)
     resolve_mixer_defaults(args)
+    check_option_dependencies(entry, args)
     if args.la_mode not in entry.modes:
         raise ValueError(f"mixer '{entry.name}' has no --la-mode '{args.la_mode}'; choose one "
                          f"of {', '.join(entry.modes)}")
     tp = args.tensor_model_parallel_size
     uses_linear = LINEAR in args.layer_type_list
+    check_head_sharing(entry.name, getattr(entry.builder, "head_sharing", None),
+                       args.la_num_heads, getattr(args, "la_num_kv_heads", None),
+                       getattr(args, "la_num_v_heads", None),
+                       tp if uses_linear else 1)
     if uses_linear and args.la_num_heads % tp:
         raise ValueError(f"--la-num-heads {args.la_num_heads} is not divisible by "
                          f"--tensor-model-parallel-size {tp}; pick a TP size dividing it")

@@ -22,18 +22,32 @@ class LinearMixerFields:
     # "auto": fla kernels on CUDA tensors, the fp32 torch reference otherwise.
     la_backend: str = "auto"
     la_num_heads: Optional[int] = None  # defaults to num_attention_heads
+    # Head sharing (None: as many as la_num_heads). GQA: k/v heads, dividing la_num_heads
+    # (gla, retention, simple_gla, linear_attention; fla's num_kv_heads).
+    la_num_kv_heads: Optional[int] = None
+    # GVA: value heads, a multiple of la_num_heads (gated_deltanet, kda; fla's num_v_heads).
+    la_num_v_heads: Optional[int] = None
     la_expand_k: Optional[float] = None  # key dim = hidden * expand_k
     la_expand_v: Optional[float] = None  # value dim = hidden * expand_v
     la_use_short_conv: Optional[bool] = None
     la_conv_size: int = 4
+    la_conv_bias: bool = False  # bias of the short convolutions (fla's conv_bias / use_conv_bias)
     la_output_norm: Optional[str] = None  # rmsnorm | identity (rwkv6/rwkv7: groupnorm | identity)
     la_use_output_gate: Optional[bool] = None  # gate the normed output with a projection
     la_gate_fn: Optional[str] = None  # activation of the output gate (swish|sigmoid|identity)
+    la_norm_elementwise_affine: bool = True  # learnable weight (and bias) of the output norm
     la_gate_low_rank_dim: int = 16  # GLA: rank of the key-decay projection
     la_gate_logit_normalizer: float = 16.0  # GLA: divides the log-sigmoid decay
+    la_clamp_min: Optional[float] = None  # GLA: lower clamp of the log decay (fla's clamp_min)
+    la_allow_neg_eigval: bool = False  # delta rules: beta = 2 sigmoid(.) in (0, 2)
+    la_use_beta: bool = True  # deltanet: data-dependent beta (off: beta = 1)
+    la_qk_activation: str = "silu"  # deltanet: silu | relu | elu | identity on q/k
+    la_qk_norm: str = "l2"  # deltanet: l2 | sum normalisation of q/k
     la_chunk_size: int = 64
     la_rope_theta: float = 10000.0  # retention: RoPE base on q/k
-    la_feature_map: str = "elu"  # linear_attention: phi applied to q and k
+    # phi applied to q and k: linear_attention (default elu); gla/retention/simple_gla (default
+    # none, fla's feature_map=None; elementwise maps only)
+    la_feature_map: Optional[str] = None
     la_feature_map_norm: bool = False  # linear_attention: o / (phi(q) . sum phi(k)) (fla's do_feature_map_norm)
     la_norm_q: bool = False  # linear_attention: phi(q) / (sum_i phi(q)_i + 1e-4), fla's norm_q
     la_norm_k: bool = False  # linear_attention: the same on phi(k), fla's norm_k
@@ -45,6 +59,13 @@ class LinearMixerFields:
     la_decay_low_rank_dim: Optional[int] = None  # rwkv6/rwkv7: decay LoRA rank (None: fla's)
     la_ssm_state_dim: int = 64  # mamba2: state size N per group
     la_ssm_groups: int = 1  # mamba2: B/C groups (heads share a group's B and C)
+    la_ssm_d_has_hdim: bool = False  # mamba2: skip D per channel (H * P) instead of per head
+    la_ssm_norm_before_gate: bool = False  # mamba2: norm(y) * silu(z) instead of norm(y * silu(z))
+    la_ssm_dt_min: float = 0.001  # mamba2: dt init ~ log-uniform[dt_min, dt_max]
+    la_ssm_dt_max: float = 0.1
+    la_ssm_dt_init_floor: float = 1e-4  # mamba2: dt init clamped to >= this
+    la_ssm_dt_limit: tuple = (0.0, float("inf"))  # mamba2: clamp of softplus(dt + dt_bias)
+    la_ssm_a_init_range: tuple = (1.0, 16.0)  # mamba2: A ~ U[lo, hi] at init
     la_mom_num_memories: int = 4  # MoM: routed memories
     la_mom_topk: int = 2  # MoM: memories per token
     la_mom_capacity_factor: float = 0.0  # MoM: 0 = no capacity limit

@@ -29,6 +29,10 @@ class MixerEntry:
     modes: tuple[str, ...] = ("chunk", "fused_recurrent")
     # Mixer-specific defaults for the --la-* config fields the user did not set.
     defaults: dict = field(default_factory=dict)
+    # The mixer-specific --la-* config fields this mixer reads. A field that some mixer lists
+    # here is mixer-specific: validate_args refuses a non-default value of it for any mixer that
+    # does not list it (see mixer_option_errors).
+    options: tuple[str, ...] = ()
 
     def support_flags(self) -> str:
         flags = {"tp": self.supports_tp, "cp": self.supports_cp,
@@ -68,6 +72,19 @@ def get_mixer(name: str) -> MixerEntry:
         raise ValueError(f"unknown mixer '{name}' for --la-module; registered mixers: "
                          f"{', '.join(mixers)}")
     return mixers[name]
+
+
+def mixer_specific_options() -> set[str]:
+    """The --la-* fields some mixer lists in its ``options``."""
+    return {name for entry in registered_mixers().values() for name in entry.options}
+
+
+def unused_option_error(entry: MixerEntry, name: str) -> str:
+    """The one-line error for a mixer-specific option set on a mixer that does not read it."""
+    flag = "--" + name.replace("_", "-")
+    users = [n for n, e in registered_mixers().items() if name in e.options]
+    return (f"mixer '{entry.name}' does not use {flag}; drop it (it applies to: "
+            f"{', '.join(users)})")
 
 
 def expand_layer_pattern(pattern: str, num_layers: int) -> str:

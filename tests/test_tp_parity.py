@@ -16,7 +16,7 @@ SEQ, BATCH, VOCAB = 24, 2, 128
 TOL = 1e-5
 
 
-def _config(la_module, tp, moe):
+def _config(la_module, tp, moe, **overrides):
     from linear_moe.config import LinearMoEConfig, resolve_mixer_defaults
 
     config = LinearMoEConfig(
@@ -31,15 +31,17 @@ def _config(la_module, tp, moe):
         num_moe_experts=4 if moe else None, moe_router_topk=2 if moe else None, moe_ffn_hidden_size=48 if moe else None,
         moe_token_dispatcher_type="alltoall", moe_router_load_balancing_type="none",
         moe_shared_expert_intermediate_size=48 if moe else None,
-        la_module=la_module, layer_type_list="LN", la_num_heads=4, la_chunk_size=8,
+        la_module=la_module, layer_type_list="LN", la_chunk_size=8,
+        la_num_heads=overrides.pop("la_num_heads", 4),
         la_ssm_groups=2, la_ssm_state_dim=8,
         la_use_short_conv=None,  # the mixer default (convs are covered by the mixers that have them)
+        **overrides,
     )
     resolve_mixer_defaults(config)
     return config
 
 
-def _build(la_module, tp, moe):
+def _build(la_module, tp, moe, **overrides):
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
@@ -50,7 +52,7 @@ def _build(la_module, tp, moe):
     mpu.initialize_model_parallel(tensor_model_parallel_size=tp)
     tensor_parallel.model_parallel_cuda_manual_seed(123)
     torch.manual_seed(123)
-    config = _config(la_module, tp, moe)
+    config = _config(la_module, tp, moe, **overrides)
     return GPTModel(config, decoder_block_spec(config, "qwen2_moe"), vocab_size=VOCAB,
                     max_sequence_length=SEQ, parallel_output=False,
                     position_embedding_type="rope")
@@ -82,15 +84,16 @@ def _gather(t, p, group, world):
     return torch.cat(parts, dim=p.partition_dim)
 
 
-def _tp_parity_worker(rank, world_size, la_module, moe):
+def _tp_parity_worker(rank, world_size, la_module, moe, overrides=None):
     from megatron.core import parallel_state as mpu
 
-    ref = _build(la_module, 1, moe)
+    overrides = overrides or {}
+    ref = _build(la_module, 1, moe, **overrides)
     ref_logits = _step(ref)
     ref_params = {n: p.detach().clone() for n, p in ref.named_parameters()}
     ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
 
-    model = _build(la_module, 2, moe)
+    model = _build(la_module, 2, moe, **overrides)
     tp_group, tp_rank = mpu.get_tensor_model_parallel_group(), mpu.get_tensor_model_parallel_rank()
     with torch.no_grad():
         for name, p in model.named_parameters():

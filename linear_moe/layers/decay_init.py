@@ -5,9 +5,9 @@ import math
 import torch
 
 
-def init_A_log_(t: torch.Tensor) -> None:
-    """A ~ U[1, 16], stored as log A (the decay rate is -exp(A_log))."""
-    t.uniform_(1.0, 16.0).log_()
+def init_A_log_(t: torch.Tensor, lo: float = 1.0, hi: float = 16.0) -> None:
+    """A ~ U[lo, hi] (default [1, 16]), stored as log A (the decay rate is -exp(A_log))."""
+    t.uniform_(lo, hi).log_()
 
 
 def init_dt_bias_(t: torch.Tensor, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4) -> None:

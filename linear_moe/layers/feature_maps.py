@@ -94,3 +94,14 @@ def feature_map(name: str, *, num_heads: int | None = None, head_dim: int | None
         return PerHeadFeatureMap(name, num_heads, head_dim, tp_rank, tp_size, params_dtype)
     raise ValueError(f"unknown --la-feature-map '{name}'; choose one of "
                      f"{', '.join(FEATURE_MAP_NAMES)}")
+
+
+def elementwise_feature_map(name: str | None, mixer: str):
+    """phi for --la-feature-map on the mixers whose state key dim is fixed (gla, retention,
+    simple_gla; fla's ``feature_map`` on q and k): None when unset, else an elementwise map."""
+    if name is None:
+        return None
+    if name not in FEATURE_MAPS:
+        raise ValueError(f"mixer '{mixer}' takes only an elementwise --la-feature-map "
+                         f"({', '.join(FEATURE_MAPS)}), got '{name}'; pick one or drop the flag")
+    return FEATURE_MAPS[name]

@@ -35,14 +35,15 @@ class RMSNorm(torch.nn.Module):
 
 
 class GatedRMSNorm(torch.nn.Module):
-    """o = RMSNorm_headdim(o) * weight * gate_fn(g), one weight shared by all heads.
+    """o = RMSNorm_headdim(o) * weight * gate_fn(g), one weight shared by all heads (no weight
+    with elementwise_affine=False, fla's RMSNorm(elementwise_affine=False)).
 
     Each TP rank sees only its heads, so the shared weight's gradient is a partial sum per rank:
     routing the weight through copy_to_tensor_model_parallel_region all-reduces it in backward.
     """
 
     def __init__(self, head_dim: int, eps: float, gate_fn: str, params_dtype, tp_group,
-                 use_norm: bool = True, fused: bool = False):
+                 use_norm: bool = True, fused: bool = False, elementwise_affine: bool = True):
         super().__init__()
         if gate_fn not in _GATE_FNS:
             raise ValueError(f"unknown --la-gate-fn '{gate_fn}'; choose one of {list(_GATE_FNS)}")
@@ -53,12 +54,14 @@ class GatedRMSNorm(torch.nn.Module):
         self.gate_fn = _GATE_FNS[gate_fn]
         self.tp_group = tp_group
         self.use_norm = use_norm
-        if use_norm:
+        self.weight = None
+        if use_norm and elementwise_affine:
             self.weight = torch.nn.Parameter(torch.ones(head_dim, dtype=params_dtype))
 
     def forward(self, o, gate=None):
         """o: [..., H, D]; gate: same shape or None."""
-        if (self.fused_activation and o.is_cuda and self.use_norm and gate is not None):
+        if (self.fused_activation and o.is_cuda and self.weight is not None
+                and gate is not None):
             from fla.modules.fused_norm_gate import rms_norm_gated
 
             weight = copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group)
@@ -68,8 +71,11 @@ class GatedRMSNorm(torch.nn.Module):
             return y.view_as(o)
         y = o.float()
         if self.use_norm:
-            weight = copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group)
-            y = F.rms_norm(y, (y.shape[-1],), weight.float(), self.eps)
+            weight = None
+            if self.weight is not None:
+                weight = copy_to_tensor_model_parallel_region(self.weight,
+                                                              group=self.tp_group).float()
+            y = F.rms_norm(y, (y.shape[-1],), weight, self.eps)
         if gate is not None:
             y = y * self.gate_fn(gate.float())
         return y.to(o.dtype)

@@ -46,10 +46,13 @@ class HeadGroupNorm(torch.nn.Module):
     TP rank, so the statistics are local and the affine parameters are sharded by heads."""
 
     def __init__(self, num_heads: int, head_dim: int, eps: float, tp_rank: int, tp_size: int,
-                 params_dtype, weight_init: float = 1.0):
+                 params_dtype, weight_init: float = 1.0, elementwise_affine: bool = True):
         super().__init__()
         self.head_dim, self.eps = head_dim, eps
         channels = (num_heads * head_dim,)
+        self.weight = self.bias = None
+        if not elementwise_affine:  # nn.GroupNorm(affine=False)
+            return
         self.weight = sharded_parameter(channels, lambda t: t.fill_(weight_init), tp_rank,
                                         tp_size, params_dtype)
         self.bias = sharded_parameter(channels, torch.nn.init.zeros_, tp_rank, tp_size,
@@ -58,6 +61,8 @@ class HeadGroupNorm(torch.nn.Module):
     def forward(self, o: torch.Tensor) -> torch.Tensor:
         """o [..., H_local, D] -> same shape, in fp32."""
         y = F.layer_norm(o.float(), (self.head_dim,), eps=self.eps)
+        if self.weight is None:
+            return y
         return y * self.weight.float().view(-1, self.head_dim) \
             + self.bias.float().view(-1, self.head_dim)
 

@@ -1,4 +1,5 @@
-"""Depthwise causal short convolution over the sequence, channels sharded over TP by heads."""
+"""Depthwise causal short convolution over the sequence, channels sharded over TP by heads
+(the weight and the optional bias alike)."""
 
 import math
 
@@ -10,7 +11,7 @@ from linear_moe.layers.tp_init import init_tp_sharded_
 
 class ShortConvolution(torch.nn.Module):
     def __init__(self, channels: int, kernel_size: int, tp_rank: int, tp_size: int,
-                 params_dtype, activation: str | None = "silu"):
+                 params_dtype, activation: str | None = "silu", bias: bool = False):
         super().__init__()
         if channels % tp_size:
             raise ValueError(f"short-conv channels {channels} not divisible by TP {tp_size}")
@@ -21,11 +22,17 @@ class ShortConvolution(torch.nn.Module):
         bound = 1.0 / math.sqrt(kernel_size)  # nn.Conv1d's default for a depthwise kernel
         init_tp_sharded_(self.weight, (channels, 1, kernel_size), 0,
                          lambda t: torch.nn.init.uniform_(t, -bound, bound), tp_rank, tp_size)
+        self.bias = None
+        if bias:  # nn.Conv1d's default init too, sharded by channels like the weight
+            self.bias = torch.nn.Parameter(torch.empty(channels // tp_size, dtype=params_dtype))
+            init_tp_sharded_(self.bias, (channels,), 0,
+                             lambda t: torch.nn.init.uniform_(t, -bound, bound), tp_rank, tp_size)
 
     def forward(self, x):
         """x: [b, s, c_local] -> [b, s, c_local]; position t sees t-kernel_size+1 .. t."""
         s = x.shape[1]
-        y = F.conv1d(x.transpose(1, 2), self.weight.to(x.dtype), padding=self.kernel_size - 1,
-                     groups=x.shape[-1])[..., :s]
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = F.conv1d(x.transpose(1, 2), self.weight.to(x.dtype), bias,
+                     padding=self.kernel_size - 1, groups=x.shape[-1])[..., :s]
         y = y.transpose(1, 2)
         return F.silu(y) if self.activation == "silu" else y

@@ -8,6 +8,21 @@ Tensor parallelism: every projection is split by heads (ColumnParallelLinear in,
 RowParallelLinear out); per-head parameters are sharded with ``init_tp_sharded_``. Under sequence
 parallelism the input is gathered once here, so the projections run on the full sequence and
 the output projection reduce-scatters back.
+
+Head sharing (fla's ``num_kv_heads`` / ``num_v_heads``): ``num_heads`` is the number of heads the
+recurrence and the output run over (one state per head; per-head decays, betas, norms). q, k
+and v each have ``num_q_heads`` / ``num_k_heads`` / ``num_v_heads`` heads, equal to ``num_heads``
+unless the mixer opts in via ``head_sharing``:
+
+* ``"kv"`` (--la-num-kv-heads, GQA): k and v have fewer heads than q;
+* ``"v"`` (--la-num-v-heads, GVA): v has more heads than q and k (``num_heads`` is then the
+  value-head count, and the value/output width grows with it).
+
+``qkv`` repeats each shared head over the consecutive heads that read it, fla's
+``repeat(x, '... (h d) -> ... (h g) d')`` (head i reads shared head i // g). Head dims never
+change: head_k_dim = hidden*expand_k / --la-num-heads, head_v_dim likewise. Under TP every
+projection is split by heads and the shared head count must divide by TP, so a rank holds
+whole groups: its shared heads and exactly the heads that read them.
 """
 
 from __future__ import annotations
@@ -28,7 +43,43 @@ from megatron.core.transformer.utils import (
 from linear_moe.layers import GatedRMSNorm, ShortConvolution, init_tp_sharded_
 
 
+def check_head_sharing(la_module: str, head_sharing: str | None, num_heads: int,
+                       num_kv_heads: int | None, num_v_heads: int | None, tp: int) -> None:
+    """Validate --la-num-kv-heads / --la-num-v-heads for a mixer (``head_sharing`` as
+    LinearMixer.head_sharing; a mixer with it also lists the field in its registry ``options``);
+    raises a one-line ValueError naming the fix."""
+    for option, flag, value in (("kv", "--la-num-kv-heads", num_kv_heads),
+                                ("v", "--la-num-v-heads", num_v_heads)):
+        if value is not None and head_sharing != option:
+            from linear_moe.registry import registered_mixers
+
+            able = [n for n, e in registered_mixers().items()
+                    if getattr(e.builder, "head_sharing", None) == option]
+            raise ValueError(f"mixer '{la_module}' does not use {flag}; drop it (it applies to: "
+                             f"{', '.join(able)})")
+    if num_kv_heads is not None:
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"--la-num-kv-heads {num_kv_heads} must divide --la-num-heads "
+                             f"{num_heads}; pick a divisor of {num_heads}")
+        if num_kv_heads % tp:
+            raise ValueError(f"--la-num-kv-heads {num_kv_heads} is not divisible by "
+                             f"--tensor-model-parallel-size {tp} (each TP rank holds whole k/v "
+                             f"heads); use a multiple of {tp} kv heads or a smaller TP size")
+    if num_v_heads is not None:
+        if num_v_heads < num_heads or num_v_heads % num_heads:
+            raise ValueError(f"--la-num-v-heads {num_v_heads} must be a multiple of "
+                             f"--la-num-heads {num_heads} (the q/k heads); pick one")
+        if num_heads % tp:
+            raise ValueError(f"--la-num-heads {num_heads} (the q/k heads of --la-num-v-heads) "
+                             f"is not divisible by --tensor-model-parallel-size {tp} (each TP "
+                             f"rank holds whole q/k heads); use a multiple of {tp} q/k heads or "
+                             "a smaller TP size")
+
+
 class LinearMixer(MegatronModule):
+    #: Head sharing the mixer supports: "kv" (--la-num-kv-heads), "v" (--la-num-v-heads) or None.
+    head_sharing: str | None = None
+
     def __init__(self, config, submodules=None, layer_number: int | None = None,
                  attn_mask_type=None, pg_collection=None, cp_comm_type=None, **unused):
         super().__init__(config=config)
@@ -46,6 +97,10 @@ class LinearMixer(MegatronModule):
 
         self.hidden_size = config.hidden_size
         self.num_heads = config.la_num_heads
+        num_kv_heads = getattr(config, "la_num_kv_heads", None)
+        num_v_heads = getattr(config, "la_num_v_heads", None)
+        check_head_sharing(config.la_module, self.head_sharing, self.num_heads, num_kv_heads,
+                           num_v_heads, self.tp_size)
         if self.num_heads % self.tp_size:
             raise ValueError(f"--la-num-heads {self.num_heads} is not divisible by "
                              f"--tensor-model-parallel-size {self.tp_size}")
@@ -58,6 +113,14 @@ class LinearMixer(MegatronModule):
                                  f"divisible by --la-num-heads {self.num_heads}")
         self.head_k_dim = self.key_dim // self.num_heads
         self.head_v_dim = self.value_dim // self.num_heads
+        # Head sharing (see the module docstring); all equal to num_heads when unset.
+        self.num_q_heads = self.num_k_heads = self.num_v_heads = self.num_heads
+        if num_kv_heads is not None:
+            self.num_k_heads = self.num_v_heads = num_kv_heads
+        if num_v_heads is not None:
+            self.num_heads = self.num_v_heads = num_v_heads
+            self.num_local_heads = num_v_heads // self.tp_size
+            self.value_dim = num_v_heads * self.head_v_dim
 
         # The input is gathered over the sequence once (forward), so in-projections must not
         # gather again.
@@ -79,29 +142,41 @@ class LinearMixer(MegatronModule):
             init_method=self.config.output_layer_init_method, bias=self.config.add_bias_linear,
             input_is_parallel=True, skip_bias_add=True, tp_group=self.tp_group)
 
+    def short_conv(self, channels: int) -> ShortConvolution:
+        """A SiLU short convolution over the sequence, channels split over TP by heads, with a
+        bias under --la-conv-bias."""
+        return ShortConvolution(channels, self.config.la_conv_size, self.tp_rank, self.tp_size,
+                                self.config.params_dtype,
+                                bias=getattr(self.config, "la_conv_bias", False))
+
     def build_qkv(self):
-        """q/k/v projections split by heads, plus SiLU short convolutions on each when
-        --la-use-short-conv is on."""
-        self.q_proj = self.column(self.hidden_size, self.key_dim)
-        self.k_proj = self.column(self.hidden_size, self.key_dim)
-        self.v_proj = self.column(self.hidden_size, self.value_dim)
+        """q/k/v projections split by heads (num_q/k/v_heads each), plus SiLU short
+        convolutions on each when --la-use-short-conv is on."""
+        dims = (self.num_q_heads * self.head_k_dim, self.num_k_heads * self.head_k_dim,
+                self.num_v_heads * self.head_v_dim)
+        self.q_proj, self.k_proj, self.v_proj = (self.column(self.hidden_size, d) for d in dims)
         self.use_short_conv = self.config.la_use_short_conv
         if self.use_short_conv:
-            conv = lambda c: ShortConvolution(c, self.config.la_conv_size, self.tp_rank,
-                                              self.tp_size, self.config.params_dtype)
-            self.q_conv = conv(self.key_dim)
-            self.k_conv = conv(self.key_dim)
-            self.v_conv = conv(self.value_dim)
+            self.q_conv, self.k_conv, self.v_conv = (self.short_conv(d) for d in dims)
 
     def qkv(self, x):
         """x [s, b, h] -> q, k [b, s, H_local, Dk] and v [b, s, H_local, Dv], convolved over
-        the sequence where enabled."""
+        the sequence where enabled; shared heads are repeated to H_local (expand_heads)."""
         q, k, v = self.q_proj(x)[0], self.k_proj(x)[0], self.v_proj(x)[0]
         if self.use_short_conv:
             seq = lambda conv, t: conv(t.transpose(0, 1)).transpose(0, 1)
             q, k, v = seq(self.q_conv, q), seq(self.k_conv, k), seq(self.v_conv, v)
-        return (self.heads(q, self.head_k_dim), self.heads(k, self.head_k_dim),
-                self.heads(v, self.head_v_dim))
+        return (self.expand_heads(self.heads(q, self.head_k_dim)),
+                self.expand_heads(self.heads(k, self.head_k_dim)),
+                self.expand_heads(self.heads(v, self.head_v_dim)))
+
+    def expand_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[b, s, n, ...] with n local shared heads -> [b, s, H_local, ...]: each head repeated
+        over the H_local / n consecutive heads that read it (fla's '(h g)' layout)."""
+        n = t.shape[2]
+        if n == self.num_local_heads:
+            return t
+        return t.repeat_interleave(self.num_local_heads // n, dim=2)
 
     @staticmethod
     def per_head(t: torch.Tensor) -> torch.Tensor:
@@ -128,7 +203,8 @@ class LinearMixer(MegatronModule):
         self.o_norm = GatedRMSNorm(self.head_v_dim, self.config.layernorm_epsilon,
                                    self.config.la_gate_fn, self.config.params_dtype,
                                    self.tp_group, use_norm=use_norm,
-                                   fused=self.config.la_backend != "reference")
+                                   fused=self.config.la_backend != "reference",
+                                   elementwise_affine=self.config.la_norm_elementwise_affine)
 
     def output(self, o, x):
         """o [b, s, H_local, Dv] -> [s, b, value_dim / tp], normed and gated by x's gate."""

@@ -14,6 +14,7 @@ from linear_moe.registry import register_mixer
 
 @register_mixer(
     "based",
+    options=("la_feature_dim",),
     paper="Simple linear attention language models balance the recall-throughput tradeoff "
           "(arXiv:2402.18668)",
     kernel="fla parallel_based / fused_chunk_based; chunk: Taylor features through "

@@ -1,15 +1,33 @@
 """DeltaNet (Yang et al., 2024, arXiv:2406.06484): the delta rule without decay,
 S_t = (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t, o_t = q_t S_t, with
 beta_t = sigmoid(w_h x_t), L2-normalised q/k, SiLU short convolutions and a per-head RMSNorm
-(no output gate by default), as fla's ``DeltaNet``."""
+(no output gate by default), as fla's ``DeltaNet``.
+
+fla's options: --la-use-beta (off: beta = 1), --la-allow-neg-eigval (beta doubled, in (0, 2)),
+--la-qk-activation silu|relu|elu|identity (silu sits in the q/k short convs; the others follow
+them, which then have no activation), --la-qk-norm l2|sum, and use_gate = --la-use-output-gate.
+Without short convs q/k get SiLU (when --la-qk-activation silu) and v always gets SiLU, as fla.
+"""
+
+import torch
+import torch.nn.functional as F
 
 from linear_moe import ops
 from linear_moe.mixers.base import LinearMixer
 from linear_moe.registry import register_mixer
 
 
+QK_ACTIVATIONS = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "elu": lambda x: F.elu(x) + 1,  # fla's elu_p1
+    "identity": lambda x: x,
+}
+
+
 @register_mixer(
     "deltanet",
+    options=("la_allow_neg_eigval", "la_use_beta", "la_qk_activation", "la_qk_norm"),
     paper="Parallelizing Linear Transformers with the Delta Rule over Sequence Length "
           "(arXiv:2406.06484)",
     kernel="fla chunk_delta_rule / fused_recurrent_delta_rule",
@@ -19,13 +37,40 @@ from linear_moe.registry import register_mixer
 class DeltaNetMixer(LinearMixer):
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
+        if config.la_qk_activation not in QK_ACTIVATIONS:
+            raise ValueError(f"unknown --la-qk-activation '{config.la_qk_activation}'; choose "
+                             f"one of {', '.join(QK_ACTIVATIONS)}")
+        if config.la_qk_norm not in ("l2", "sum"):
+            raise ValueError(f"unknown --la-qk-norm '{config.la_qk_norm}'; choose l2 or sum")
         self.build_qkv()
-        self.b_proj = self.column(self.hidden_size, self.num_heads)  # beta, one per head
+        if self.use_short_conv and config.la_qk_activation != "silu":
+            for name in ("q_conv", "k_conv"):  # fla: the q/k convs carry only the silu
+                conv = getattr(self, name, None)
+                if conv is not None:
+                    conv.activation = None
+        if config.la_use_beta:
+            self.b_proj = self.column(self.hidden_size, self.num_heads)  # beta, one per head
         self.build_output()
 
     def mix(self, x):
         q, k, v = self.qkv(x)
-        beta = self.per_head(self.b_proj(x)[0]).sigmoid()
-        o, _ = ops.delta_rule(q, k, v, beta, use_qk_l2norm=True, backend=self.config.la_backend,
-                              mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
+        act = self.config.la_qk_activation
+        if not self.use_short_conv:  # fla: the convs' SiLU, applied without them
+            v = F.silu(v)
+            if act == "silu":
+                q, k = F.silu(q), F.silu(k)
+        if act != "silu":
+            q, k = QK_ACTIVATIONS[act](q), QK_ACTIVATIONS[act](k)
+        if self.config.la_qk_norm == "sum":  # fla's sum_norm: divide by the L1 norm
+            q = F.normalize(q, p=1, dim=-1, eps=1e-6).to(q.dtype)
+            k = F.normalize(k, p=1, dim=-1, eps=1e-6).to(k.dtype)
+        if self.config.la_use_beta:
+            beta = self.per_head(self.b_proj(x)[0]).sigmoid()
+        else:
+            beta = q.new_ones(q.shape[:3], dtype=torch.float32)
+        if self.config.la_allow_neg_eigval:
+            beta = beta * 2.0
+        o, _ = ops.delta_rule(q, k, v, beta, use_qk_l2norm=self.config.la_qk_norm == "l2",
+                              backend=self.config.la_backend, mode=self.config.la_mode,
+                              chunk_size=self.config.la_chunk_size)
         return self.output(o, x)

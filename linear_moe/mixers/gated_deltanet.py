@@ -2,8 +2,9 @@
 
 S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = q_t S_t, with
 alpha_t = exp(-exp(A_log) * softplus(a_t + dt_bias)) per head (Mamba2-style decay),
-beta_t = sigmoid(b_t), q/k L2-normalised, SiLU short convolutions on q/k/v, per-head RMSNorm and
-a swish output gate, as in fla's ``GatedDeltaNet``.
+beta_t = sigmoid(b_t) (2 sigmoid(b_t) with --la-allow-neg-eigval), q/k L2-normalised, SiLU
+short convolutions on q/k/v, per-head RMSNorm and a swish output gate, as in fla's
+``GatedDeltaNet``.
 """
 
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from linear_moe.registry import register_mixer
 
 @register_mixer(
     "gated_deltanet",
+    options=("la_allow_neg_eigval", "la_num_v_heads"),
     paper="Gated Delta Networks: Improving Mamba2 with Delta Rule (arXiv:2412.06464)",
     kernel="fla chunk_gated_delta_rule",
     # fla 0.6.0's fused_recurrent_gated_delta_rule has no backward, so it cannot train.
@@ -24,6 +26,9 @@ from linear_moe.registry import register_mixer
               "la_output_norm": "rmsnorm"},
 )
 class GatedDeltaNetMixer(LinearMixer):
+    # fla's num_v_heads (GVA): num_heads is then the value-head count (a/b/A_log/dt_bias too).
+    head_sharing = "v"
+
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         h, nh = self.hidden_size, self.num_heads
@@ -39,6 +44,8 @@ class GatedDeltaNetMixer(LinearMixer):
         a, b = self.per_head(self.a_proj(x)[0]), self.per_head(self.b_proj(x)[0])
         g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
         beta = b.sigmoid()
+        if self.config.la_allow_neg_eigval:  # fla's allow_neg_eigval: beta in (0, 2)
+            beta = beta * 2.0
         o, _ = ops.gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True,
                                     backend=self.config.la_backend, mode=self.config.la_mode,
                                     chunk_size=self.config.la_chunk_size)

@@ -3,40 +3,53 @@
 S_t = diag(alpha_t) S_{t-1} + k_t^T v_t,  o_t = q_t S_t, with a data-dependent per-key-dim
 decay alpha_t = exp(logsigmoid(W_up W_down x_t) / normalizer) from a low-rank projection,
 then a per-head RMSNorm and a swish output gate, as in fla's ``GatedLinearAttention``.
+Options as fla's: --la-clamp-min clamps the log decay from below; --la-feature-map (default
+none) applies an elementwise map to q and k.
 """
 
 import torch
 import torch.nn.functional as F
 
 from linear_moe import ops
+from linear_moe.layers.feature_maps import elementwise_feature_map
 from linear_moe.mixers.base import LinearMixer
 from linear_moe.registry import register_mixer
 
 
 @register_mixer(
     "gla",
+    options=("la_gate_low_rank_dim", "la_gate_logit_normalizer", "la_clamp_min",
+             "la_feature_map", "la_num_kv_heads"),
     paper="Gated Linear Attention Transformers with Hardware-Efficient Training (arXiv:2312.06635)",
     kernel="fla chunk_gla / fused_recurrent_gla",
     defaults={"la_expand_k": 0.5, "la_expand_v": 1.0, "la_use_short_conv": False,
               "la_output_norm": "rmsnorm"},
 )
 class GLAMixer(LinearMixer):
+    head_sharing = "kv"  # fla's num_kv_heads: k, v and the key decay have --la-num-kv-heads
+
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         h = self.hidden_size
         self.build_qkv()
+        self.phi = elementwise_feature_map(config.la_feature_map, config.la_module)
         # Low-rank key decay: the rank-r down projection is tiny and replicated; the up
         # projection is split by heads like q/k.
         self.gk_down = torch.nn.Linear(h, config.la_gate_low_rank_dim, bias=False,
                                        dtype=config.params_dtype)
         config.init_method(self.gk_down.weight)
-        self.gk_up = self.column(config.la_gate_low_rank_dim, self.key_dim, bias=True)
+        self.gk_up = self.column(config.la_gate_low_rank_dim,
+                                 self.num_k_heads * self.head_k_dim, bias=True)
         self.build_output()
 
     def mix(self, x):
         q, k, v = self.qkv(x)
-        gk = self.heads(self.gk_up(self.gk_down(x))[0], self.head_k_dim)
+        gk = self.expand_heads(self.heads(self.gk_up(self.gk_down(x))[0], self.head_k_dim))
         gk = F.logsigmoid(gk.float()) / self.config.la_gate_logit_normalizer
+        if self.config.la_clamp_min is not None:  # fla's clamp_min
+            gk = gk.clamp_min(self.config.la_clamp_min)
+        if self.phi is not None:  # fla's feature_map on q/k
+            q, k = self.phi(q), self.phi(k)
         o, _ = ops.gla(q, k, v, gk, backend=self.config.la_backend, mode=self.config.la_mode,
                        chunk_size=self.config.la_chunk_size)
         return self.output(o, x)

@@ -27,6 +27,7 @@ from linear_moe.registry import register_mixer
 
 @register_mixer(
     "gsa",
+    options=("la_gsa_num_slots", "la_gsa_gate_logit_normalizer"),
     paper="Gated Slot Attention for Efficient Linear-Time Sequence Modeling (arXiv:2409.07146)",
     kernel="fla chunk_gsa / fused_recurrent_gsa",
     defaults={"la_expand_k": 1.0, "la_expand_v": 1.0, "la_use_short_conv": False,
@@ -47,8 +48,8 @@ class GSAMixer(LinearMixer):
         # o_norm only applies the optional output gate; the norm itself is in mix, because
         # fla's norm weight has one entry per value channel (not one shared by the heads).
         super().build_output_norm(use_norm=False)
-        self.norm_weight = None
-        if use_norm:
+        self.norm_weight, self.use_o_norm = None, use_norm
+        if use_norm and self.config.la_norm_elementwise_affine:
             self.norm_weight = torch.nn.Parameter(torch.empty(
                 self.num_local_heads, self.head_v_dim, dtype=self.config.params_dtype))
             init_tp_sharded_(self.norm_weight, (self.num_heads, self.head_v_dim), 0,
@@ -62,7 +63,8 @@ class GSAMixer(LinearMixer):
         o, _ = ops.gsa(q, k, v, s, g, scale=1.0, backend=self.config.la_backend,
                        mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
         y = F.silu(o.float())
-        if self.norm_weight is not None:
+        if self.use_o_norm:
             y = F.rms_norm(y, (self.head_v_dim,), eps=self.config.layernorm_epsilon)
+        if self.norm_weight is not None:
             y = y * self.norm_weight.float()  # [H_local, Dv]: this rank's heads' channels
         return self.output(y.to(o.dtype), x)

@@ -17,13 +17,17 @@ from linear_moe.registry import register_mixer
 
 @register_mixer(
     "linear_attention",
+    options=("la_feature_map", "la_feature_map_norm", "la_norm_q", "la_norm_k", "la_dpfp_nu",
+             "la_num_kv_heads"),
     paper="Transformers are RNNs (arXiv:2006.16236); feature maps: DPFP (arXiv:2102.11174), "
           "Hedgehog (arXiv:2402.04347), T2R (arXiv:2103.13076)",
     kernel="fla chunk_simple_gla / fused_recurrent_simple_gla with zero decay (+ normaliser)",
     defaults={"la_expand_k": 1.0, "la_expand_v": 1.0, "la_use_short_conv": False,
-              "la_use_output_gate": False},
+              "la_use_output_gate": False, "la_feature_map": "elu"},
 )
 class LinearAttentionMixer(LinearMixer):
+    head_sharing = "kv"  # fla's num_kv_heads: k/v heads shared by query heads
+
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         # Learnable maps are per-head modules sharded like the q/k projections they follow.

@@ -6,6 +6,11 @@
 with SiLU short convolutions on x, B and C, then a gated RMSNorm y <- norm(y * silu(z)) and the
 output projection. Heads share B and C within --la-ssm-groups groups.
 
+fla's Mamba2 options: --la-ssm-d-has-hdim (D per channel), --la-ssm-norm-before-gate
+(norm(y) * silu(z)), --la-ssm-dt-min/--la-ssm-dt-max/--la-ssm-dt-init-floor (dt_bias init),
+--la-ssm-dt-limit LO HI (clamp of dt), --la-ssm-a-init-range LO HI (A init), use_conv_bias =
+--la-conv-bias (off by default here, on in fla), rmsnorm = --la-output-norm rmsnorm|identity.
+
 Kernel choice: SSD is scalar-decay linear attention (q = C, k = B, v = dt * x, g = dt * A), so
 the CUDA path is fla's chunk_simple_gla. megatron-core 0.19.2's own SSD Triton ops
 (megatron/core/ssm/ops) are forward-only (inference), and mamba-ssm / causal-conv1d cannot be
@@ -17,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from linear_moe import ops
-from linear_moe.layers import ShortConvolution
+from linear_moe.layers import init_tp_sharded_
 from linear_moe.layers.decay_init import init_A_log_, init_dt_bias_
 from linear_moe.mixers.base import LinearMixer
 from linear_moe.registry import register_mixer
@@ -25,6 +30,9 @@ from linear_moe.registry import register_mixer
 
 @register_mixer(
     "mamba2",
+    options=("la_ssm_state_dim", "la_ssm_groups", "la_ssm_d_has_hdim",
+             "la_ssm_norm_before_gate", "la_ssm_dt_min", "la_ssm_dt_max",
+             "la_ssm_dt_init_floor", "la_ssm_dt_limit", "la_ssm_a_init_range"),
     paper="Transformers are SSMs: Mamba-2 / SSD (arXiv:2405.21060)",
     kernel="fla chunk_simple_gla / fused_recurrent_simple_gla (SSD as scalar-decay GLA)",
     defaults={"la_expand_k": 1.0, "la_expand_v": 2.0, "la_use_short_conv": True,
@@ -47,13 +55,20 @@ class Mamba2Mixer(LinearMixer):
         self.B_proj = self.column(h, groups * state)
         self.C_proj = self.column(h, groups * state)
         self.dt_proj = self.column(h, self.num_heads)
-        conv = lambda c: ShortConvolution(c, config.la_conv_size, self.tp_rank, self.tp_size,
-                                          config.params_dtype)
-        self.x_conv, self.B_conv, self.C_conv = conv(d_inner), conv(groups * state), \
-            conv(groups * state)
-        self.A_log = self.per_head_parameter(init_A_log_)
-        self.dt_bias = self.per_head_parameter(init_dt_bias_)
-        self.D = self.per_head_parameter(torch.nn.init.ones_)
+        self.x_conv, self.B_conv, self.C_conv = (self.short_conv(c) for c in (
+            d_inner, groups * state, groups * state))
+        lo, hi = config.la_ssm_a_init_range
+        self.A_log = self.per_head_parameter(lambda t: init_A_log_(t, lo, hi))
+        self.dt_bias = self.per_head_parameter(lambda t: init_dt_bias_(
+            t, config.la_ssm_dt_min, config.la_ssm_dt_max, config.la_ssm_dt_init_floor))
+        if config.la_ssm_d_has_hdim:  # one skip per channel, 1-D [H_local * P] like fla's
+            self.D = torch.nn.Parameter(torch.empty(d_inner // self.tp_size,
+                                                    dtype=config.params_dtype))
+            init_tp_sharded_(self.D, (d_inner,), 0, torch.nn.init.ones_, self.tp_rank,
+                             self.tp_size)
+        else:
+            self.D = self.per_head_parameter(torch.nn.init.ones_)
+        self.dt_limit = tuple(config.la_ssm_dt_limit)
         self.use_output_gate = False  # the z gate is applied before the norm, below
         self.build_output_norm_and_projection()
 
@@ -70,9 +85,16 @@ class Mamba2Mixer(LinearMixer):
         B = self._groups_to_heads(self._seq_conv(self.B_conv, self.B_proj(x)[0]))
         C = self._groups_to_heads(self._seq_conv(self.C_conv, self.C_proj(x)[0]))
         dt = F.softplus(self.per_head(self.dt_proj(x)[0]) + self.dt_bias.float())  # [b, s, H]
-        y, _ = ops.ssd(xs, dt, -self.A_log.float().exp(), B, C, self.D,
+        if self.dt_limit != (0.0, float("inf")):  # fla's dt_limit
+            dt = dt.clamp(*self.dt_limit)
+        D = self.D
+        if self.config.la_ssm_d_has_hdim:
+            D = D.view(self.num_local_heads, self.head_v_dim)
+        y, _ = ops.ssd(xs, dt, -self.A_log.float().exp(), B, C, D,
                        backend=self.config.la_backend, mode=self.config.la_mode,
                        chunk_size=self.config.la_chunk_size)
         z = self.heads(self.z_proj(x)[0], self.head_v_dim)
-        y = y * F.silu(z.float()).to(y.dtype)  # gate, then norm (Mamba2's norm_before_gate=False)
+        if self.config.la_ssm_norm_before_gate:  # norm(y) * silu(z)
+            return self.unheads(self.o_norm(y, z))
+        y = y * self.o_norm.gate_fn(z.float()).to(y.dtype)  # norm(y * silu(z)), Mamba2's default
         return self.unheads(self.o_norm(y))

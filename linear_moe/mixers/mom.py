@@ -111,6 +111,9 @@ class MixtureOfMemories(LinearMixer):
 
 @register_mixer(
     "mom_gla",
+    options=("la_gate_low_rank_dim", "la_gate_logit_normalizer", "la_mom_num_memories",
+             "la_mom_topk", "la_mom_capacity_factor", "la_mom_shared_memory",
+             "la_mom_aux_loss_coeff"),
     paper="MoM: Linear Sequence Modeling with Mixture-of-Memories (arXiv:2502.13685), GLA memories",
     kernel="fla chunk_gla / fused_recurrent_gla over packed sub-sequences",
     defaults={"la_expand_k": 0.5, "la_expand_v": 1.0, "la_use_short_conv": False},
@@ -143,6 +146,8 @@ class MoMGLAMixer(MixtureOfMemories):
 
 @register_mixer(
     "mom_gated_deltanet",
+    options=("la_mom_num_memories", "la_mom_topk", "la_mom_capacity_factor",
+             "la_mom_shared_memory", "la_mom_aux_loss_coeff"),
     paper="MoM: Linear Sequence Modeling with Mixture-of-Memories (arXiv:2502.13685), "
           "Gated DeltaNet memories",
     kernel="fla chunk_gated_delta_rule over packed sub-sequences",

@@ -23,6 +23,7 @@ _LN_EPS = 1e-5  # fla's layer_norm default
 
 @register_mixer(
     "rebased",
+    options=("la_feature_dim",),
     paper="Linear Transformers with Learnable Kernel Functions are Better In-Context Models "
           "(arXiv:2402.10644)",
     kernel="fla parallel_rebased; chunk: quadratic features through chunk_simple_gla with zero "

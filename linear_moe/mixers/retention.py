@@ -9,6 +9,7 @@ import torch
 
 from linear_moe import ops
 from linear_moe.layers import apply_rotary
+from linear_moe.layers.feature_maps import elementwise_feature_map
 from linear_moe.mixers.base import LinearMixer
 from linear_moe.registry import register_mixer
 
@@ -19,14 +20,18 @@ def retention_log_decays(num_heads: int) -> torch.Tensor:
 
 @register_mixer(
     "retention",
+    options=("la_rope_theta", "la_feature_map", "la_num_kv_heads"),
     paper="Retentive Network (arXiv:2307.08621)",
     kernel="fla chunk_simple_gla / fused_recurrent_simple_gla with fixed per-head decay",
     defaults={"la_expand_k": 1.0, "la_expand_v": 2.0, "la_use_short_conv": False},
 )
 class RetentionMixer(LinearMixer):
+    head_sharing = "kv"  # fla's num_kv_heads: k/v heads shared by query heads
+
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         self.build_qkv()
+        self.phi = elementwise_feature_map(config.la_feature_map, config.la_module)
         self.build_output()
         # A constant, not a parameter: not trained, not checkpointed.
         self.register_buffer("log_decay", retention_log_decays(self.num_heads)[
@@ -34,6 +39,8 @@ class RetentionMixer(LinearMixer):
 
     def mix(self, x):
         q, k, v = self.qkv(x)
+        if self.phi is not None:  # fla's feature_map on q/k, before RoPE as fla
+            q, k = self.phi(q), self.phi(k)
         q = apply_rotary(q, self.config.la_rope_theta)
         k = apply_rotary(k, self.config.la_rope_theta)
         o, _ = ops.simple_gla(q, k, v, g_gamma=self.log_decay, backend=self.config.la_backend,

@@ -31,6 +31,7 @@ _DECAY_LOW_RANK_DIM = 64  # fla's gate_low_rank_dim
 
 @register_mixer(
     "rwkv6",
+    options=("la_token_shift_low_rank_dim", "la_decay_low_rank_dim"),
     paper="Eagle and Finch: RWKV with Matrix-Valued States and Dynamic Recurrence "
           "(arXiv:2404.05892)",
     kernel="fla chunk_rwkv6 / fused_recurrent_rwkv6",
@@ -82,7 +83,8 @@ class RWKV6Mixer(LinearMixer):
         if config.la_output_norm == "groupnorm":
             self.o_norm = rwkv.HeadGroupNorm(self.num_heads, self.head_v_dim,
                                              config.layernorm_epsilon, self.tp_rank,
-                                             self.tp_size, dtype)
+                                             self.tp_size, dtype,
+                                             elementwise_affine=config.la_norm_elementwise_affine)
         # the gate alone (no norm): o * gate_fn(g), --la-gate-fn
         self.o_gate = GatedRMSNorm(self.head_v_dim, config.layernorm_epsilon, config.la_gate_fn,
                                    dtype, self.tp_group, use_norm=False)

@@ -42,6 +42,7 @@ def _low_rank(hidden: int, scale: float, factor: float = 1.0) -> int:
 
 @register_mixer(
     "rwkv7",
+    options=("la_decay_low_rank_dim",),
     paper="RWKV-7 \"Goose\" with Expressive Dynamic State Evolution (arXiv:2503.14456)",
     kernel="fla chunk_rwkv7 (chunk_dplr_delta_rule)",
     # fla 0.6.0's fused_recurrent_rwkv7 (fused_recurrent_dplr_delta_rule) has no backward.
@@ -99,7 +100,8 @@ class RWKV7Mixer(LinearMixer):
             self.o_norm = rwkv.HeadGroupNorm(
                 self.num_heads, self.head_v_dim, self.head_k_dim * config.layernorm_epsilon,
                 self.tp_rank, self.tp_size, dtype,
-                weight_init=((index + 1) / config.num_layers) ** 0.7)
+                weight_init=((index + 1) / config.num_layers) ** 0.7,
+                elementwise_affine=config.la_norm_elementwise_affine)
         self.o_proj = self.row(self.value_dim)
 
     def mix(self, x):

@@ -16,7 +16,8 @@ from .simple_gla import simple_gla
 
 def ssd(x, dt, A, B, C, D=None, *, initial_state=None, output_final_state=False,
         cu_seqlens=None, backend="auto", mode="chunk", chunk_size=64):
-    """x [B, T, H, P], dt [B, T, H] (> 0), A [H] (< 0), B, C [B, T, H, N], D [H] or None.
+    """x [B, T, H, P], dt [B, T, H] (> 0), A [H] (< 0), B, C [B, T, H, N], D [H] (per head),
+    [H, P] (per channel, Mamba2's D_has_hdim) or None.
 
     Returns (y [B, T, H, P] in x.dtype, final state [N_seq, H, N, P] or None)."""
     g = A.float() * dt.float()
@@ -25,5 +26,6 @@ def ssd(x, dt, A, B, C, D=None, *, initial_state=None, output_final_state=False,
                           output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                           backend=backend, mode=mode, chunk_size=chunk_size)
     if D is not None:
-        y = y + (D.float()[:, None] * x.float()).to(y.dtype)
+        D = D.float() if D.dim() == 2 else D.float()[:, None]
+        y = y + (D * x.float()).to(y.dtype)
     return y, state
