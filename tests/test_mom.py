@@ -44,7 +44,7 @@ def _mom_worker(rank, world_size):
     # 2. Capacity: with factor 0.25 a memory takes at most 0.25 * T * k / M tokens per row.
     mom = build(MoMGLAMixer, _config("mom_gla", la_mom_num_memories=4, la_mom_topk=2,
                                      la_mom_capacity_factor=0.25))
-    routed, aux = mom._route(x)
+    routed, aux = mom._route(x.transpose(0, 1))  # _route takes the mixer layout [b, s, h]
     results["max_taken"] = int((routed > 0).sum(1).max())
     results["capacity"] = max(1, int(0.25 * 20 * 2 / 4))
 

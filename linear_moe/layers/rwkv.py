@@ -10,9 +10,8 @@ from linear_moe.layers.tp_init import init_tp_sharded_
 
 
 def token_shift_delta(x: torch.Tensor) -> torch.Tensor:
-    """x [s, b, h] -> x_{t-1} - x_t over the sequence (x_{-1} = 0), fla's token_shift."""
-    shifted = torch.cat([torch.zeros_like(x[:1]), x[:-1]], 0)
-    return shifted - x
+    """x [b, s, h] -> x_{t-1} - x_t over the sequence (x_{-1} = 0), fla's token_shift."""
+    return F.pad(x[:, :-1], (0, 0, 1, 0)) - x
 
 
 def sharded_parameter(full_shape: tuple, init_fn, tp_rank: int, tp_size: int,

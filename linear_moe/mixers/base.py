@@ -4,6 +4,13 @@ A mixer sits in a Megatron TransformerLayer's ``self_attention`` slot, so it tak
 that slot is built with and returns ``(output [s, b, h], bias)``. Subclasses build their
 projections with ``column``/``row`` and implement ``mix(x) -> o`` on the full sequence.
 
+Layout: Megatron's activations are [s, b, h] but the ops take [b, s, H, D], so ``forward``
+transposes the input once to [b, s, h] and everything in ``mix`` stays batch-first: the
+in-projections give [b, s, H*D], ``heads`` only views that as [b, s, H, D], short convolutions
+run on [b, s, c] and token shifts / routing act on dim 1. ``unheads`` does the single transpose
+back to [s, b, H*D] that o_proj needs (under sequence parallelism it reduce-scatters dim 0).
+One transpose of the hidden size in, one of the value width out, instead of one per projection.
+
 Tensor parallelism: every projection is split by heads (ColumnParallelLinear in,
 RowParallelLinear out); per-head parameters are sharded with ``init_tp_sharded_``. Under sequence
 parallelism the input is gathered once here, so the projections run on the full sequence and
@@ -160,12 +167,11 @@ class LinearMixer(MegatronModule):
             self.q_conv, self.k_conv, self.v_conv = (self.short_conv(d) for d in dims)
 
     def qkv(self, x):
-        """x [s, b, h] -> q, k [b, s, H_local, Dk] and v [b, s, H_local, Dv], convolved over
+        """x [b, s, h] -> q, k [b, s, H_local, Dk] and v [b, s, H_local, Dv], convolved over
         the sequence where enabled; shared heads are repeated to H_local (expand_heads)."""
         q, k, v = self.q_proj(x)[0], self.k_proj(x)[0], self.v_proj(x)[0]
         if self.use_short_conv:
-            seq = lambda conv, t: conv(t.transpose(0, 1)).transpose(0, 1)
-            q, k, v = seq(self.q_conv, q), seq(self.k_conv, k), seq(self.v_conv, v)
+            q, k, v = self.q_conv(q), self.k_conv(k), self.v_conv(v)
         return (self.expand_heads(self.heads(q, self.head_k_dim)),
                 self.expand_heads(self.heads(k, self.head_k_dim)),
                 self.expand_heads(self.heads(v, self.head_v_dim)))
@@ -180,8 +186,8 @@ class LinearMixer(MegatronModule):
 
     @staticmethod
     def per_head(t: torch.Tensor) -> torch.Tensor:
-        """A per-head projection [s, b, H_local] -> [b, s, H_local] in fp32."""
-        return t.transpose(0, 1).float()
+        """A per-head projection [b, s, H_local] in fp32."""
+        return t.float()
 
     def build_output(self):
         """Optional output-gate projection, per-head output norm (+ gate, as fla's
@@ -207,7 +213,8 @@ class LinearMixer(MegatronModule):
                                    elementwise_affine=self.config.la_norm_elementwise_affine)
 
     def output(self, o, x):
-        """o [b, s, H_local, Dv] -> [s, b, value_dim / tp], normed and gated by x's gate."""
+        """o [b, s, H_local, Dv], x [b, s, h] -> [s, b, value_dim / tp], normed and gated by
+        x's gate."""
         gate = self.heads(self.g_proj(x)[0], self.head_v_dim) if self.use_output_gate else None
         return self.unheads(self.o_norm(o, gate))
 
@@ -223,19 +230,17 @@ class LinearMixer(MegatronModule):
 
     @staticmethod
     def heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-        """[s, b, H*D] -> [b, s, H, D], the layout of the ops."""
-        s, b, _ = x.shape
-        return x.transpose(0, 1).reshape(b, s, -1, head_dim)
+        """[b, s, H*D] -> [b, s, H, D], the layout of the ops (a view)."""
+        return x.unflatten(-1, (-1, head_dim))
 
     @staticmethod
     def unheads(x: torch.Tensor) -> torch.Tensor:
-        """[b, s, H, D] -> [s, b, H*D]."""
-        b, s = x.shape[:2]
-        return x.reshape(b, s, -1).transpose(0, 1)
+        """[b, s, H, D] -> [s, b, H*D] for o_proj: the mixer's one transpose out."""
+        return x.flatten(2).transpose(0, 1)
 
     # -- Megatron interface ----------------------------------------------------------------
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [s, b, h] full sequence -> o: [s, b, value_dim / tp]."""
+        """x: [b, s, h] full sequence -> o: [s, b, value_dim / tp] (via ``unheads``)."""
         raise NotImplementedError
 
     def forward(self, hidden_states, attention_mask=None, inference_context=None,
@@ -253,7 +258,8 @@ class LinearMixer(MegatronModule):
             # in-projections all-reduce it), so backward only needs to split it.
             x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False,
                                                      group=self.tp_group)
-        o = self.mix(x)
+        # The one transpose in (contiguous: every projection reads it); see the module docstring.
+        o = self.mix(x.transpose(0, 1).contiguous())
         return self.o_proj(o)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

@@ -72,18 +72,15 @@ class Mamba2Mixer(LinearMixer):
         self.use_output_gate = False  # the z gate is applied before the norm, below
         self.build_output_norm_and_projection()
 
-    def _seq_conv(self, conv, t):
-        return conv(t.transpose(0, 1)).transpose(0, 1)
-
     def _groups_to_heads(self, t):
-        """[s, b, G_local * N] -> [b, s, H_local, N], each head reading its group."""
+        """[b, s, G_local * N] -> [b, s, H_local, N], each head reading its group."""
         t = self.heads(t, self.state_dim)
         return t.repeat_interleave(self.num_local_heads // self.local_groups, dim=2)
 
     def mix(self, x):
-        xs = self.heads(self._seq_conv(self.x_conv, self.x_proj(x)[0]), self.head_v_dim)
-        B = self._groups_to_heads(self._seq_conv(self.B_conv, self.B_proj(x)[0]))
-        C = self._groups_to_heads(self._seq_conv(self.C_conv, self.C_proj(x)[0]))
+        xs = self.heads(self.x_conv(self.x_proj(x)[0]), self.head_v_dim)
+        B = self._groups_to_heads(self.B_conv(self.B_proj(x)[0]))
+        C = self._groups_to_heads(self.C_conv(self.C_proj(x)[0]))
         dt = F.softplus(self.per_head(self.dt_proj(x)[0]) + self.dt_bias.float())  # [b, s, H]
         if self.dt_limit != (0.0, float("inf")):  # fla's dt_limit
             dt = dt.clamp(*self.dt_limit)

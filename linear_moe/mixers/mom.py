@@ -61,8 +61,9 @@ class MixtureOfMemories(LinearMixer):
         raise NotImplementedError
 
     def _route(self, x):
-        s, b, _ = x.shape
-        probs = torch.softmax(self.router(x).float(), dim=-1).transpose(0, 1)  # [b, s, M]
+        """x [b, s, h] -> routing weights [b, s, M] (0 where not routed) and the aux loss."""
+        s = x.shape[1]
+        probs = torch.softmax(self.router(x).float(), dim=-1)  # [b, s, M]
         weights, chosen = probs.topk(self.topk, dim=-1)
         weights = weights / weights.sum(-1, keepdim=True)
         # Each rank combines only its heads' outputs: all-reduce the weights' gradient.
@@ -81,7 +82,7 @@ class MixtureOfMemories(LinearMixer):
         return routed, aux
 
     def mix(self, x):
-        b, s = x.shape[1], x.shape[0]
+        b, s = x.shape[:2]
         q = self.heads(self.q_proj(x)[0], self.head_k_dim)
         routed, aux = self._route(x)
         out = None

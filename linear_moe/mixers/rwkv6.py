@@ -91,10 +91,9 @@ class RWKV6Mixer(LinearMixer):
         self.o_proj = self.row(self.value_dim)
 
     def mix(self, x):
-        s, b, h = x.shape
-        delta = rwkv.token_shift_delta(x)
-        lora = torch.tanh(self.mix_down(x + delta * self.mix_x)).view(s, b, len(_MIXES), -1)
-        mixes = torch.einsum("sbnr,nrh->sbnh", lora, self.mix_up) + self.mix_bias
+        delta = rwkv.token_shift_delta(x)  # x [b, s, h]
+        lora = torch.tanh(self.mix_down(x + delta * self.mix_x)).unflatten(-1, (len(_MIXES), -1))
+        mixes = torch.einsum("bsnr,nrh->bsnh", lora, self.mix_up) + self.mix_bias
         xr, xw, xk, xv, xg = (x + delta * m for m in mixes.unbind(2))
 
         r = self.heads(self.r_proj(xr)[0], self.head_k_dim)

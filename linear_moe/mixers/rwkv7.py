@@ -105,7 +105,7 @@ class RWKV7Mixer(LinearMixer):
         self.o_proj = self.row(self.value_dim)
 
     def mix(self, x):
-        delta = rwkv.token_shift_delta(x)
+        delta = rwkv.token_shift_delta(x)  # x [b, s, h]
         xr, xw, xk, xv, xa, xg = (x + delta * m for m in self.shift_mix.unbind(0))
         heads_k = lambda t: self.heads(t, self.head_k_dim)  # noqa: E731
 
