@@ -97,6 +97,19 @@ class GroupedMMExperts(SequentialMLP):
         if self.unsupported or self.num_local_experts == 1 or x.dtype not in (
                 torch.bfloat16, torch.float32) or (x.is_cuda and x.dtype != torch.bfloat16):
             return super().forward(x, tokens_per_expert, permuted_probs)
+        try:
+            return self._grouped_forward(x, tokens_per_expert, permuted_probs)
+        except RuntimeError as error:
+            if not x.is_cuda:
+                raise
+            # torch._grouped_mm's CUDA kernels target recent GPUs (Hopper and newer); elsewhere
+            # train on with the per-expert loop rather than stop, and say so once.
+            self.unsupported = f"torch._grouped_mm failed on this GPU: {str(error).splitlines()[0]}"
+            print(f"linear_moe: grouped_mm experts fall back to the per-expert loop: "
+                  f"{self.unsupported}", flush=True)
+            return super().forward(x, tokens_per_expert, permuted_probs)
+
+    def _grouped_forward(self, x, tokens_per_expert, permuted_probs):
         rows = x.shape[0]
         # The weight-gradient GEMM reads x and dy transposed: its leading dimension is the row
         # count, which must be 16-byte aligned. Zero rows appended to the last expert change
