@@ -6,11 +6,11 @@ repeated over the consecutive heads that read it, fla's '(h g)' layout. TP=2 equ
 bad head counts fail at argument validation and in the mixer with one-line errors.
 """
 
-import argparse
 
 import pytest
 import torch
 
+from arg_utils import parsed_args
 from dist_utils import run_distributed
 
 HIDDEN, SEQ, BATCH = 32, 12, 2
@@ -126,18 +126,6 @@ def test_tp2_matches_tp1_with_shared_heads():
             assert errors[worst] <= TOL, f"{la_module} {worst}: max abs diff {errors[worst]:.3e}"
 
 
-def _args(**overrides):
-    from linear_moe.arguments import add_args
-
-    args = add_args(argparse.ArgumentParser()).parse_args([])
-    base = dict(num_layers=4, num_attention_heads=4, tensor_model_parallel_size=1,
-                context_parallel_size=1, expert_model_parallel_size=1, num_experts=8,
-                normalization="RMSNorm", reset_attention_mask=False)
-    for key, value in {**base, **overrides}.items():
-        setattr(args, key, value)
-    return args
-
-
 @pytest.mark.parametrize("overrides,message", [
     (dict(la_module="gla", la_num_kv_heads=3), r"--la-num-kv-heads 3 must divide --la-num-heads 4"),
     (dict(la_module="gla", la_num_kv_heads=1, tensor_model_parallel_size=2),
@@ -155,16 +143,16 @@ def test_bad_head_sharing_fails_at_validation(overrides, message):
     from linear_moe.arguments import validate_args
 
     with pytest.raises(ValueError, match=message) as info:
-        validate_args(_args(**overrides))
+        validate_args(parsed_args(**overrides))
     assert "\n" not in str(info.value)
 
 
 def test_unset_options_validate_and_set_ones_pass():
     from linear_moe.arguments import validate_args
 
-    validate_args(_args(la_module="gla"))
-    validate_args(_args(la_module="retention", la_num_kv_heads=2, tensor_model_parallel_size=2))
-    validate_args(_args(la_module="kda", la_num_heads=2, la_num_v_heads=8,
+    validate_args(parsed_args(la_module="gla"))
+    validate_args(parsed_args(la_module="retention", la_num_kv_heads=2, tensor_model_parallel_size=2))
+    validate_args(parsed_args(la_module="kda", la_num_heads=2, la_num_v_heads=8,
                         tensor_model_parallel_size=2))
 
 

@@ -5,7 +5,6 @@ The mixer checks run in one single-rank process (run_distributed(..., 1): Megatr
 state); the results are compared here.
 """
 
-import argparse
 import inspect
 import re
 
@@ -13,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from arg_utils import parsed_args
 from dist_utils import run_distributed
-from linear_moe.arguments import add_args, validate_args
+from linear_moe.arguments import validate_args
 from linear_moe.layers import ShortConvolution
 from linear_moe.layers.feature_maps import elementwise_feature_map
 from linear_moe.registry import mixer_specific_options, registered_mixers
@@ -353,16 +353,6 @@ def test_mamba2_dt_limit_and_norm_before_gate(results):
 
 
 # -- argument validation ---------------------------------------------------------------------
-def _args(argv=(), **overrides):
-    args = add_args(argparse.ArgumentParser()).parse_args(list(argv))
-    base = dict(num_layers=4, num_attention_heads=4, tensor_model_parallel_size=1,
-                context_parallel_size=1, expert_model_parallel_size=1, num_experts=8,
-                normalization="RMSNorm", reset_attention_mask=False)
-    for key, value in {**base, **overrides}.items():
-        setattr(args, key, value)
-    return args
-
-
 @pytest.mark.parametrize("argv,message", [
     (["--la-module", "gla", "--la-allow-neg-eigval"],
      r"mixer 'gla' does not use --la-allow-neg-eigval; drop it \(it applies to: deltanet, "
@@ -378,7 +368,7 @@ def _args(argv=(), **overrides):
 ])
 def test_unused_option_rejected(argv, message):
     with pytest.raises(ValueError, match=message):
-        validate_args(_args(argv))
+        validate_args(parsed_args(argv))
 
 
 @pytest.mark.parametrize("argv", [
@@ -391,7 +381,7 @@ def test_unused_option_rejected(argv, message):
     ["--la-module", "gla", "--la-ssm-dt-limit", "0", "inf"],  # the default is no change
 ])
 def test_used_options_accepted(argv):
-    args = _args(argv)
+    args = parsed_args(argv)
     validate_args(args)
     if args.la_module == "linear_attention":
         assert args.la_feature_map == "elu"  # its registry default

@@ -1,13 +1,13 @@
 """Registry, layer pattern, CLI listing and early argument errors."""
 
-import argparse
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 
-from linear_moe.arguments import add_args, preset_argv, validate_args
+from arg_utils import parsed_args
+from linear_moe.arguments import preset_argv, validate_args
 from linear_moe.registry import expand_layer_pattern, get_mixer, register_mixer, registered_mixers
 
 
@@ -69,19 +69,8 @@ def test_cli_lists_mixers_with_support_flags():
             assert flag in line
 
 
-def _args(**overrides):
-    parser = add_args(argparse.ArgumentParser())
-    args = parser.parse_args([])
-    base = dict(num_layers=4, num_attention_heads=4, tensor_model_parallel_size=1,
-                context_parallel_size=1, expert_model_parallel_size=1, num_experts=8,
-                normalization="RMSNorm", reset_attention_mask=False)
-    for key, value in {**base, **overrides}.items():
-        setattr(args, key, value)
-    return args
-
-
 def test_validate_fills_pattern_and_mixer_defaults():
-    args = _args(la_module="gated_deltanet", layer_type_list="LN")
+    args = parsed_args(la_module="gated_deltanet", layer_type_list="LN")
     validate_args(args)
     assert args.layer_type_list == "LNLN"
     assert args.la_use_short_conv is True and args.la_expand_v == 1.5
@@ -99,7 +88,7 @@ def test_validate_fills_pattern_and_mixer_defaults():
 ])
 def test_validate_errors_name_the_fix(overrides, message):
     with pytest.raises(ValueError, match=message):
-        validate_args(_args(**overrides))
+        validate_args(parsed_args(**overrides))
 
 
 def test_preset_flags_come_first_so_user_flags_win():

@@ -10,15 +10,14 @@ kernel behind fla's Hopper guard (#640); tests/test_ops_rwkv.py checks that on f
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from linear_moe.ops import rwkv6, rwkv7
+from test_fla_parity import HEAD_DIMS, REL_TOL, _record, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,30 +25,7 @@ pytestmark = [
 ]
 
 B, T, H = 2, 300, 4  # T is not a multiple of fla's 64-chunk
-HEAD_DIMS = tuple(int(d) for d in os.environ.get("LINEAR_MOE_GPU_HEAD_DIMS", "64,128").split(","))
-REL_TOL = 1e-2
 W_BOUND = -math.exp(-0.5)  # RWKV-7's log-decay bound (the mixer passes it as lower_bound)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _record(op, mode, head_dim, tensor, err):
-    path = os.environ.get("LINEAR_MOE_GPU_RESULTS")
-    if not path:
-        return
-    import triton
-
-    import fla
-
-    row = {"op": op, "mode": mode, "head_dim": head_dim, "tensor": tensor, "rel_err": err,
-           "ok": err <= REL_TOL, "device": torch.cuda.get_device_name(),
-           "torch": torch.__version__, "triton": triton.__version__,
-           "fla": getattr(fla, "__version__", "unknown")}
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def _run(fn, inputs, do, dht, with_grads):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from test_fla_parity import rel_err
 from linear_moe.layers.norm import GatedRMSNorm, RMSNorm
 
 pytestmark = [
@@ -27,11 +28,6 @@ def world_group():
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                                              rank=0, world_size=1)
     return torch.distributed.group.WORLD
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _grads(module, inputs, dy):

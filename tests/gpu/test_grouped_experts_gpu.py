@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from linear_moe.layers.grouped_experts import GroupedMMExperts
+from test_fla_parity import rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,11 +30,6 @@ def _experts(fc1, fc2, fused):
     experts._activation = lambda h, p: GroupedMMExperts._activation(experts, h, p)
     experts._grouped_forward = lambda *a: GroupedMMExperts._grouped_forward(experts, *a)
     return experts
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("fused_swiglu", [False, True])
