@@ -65,12 +65,20 @@ def gated_delta_rule(
         return _gdn_fla(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                         use_qk_l2norm, mode, chunk_size)
 
+    return delta_reference(_gdn_chunked, q, k, v, g, beta, scale, initial_state,
+                           output_final_state, cu_seqlens, use_qk_l2norm, chunk_size)
+
+
+def delta_reference(chunked, q, k, v, g, beta, scale, initial_state, output_final_state,
+                    cu_seqlens, use_qk_l2norm, chunk_size):
+    """The reference path shared by the delta-rule ops (scalar or per-key-dim decay g): fp32
+    (fp64) math, fla's in-kernel q/k L2 norm, then ``chunked`` per sequence."""
     out_dtype, dtype = q.dtype, compute_dtype(q, k, v, g, beta, initial_state)
     q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     h0 = None if initial_state is None else initial_state.to(dtype)
-    run = functools.partial(_gdn_chunked, chunk=chunk_size)
+    run = functools.partial(chunked, chunk=chunk_size)
     o, state = over_sequences(run, cu_seqlens, (q * scale, k, v, g, beta), h0)
     return o.to(out_dtype), (state if output_final_state else None)
 

@@ -12,13 +12,11 @@ with itself. Outputs and the outgoing state then follow GLA's chunk form with U 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from ._chunked import over_sequences, pad_time, suffix_sum, to_chunks
-from .dispatch import check_mode, compute_dtype, resolve_backend
-from .gated_delta_rule import delta_chunk_scan, l2norm
+from ._chunked import pad_time, suffix_sum, to_chunks
+from .dispatch import check_mode, resolve_backend
+from .gated_delta_rule import delta_chunk_scan, delta_reference
 from .gla import _intra_chunk_scores
 
 
@@ -44,14 +42,8 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
                       use_qk_l2norm_in_kernel=use_qk_l2norm)
         return o, (state.float() if state is not None and output_final_state else None)
 
-    out_dtype, dtype = q.dtype, compute_dtype(q, k, v, g, beta, initial_state)
-    q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
-    h0 = None if initial_state is None else initial_state.to(dtype)
-    run = functools.partial(_kda_chunked, chunk=chunk_size)
-    o, state = over_sequences(run, cu_seqlens, (q * scale, k, v, g, beta), h0)
-    return o.to(out_dtype), (state if output_final_state else None)
+    return delta_reference(_kda_chunked, q, k, v, g, beta, scale, initial_state,
+                           output_final_state, cu_seqlens, use_qk_l2norm, chunk_size)
 
 
 def _kda_chunked(q, k, v, g, beta, h0, *, chunk: int):
