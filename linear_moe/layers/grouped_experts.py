@@ -19,6 +19,8 @@ their copy/reduce is the identity.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
@@ -65,19 +67,24 @@ def grouped_mm_unsupported_reason(config, hidden_size: int, ffn_local: int) -> s
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _note_fallback(reason: str) -> None:
+    """Say once per reason (not once per MoE layer) why the experts run as a loop."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f"linear_moe: grouped_mm experts fall back to the per-expert loop: {reason}",
+              flush=True)
+
+
 class GroupedMMExperts(SequentialMLP):
     """SequentialMLP whose forward groups all local experts' GEMMs (see module docstring)."""
 
     def __init__(self, num_local_experts, config, submodules, pg_collection=None, name=None):
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection,
                          name=name)
-        fc1 = self.local_experts[0].linear_fc1.weight
         self.unsupported = grouped_mm_unsupported_reason(
-            self.config, fc1.shape[1], self.local_experts[0].linear_fc2.weight.shape[1])
-        if self.unsupported and torch.distributed.is_initialized() \
-                and torch.distributed.get_rank() == 0 and name and name.endswith("0.mlp.experts"):
-            print(f"linear_moe: grouped_mm experts fall back to the per-expert loop: "
-                  f"{self.unsupported}", flush=True)
+            self.config, self.config.hidden_size, self.local_experts[0].linear_fc2.weight.shape[1])
+        if self.unsupported:
+            _note_fallback(self.unsupported)
 
     def _activation(self, h, probs):
         """Megatron MLP's activation, scaled per token by its routing probability."""
@@ -105,8 +112,7 @@ class GroupedMMExperts(SequentialMLP):
             # torch._grouped_mm's CUDA kernels target recent GPUs (Hopper and newer); elsewhere
             # train on with the per-expert loop rather than stop, and say so once.
             self.unsupported = f"torch._grouped_mm failed on this GPU: {str(error).splitlines()[0]}"
-            print(f"linear_moe: grouped_mm experts fall back to the per-expert loop: "
-                  f"{self.unsupported}", flush=True)
+            _note_fallback(self.unsupported)
             return super().forward(x, tokens_per_expert, permuted_probs)
 
     def _grouped_forward(self, x, tokens_per_expert, permuted_probs):
