@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from arg_utils import parsed_args
 from dist_utils import run_distributed
 from linear_moe import ops
 from linear_moe.arguments import validate_args
@@ -22,7 +23,6 @@ from linear_moe.layers.feature_maps import (FEATURE_MAP_NAMES, PerHeadFeatureMap
                                             feature_dim, feature_map)
 from linear_moe.ops.based import quadratic_feature_map, taylor_feature_map
 from test_pretrain import _command, _losses, _run, dataset  # noqa: F401 (dataset: fixture)
-from test_registry import _args
 
 TOL = 1e-5
 T_VALUES = (1, 37, 150)  # 37, 150: not multiples of the chunk
@@ -253,8 +253,7 @@ def test_unknown_feature_map_lists_the_choices():
 # ---------------------------------------------------------------- arguments
 
 def _validated_args(**overrides):
-    # Megatron flags validate_args reads beyond test_registry's minimal namespace.
-    args = _args(apply_rope_fusion=False, gradient_accumulation_fusion=False, **overrides)
+    args = parsed_args(**overrides)
     validate_args(args)
     return args
 
@@ -271,13 +270,8 @@ def test_unsupported_mode_fails_at_argument_parsing(la_module, mode, choices):
 
 
 def test_family_flags_parse_and_resolve_defaults():
-    import argparse
-
-    from linear_moe.arguments import add_args
-
-    args = add_args(argparse.ArgumentParser()).parse_args(
-        ["--la-module", "based", "--la-mode", "parallel", "--la-feature-dim", "8",
-         "--la-dpfp-nu", "2", "--la-feature-map-norm", "--la-norm-k"])
+    args = parsed_args(["--la-module", "based", "--la-mode", "parallel", "--la-feature-dim", "8",
+                        "--la-dpfp-nu", "2", "--la-feature-map-norm", "--la-norm-k"])
     assert (args.la_feature_dim, args.la_dpfp_nu) == (8, 2)
     assert args.la_feature_map_norm and args.la_norm_k and not args.la_norm_q
     args = _validated_args(la_module="based", la_mode="parallel")
