@@ -15,8 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device, setup_single_process, time_fn, write_results  # noqa: E402
-
+from common import device, emit, setup_single_process, time_fn, write_results  # noqa: E402
 
 
 def build_mixer(name, hidden, heads, dtype):
@@ -117,8 +116,9 @@ def main(argv=None):
     rows = []
     for name in args.mixers or sorted(registered_mixers()):
         for seq in args.seq_lens:
-            rows.append(bench_mixer(name, args.hidden, args.heads, seq,
-                                    max(1, args.tokens // seq), dtype, args.warmup, args.iters))
+            rows.append(emit(bench_mixer(name, args.hidden, args.heads, seq,
+                                         max(1, args.tokens // seq), dtype, args.warmup,
+                                         args.iters)))
     write_results(rows, args.out, "Layer overhead: Megatron mixer layer vs bare op + GEMMs",
                   ["mixer", "T", "B", "layer_ms", "bare_ms", "overhead"])
     return rows

@@ -79,7 +79,7 @@ def _measure(step, warmup, iters):
 def bench_ours(mixer, s, seq, batch, warmup, iters):
     from linear_moe.model_provider import build_standalone
 
-    model, config, _ = build_standalone(our_argv(mixer, s, seq, batch))
+    model, config, _ = build_standalone(our_argv(mixer, s, seq, batch), device=device())
     flops_per_token = training_flops_per_token(model, config, seq)
     params = sum(p.numel() for p in model.parameters())
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
