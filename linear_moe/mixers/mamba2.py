@@ -14,7 +14,10 @@ fla's Mamba2 options: --la-ssm-d-has-hdim (D per channel), --la-ssm-norm-before-
 Kernel choice: SSD is scalar-decay linear attention (q = C, k = B, v = dt * x, g = dt * A), so
 the CUDA path is fla's chunk_simple_gla. megatron-core 0.19.2's own SSD Triton ops
 (megatron/core/ssm/ops) are forward-only (inference), and mamba-ssm / causal-conv1d cannot be
-built on the lent GPU. The norm is per head (Mamba2's spans a whole group, which under TP>1
+built on the lent GPU. On Hopper with Triton < 3.7.1 (fla #640) the chunk backward is refused:
+the H100 whole-model test measured a dt_bias gradient error of 1.7e-1 through it, against
+2.7e-2 for the same model in bf16 through the torch reference (session 3), while plain
+simple_gla passed at its bf16 floor. The norm is per head (Mamba2's spans a whole group, which under TP>1
 with few groups would cross ranks).
 """
 
@@ -25,6 +28,7 @@ from linear_moe import ops
 from linear_moe.layers import init_tp_sharded_
 from linear_moe.layers.decay_init import init_A_log_, init_dt_bias_
 from linear_moe.mixers.base import LinearMixer
+from linear_moe.ops import fla_compat
 from linear_moe.registry import register_mixer
 
 
@@ -48,6 +52,13 @@ class Mamba2Mixer(LinearMixer):
         if not config.la_use_short_conv:
             raise ValueError("mamba2 always has its short convolution; drop "
                              "--no-la-use-short-conv")
+        if (config.la_backend != "reference" and config.la_mode == "chunk"
+                and torch.cuda.is_available() and fla_compat.hopper_guard_active()
+                and fla_compat.guard_policy() != "lift_all"):
+            raise ValueError(
+                "mamba2's fla chunk backward is unproven on Hopper with Triton < 3.7.1 (fla #640; "
+                "dt_bias grad error 1.7e-1 vs 2.7e-2 for bf16 itself): use --la-mode "
+                "fused_recurrent or --la-backend reference, or Triton >= 3.7.1")
         self.local_groups, self.state_dim = groups // self.tp_size, state
         h, d_inner = self.hidden_size, self.value_dim
         self.z_proj = self.column(h, d_inner)  # gate

@@ -31,8 +31,11 @@ import threading
 
 GUARD_ENV = "LINEAR_MOE_FLA_HOPPER_GUARD"
 
-# (op, key head dim) whose gated chunk_bwd_dqkwg grads tests/gpu proved correct.
-PROVEN_GATED_BWD = frozenset({("gated_delta_rule", 64), ("gated_delta_rule", 128)})
+# (op, key head dim) whose gated chunk_bwd_dqkwg grads tests/gpu proved correct (H100, Triton
+# 3.6.0, fla 0.6.0; benchmarks/results/2026-11-23_h100_gpu_suite_s3.jsonl): every tensor <= 5.3e-3.
+# gated_delta_rule 96 is the key dim of the A0.3B-2B/layer-bench shapes (expand_k 0.75).
+PROVEN_GATED_BWD = frozenset({("gated_delta_rule", 64), ("gated_delta_rule", 96),
+                              ("gated_delta_rule", 128), ("simple_gla", 64), ("simple_gla", 128)})
 
 # op -> fla module that binds chunk_bwd_dqkwg by name (`from ... import`), so
 # that is the binding to replace; the definition in chunk_o stays untouched.
@@ -50,6 +53,16 @@ def guard_policy() -> str:
     if policy not in ("", "keep", "lift_all"):
         raise ValueError(f"{GUARD_ENV}={policy!r}; valid values: unset, 'keep', 'lift_all'")
     return policy
+
+
+def hopper_guard_active() -> bool:
+    """True where fla's own #640 guard fires: a Hopper GPU with Triton in [3.4, 3.7.1)."""
+    try:
+        chunk_o = importlib.import_module("fla.ops.common.chunk_o")
+    except Exception:  # no fla / no GPU stack: nothing to guard
+        return False
+    return bool(chunk_o.IS_NVIDIA_HOPPER and chunk_o.TRITON_ABOVE_3_4_0
+                and not chunk_o.TRITON_ABOVE_3_7_1)
 
 
 def should_lift(op: str, head_dim: int) -> bool:

@@ -3,6 +3,13 @@ through the fp32 torch reference op (fp32 weights), forward logits and every gra
 
 This checks the glue around the kernels (layouts, gates, norms, TP-sharded projections) on the
 path training actually takes, beyond the op-level parity of test_fla_parity.py.
+
+A whole model in bf16 is not within 1e-2 of fp32 even without any fla kernel: the first GPU run
+(H100, session 3) measured 1.2-1.6e-2 on the MLP and layernorm weights' gradients, and more on
+gradients that are sums of many cancelling terms (decay biases, dt_bias). So the bar is the bf16
+noise floor, measured in the same test: the same weights in bf16 through the *torch reference*
+op. The fla kernels must not add error beyond it: per tensor, the fla model's error against fp32
+is at most FLOOR_FACTOR x the bf16 reference model's, or ABS_TOL, whichever is larger.
 """
 
 import os
@@ -18,7 +25,7 @@ from linear_moe.ops import fla_compat
 from linear_moe.registry import registered_mixers
 
 SEQ, BATCH, VOCAB = 300, 2, 512  # 300: not a multiple of the 64-token chunk
-REL_TOL = 2e-2
+FLOOR_FACTOR, ABS_TOL = 2.0, 2e-2
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,31 +84,45 @@ def test_fla_model_matches_fp32_reference(la_module, head_dim):
     if la_module == "simple_gla" and not fla_compat.should_lift("simple_gla", head_dim):
         pytest.skip("simple_gla's gated chunk backward is behind fla's Hopper guard until "
                     "test_fla_parity proves it (fla_compat.PROVEN_GATED_BWD)")
+    if (la_module == "mamba2" and fla_compat.hopper_guard_active()
+            and fla_compat.guard_policy() != "lift_all"):
+        pytest.skip("mamba2's chunk backward is refused on this GPU (see linear_moe/mixers/"
+                    "mamba2.py); LINEAR_MOE_FLA_HOPPER_GUARD=lift_all measures it")
     torch.manual_seed(0)
     ref = _model(la_module, head_dim, "reference", torch.float32)
+    weights_bf16 = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+                    for k, v in ref.state_dict().items()}  # megatron's _extra_state is None
     fast = _model(la_module, head_dim, "fla", torch.bfloat16)
-    fast.load_state_dict({k: v.to(torch.bfloat16) if v.is_floating_point() else v
-                          for k, v in ref.state_dict().items()})
+    fast.load_state_dict(weights_bf16)
+    floor = _model(la_module, head_dim, "reference", torch.bfloat16)
+    floor.load_state_dict(weights_bf16)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), device="cuda")
     labels = torch.randint(0, VOCAB, (BATCH, SEQ), device="cuda")
-    errors = {"logits": _rel(_run(fast, tokens, labels), _run(ref, tokens, labels))}
-    ref_params = dict(ref.named_parameters())
+    logits_ref = _run(ref, tokens, labels)
+    fla_err = {"logits": _rel(_run(fast, tokens, labels), logits_ref)}
+    floor_err = {"logits": _rel(_run(floor, tokens, labels), logits_ref)}
+    ref_params, floor_params = dict(ref.named_parameters()), dict(floor.named_parameters())
     for name, p in fast.named_parameters():
-        errors[name] = _rel(p.grad, ref_params[name].grad)
-    _record(la_module, head_dim, errors)
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= REL_TOL, f"{worst}: relative L2 error {errors[worst]:.3e}"
-    assert any("self_attention.o_proj" in n for n in errors)
+        fla_err[name] = _rel(p.grad, ref_params[name].grad)
+        floor_err[name] = _rel(floor_params[name].grad, ref_params[name].grad)
+    bound = {n: max(ABS_TOL, FLOOR_FACTOR * floor_err[n]) for n in fla_err}
+    _record(la_module, head_dim, fla_err, floor_err)
+    over = {n: (f"fla {fla_err[n]:.2e}", f"bf16 floor {floor_err[n]:.2e}")
+            for n in fla_err if fla_err[n] > bound[n]}
+    assert not over, f"fla adds error beyond the bf16 floor: {over}"
+    assert any("self_attention.o_proj" in n for n in fla_err)
 
 
-def _record(la_module, head_dim, errors):
+def _record(la_module, head_dim, fla_err, floor_err):
     path = os.environ.get("LINEAR_MOE_GPU_RESULTS")
     if not path:
         return
     import json
 
+    worst = max(fla_err, key=lambda n: fla_err[n] / max(ABS_TOL, FLOOR_FACTOR * floor_err[n]))
     with open(path, "a") as f:
         f.write(json.dumps({"test": "model_fla_bf16_vs_reference_fp32", "mixer": la_module,
-                            "head_dim": head_dim, "max_rel_err": max(errors.values()),
-                            "worst": max(errors, key=errors.get),
+                            "head_dim": head_dim, "max_rel_err": max(fla_err.values()),
+                            "max_floor_err": max(floor_err.values()), "worst": worst,
+                            "worst_fla_err": fla_err[worst], "worst_floor_err": floor_err[worst],
                             "device": torch.cuda.get_device_name()}) + "\n")
