@@ -87,3 +87,15 @@ def test_native_gdn_comparator_has_our_gdn_shapes():
     (sizes,) = run_distributed(_gdn_layer_sizes, 1)
     assert sizes["megatron_gdn"][0] == "MegatronGDN"
     assert sizes["megatron_gdn"][1] == sizes["gated_deltanet"][1]
+
+
+@pytest.mark.slow
+def test_profile_step_smoke(tmp_path):
+    out = tmp_path / "prof"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--toy",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "prof.json").read_text())
+    groups = result["ms_per_step_by_group"]
+    assert groups["gemm"] > 0 and result["total_ms_per_step"] >= groups["gemm"]
+    assert "gemm" in (tmp_path / "prof.txt").read_text()
