@@ -413,3 +413,26 @@ def test_conv_bias_tp2_matches_tp1():
         assert any("conv.bias" in n for n in errors), "conv bias grads not compared"
         worst = max(errors, key=errors.get)
         assert errors[worst] <= TOL, f"{worst}: max abs diff {errors[worst]:.3e}"
+
+
+def test_mamba2_chunk_refused_where_its_backward_is_unproven(monkeypatch):
+    from linear_moe.mixers import mamba2
+    from linear_moe.ops import fla_compat
+
+    def config(backend="auto", mode="chunk"):
+        cfg = _config("mamba2")
+        cfg.la_backend, cfg.la_mode = backend, mode
+        return cfg
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fla_compat, "hopper_guard_active", lambda: True)
+    monkeypatch.delenv(fla_compat.GUARD_ENV, raising=False)
+    with pytest.raises(ValueError, match="--la-mode fused_recurrent or --la-backend reference"):
+        mamba2.refuse_unproven_chunk_backward(config())
+    mamba2.refuse_unproven_chunk_backward(config(backend="reference"))
+    mamba2.refuse_unproven_chunk_backward(config(mode="fused_recurrent"))
+    monkeypatch.setenv(fla_compat.GUARD_ENV, "lift_all")  # the GPU suite's measuring switch
+    mamba2.refuse_unproven_chunk_backward(config())
+    monkeypatch.setattr(fla_compat, "hopper_guard_active", lambda: False)
+    monkeypatch.delenv(fla_compat.GUARD_ENV)
+    mamba2.refuse_unproven_chunk_backward(config())

@@ -32,6 +32,17 @@ from linear_moe.ops import fla_compat
 from linear_moe.registry import register_mixer
 
 
+def refuse_unproven_chunk_backward(config) -> None:
+    """Refuse fla's chunk path where its backward is unproven for mamba2 (see the docstring)."""
+    if (config.la_backend != "reference" and config.la_mode == "chunk"
+            and torch.cuda.is_available() and fla_compat.hopper_guard_active()
+            and fla_compat.guard_policy() != "lift_all"):
+        raise ValueError(
+            "mamba2's fla chunk backward is unproven on Hopper with Triton < 3.7.1 (fla #640; "
+            "dt_bias grad error 1.7e-1 vs 2.7e-2 for bf16 itself): use --la-mode "
+            "fused_recurrent or --la-backend reference, or Triton >= 3.7.1")
+
+
 @register_mixer(
     "mamba2",
     options=("la_ssm_state_dim", "la_ssm_groups", "la_ssm_d_has_hdim",
@@ -52,13 +63,7 @@ class Mamba2Mixer(LinearMixer):
         if not config.la_use_short_conv:
             raise ValueError("mamba2 always has its short convolution; drop "
                              "--no-la-use-short-conv")
-        if (config.la_backend != "reference" and config.la_mode == "chunk"
-                and torch.cuda.is_available() and fla_compat.hopper_guard_active()
-                and fla_compat.guard_policy() != "lift_all"):
-            raise ValueError(
-                "mamba2's fla chunk backward is unproven on Hopper with Triton < 3.7.1 (fla #640; "
-                "dt_bias grad error 1.7e-1 vs 2.7e-2 for bf16 itself): use --la-mode "
-                "fused_recurrent or --la-backend reference, or Triton >= 3.7.1")
+        refuse_unproven_chunk_backward(config)
         self.local_groups, self.state_dim = groups // self.tp_size, state
         h, d_inner = self.hidden_size, self.value_dim
         self.z_proj = self.column(h, d_inner)  # gate
