@@ -308,11 +308,11 @@ def fake_fla(monkeypatch):
 
     consumer = types.ModuleType("fla.ops.gated_delta_rule.chunk")
     consumer.chunk_bwd_dqkwg = chunk_bwd_dqkwg
-    unproven = types.ModuleType("fla.ops.simple_gla.chunk")  # a consumer with no proven dims
-    unproven.chunk_bwd_dqkwg = chunk_bwd_dqkwg
+    simple_gla = types.ModuleType("fla.ops.simple_gla.chunk")  # the second consumer
+    simple_gla.chunk_bwd_dqkwg = chunk_bwd_dqkwg
     monkeypatch.setitem(sys.modules, "fla.ops.common.chunk_o", chunk_o)
     monkeypatch.setitem(sys.modules, "fla.ops.gated_delta_rule.chunk", consumer)
-    monkeypatch.setitem(sys.modules, "fla.ops.simple_gla.chunk", unproven)
+    monkeypatch.setitem(sys.modules, "fla.ops.simple_gla.chunk", simple_gla)
     monkeypatch.delenv(fla_compat.GUARD_ENV, raising=False)
     return chunk_o, consumer
 
@@ -327,14 +327,18 @@ def test_hopper_shim_lifts_only_proven_dims(fake_fla):
     fla_compat.install_hopper_guard_shim()
     fla_compat.install_hopper_guard_shim()  # idempotent: wrapped once
     assert not getattr(consumer.chunk_bwd_dqkwg.__wrapped__, fla_compat._SHIM_ATTR, False)
-    for head_dim in (64, 128):
+    for head_dim in (64, 96, 128):
         assert _call_bwd(consumer, head_dim) == "ran"
         assert chunk_o.TRITON_ABOVE_3_7_1 is False  # restored after the call
     with pytest.raises(RuntimeError, match="#640"):
         _call_bwd(consumer, 32)
-    # simple_gla's data-dependent-gate backward is not proven on the GPU yet: guard kept
-    with pytest.raises(RuntimeError, match="#640"):
-        _call_bwd(sys.modules["fla.ops.simple_gla.chunk"], 64)
+    # simple_gla's data-dependent-gate backward is proven at 64 and 128 only: guard kept elsewhere
+    simple_gla = sys.modules["fla.ops.simple_gla.chunk"]
+    for head_dim in (64, 128):
+        assert _call_bwd(simple_gla, head_dim) == "ran"
+    for head_dim in (32, 96):
+        with pytest.raises(RuntimeError, match="#640"):
+            _call_bwd(simple_gla, head_dim)
     # positional k works too
     k = torch.zeros(1, 1, 1, 64)
     assert consumer.chunk_bwd_dqkwg(k, k, k, k, k, k, None, torch.zeros(1)) == "ran"
