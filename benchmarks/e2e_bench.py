@@ -29,6 +29,9 @@ from flops import training_flops_per_token  # noqa
 import native_gdn  # noqa: F401,E402  (registers the megatron_gdn comparator; CUDA only)
 
 VOCAB = 32768
+# The measured bf16 dense-matmul ceiling of the lent H100 (issue 5: ~790 TFLOP/s), MFU's denominator
+# for issue 5's item 5 (>= 45% for a Llama3-style 1B hybrid at 8K).
+MATMUL_CEILING_TFLOPS = 790.0
 
 
 def bench(base, size, pattern, mixer, seq, batch, warmup, iters, extra):
@@ -57,6 +60,7 @@ def bench(base, size, pattern, mixer, seq, batch, warmup, iters, extra):
     row = {"pattern": pattern, "mixer": mixer if "L" in pattern else "-", "T": seq, "B": batch,
            "ms": ms, "tokens_per_s": batch * seq / ms * 1e3,
            "model_TFLOP_s": flops_per_token * batch * seq / ms / 1e9, "peak_GiB": peak_memory_gib()}
+    row["MFU"] = row["model_TFLOP_s"] / MATMUL_CEILING_TFLOPS if torch.cuda.is_available() else None
     del model
     gc.collect()
     if torch.cuda.is_available():
@@ -101,8 +105,8 @@ def main(argv=None):
                 rows.append(emit(row))
     write_results(rows, args.out,
                   f"End to end: {args.base_model} {args.model_size}, {args.tokens} tokens/step",
-                  ["pattern", "mixer", "T", "B", "ms", "tokens_per_s", "model_TFLOP_s", "peak_GiB",
-                   "speedup_vs_N", "memory_vs_N"])
+                  ["pattern", "mixer", "T", "B", "ms", "tokens_per_s", "model_TFLOP_s", "MFU",
+                   "peak_GiB", "speedup_vs_N", "memory_vs_N"])
     return rows
 
 
