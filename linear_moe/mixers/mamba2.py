@@ -17,8 +17,8 @@ the CUDA path is fla's chunk_simple_gla. megatron-core 0.19.2's own SSD Triton o
 built on the lent GPU. On Hopper with Triton < 3.7.1 (fla #640) the chunk backward is refused:
 the H100 whole-model test measured a dt_bias gradient error of 1.7e-1 through it, against
 2.7e-2 for the same model in bf16 through the torch reference (session 3), while plain
-simple_gla passed at its bf16 floor. The norm is per head (Mamba2's spans a whole group, which under TP>1
-with few groups would cross ranks).
+simple_gla passed at its bf16 floor. The norm is per head (Mamba2's spans a whole group, which
+under TP>1 with few groups would cross ranks).
 """
 
 import torch
