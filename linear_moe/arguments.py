@@ -124,6 +124,10 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="MoE experts: grouped_mm (one torch._grouped_mm per projection over "
                         "all local experts) or sequential (megatron-core's per-expert loop); "
                         "the same parameters and checkpoints")
+    g.add_argument("--moe-act-recompute", action="store_true",
+                   help="grouped_mm experts: fc2 recomputes the expert activation in backward "
+                        "instead of keeping its output (one [routed tokens, ffn] tensor less per "
+                        "MoE layer); megatron-core's 'moe_act' recompute needs TransformerEngine")
     g.add_argument("--sft-data-path", default=None,
                    help="finetune on this jsonl of conversations (prompt/response or messages) "
                         "with the loss on responses only, instead of --data-path")
@@ -247,6 +251,10 @@ def validate_args(args) -> None:
     if args.normalization != "RMSNorm":
         raise ValueError(f"--normalization {args.normalization} is not supported; use RMSNorm")
     num_experts = args.num_experts
+    if getattr(args, "moe_act_recompute", False) and (
+            not num_experts or args.moe_expert_impl != "grouped_mm"):
+        raise ValueError("--moe-act-recompute applies to the grouped_mm MoE experts only: it "
+                         "needs --num-experts and --moe-expert-impl grouped_mm")
     if num_experts and num_experts % args.expert_model_parallel_size:
         raise ValueError(f"--num-experts {num_experts} is not divisible by "
                          f"--expert-model-parallel-size {args.expert_model_parallel_size}")

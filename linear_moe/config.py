@@ -74,6 +74,8 @@ class LinearMixerFields:
     # MoE experts: "grouped_mm" (two torch._grouped_mm over all local experts) or
     # megatron-core's "sequential" per-expert loop; same parameters and checkpoints.
     moe_expert_impl: str = "grouped_mm"
+    # grouped_mm experts: recompute the activation in backward instead of keeping its output
+    moe_act_recompute: bool = False
 
 
 @dataclass

@@ -30,29 +30,39 @@ def test_grouped_linear_matches_per_group_matmuls_with_an_empty_group():
     assert grads[2].abs().max() == 0  # the empty expert gets a zero gradient
 
 
-def test_experts_pad_an_unaligned_token_count():
-    """Rows are padded to a multiple of 8 for the weight-gradient GEMM; 13 routed tokens give
-    the per-expert loop's outputs and gradients."""
+def _toy_experts(sizes, recompute):
+    """GroupedMMExperts' forward over plain tensors: SwiGLU experts 16 -> 2 x 32 -> 16."""
     from types import SimpleNamespace
 
     from linear_moe.layers.grouped_experts import GroupedMMExperts
 
-    torch.manual_seed(0)
-    sizes = [4, 0, 6, 3]
-    fc1 = [torch.randn(64, 16, requires_grad=True) for _ in sizes]  # SwiGLU: 2 x 32
+    fc1 = [torch.randn(64, 16, requires_grad=True) for _ in sizes]
     fc2 = [torch.randn(16, 32, requires_grad=True) for _ in sizes]
     experts = SimpleNamespace(
-        num_local_experts=4, unsupported=None,
+        num_local_experts=len(sizes), unsupported=None,
         config=SimpleNamespace(bias_activation_fusion=False, gated_linear_unit=True,
-                               activation_func=F.silu, glu_linear_offset=0.0),
+                               activation_func=F.silu, glu_linear_offset=0.0,
+                               moe_act_recompute=recompute),
         local_experts=[SimpleNamespace(linear_fc1=SimpleNamespace(weight=a),
                                        linear_fc2=SimpleNamespace(weight=b))
                        for a, b in zip(fc1, fc2)])
     experts._activation = lambda h, p: GroupedMMExperts._activation(experts, h, p)
     experts._grouped_forward = lambda *a: GroupedMMExperts._grouped_forward(experts, *a)
+    return (lambda x, probs: GroupedMMExperts.forward(experts, x, torch.tensor(sizes), probs)[0],
+            fc1, fc2)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep_act", "moe_act_recompute"])
+def test_experts_pad_an_unaligned_token_count(recompute):
+    """Rows are padded to a multiple of 8 for the weight-gradient GEMM; 13 routed tokens give
+    the per-expert loop's outputs and gradients (also with the activation recomputed)."""
+    torch.manual_seed(0)
+    sizes = [4, 0, 6, 3]
+    experts, fc1, fc2 = _toy_experts(sizes, recompute)
     x = torch.randn(sum(sizes), 16, requires_grad=True)
     probs = torch.rand(sum(sizes))
-    out, _ = GroupedMMExperts.forward(experts, x, torch.tensor(sizes), probs)
+    probs.requires_grad_()
+    out = experts(x, probs)
     assert out.shape == (13, 16)
     ref = []
     for xs, ps, a, b in zip(x.split(sizes), probs.split(sizes), fc1, fc2):
@@ -61,8 +71,8 @@ def test_experts_pad_an_unaligned_token_count():
     ref = torch.cat(ref)
     assert (out - ref).abs().max() < 1e-4
     dy = torch.randn_like(out)
-    grads = torch.autograd.grad(out, [x, *fc1, *fc2], dy)
-    ref_grads = torch.autograd.grad(ref, [x, *fc1, *fc2], dy)
+    grads = torch.autograd.grad(out, [x, probs, *fc1, *fc2], dy)
+    ref_grads = torch.autograd.grad(ref, [x, probs, *fc1, *fc2], dy)
     for g, r in zip(grads, ref_grads):
         assert (g - r).abs().max() < 1e-3 * max(1.0, r.abs().max().item())
 
@@ -78,7 +88,40 @@ def test_unaligned_or_biased_experts_fall_back_with_a_reason():
     assert "bias" in grouped_mm_unsupported_reason(cfg, 64, 48)
 
 
-def _build(impl, ep, dtype):
+def test_moe_act_recompute_keeps_no_activation_output():
+    """With the recompute, backward keeps no [rows, ffn] tensor (the activation's output and, in
+    this unfused CPU activation, its intermediates); only fc1's [rows, 2 ffn] output and the
+    probabilities are kept, as the fused SwiGLU keeps anyway."""
+    def saved_shapes(recompute):
+        torch.manual_seed(0)
+        experts, _, _ = _toy_experts([5, 3, 0, 9], recompute)  # 17 rows, padded to 24
+        shapes = []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            experts(torch.randn(17, 16, requires_grad=True), torch.rand(17))
+        return shapes
+
+    assert (24, 32) in saved_shapes(False)
+    kept = saved_shapes(True)
+    assert (24, 32) not in kept and (24, 64) in kept
+
+
+def test_moe_act_recompute_needs_grouped_experts():
+    from arg_utils import parsed_args
+    from linear_moe.arguments import validate_args
+
+    validate_args(parsed_args(["--moe-act-recompute"]))
+    for argv, overrides in ((["--moe-act-recompute"], dict(num_experts=None)),
+                            (["--moe-act-recompute", "--moe-expert-impl", "sequential"], {})):
+        with pytest.raises(ValueError, match="grouped_mm MoE experts only"):
+            validate_args(parsed_args(argv, **overrides))
+
+
+def _build(impl, ep, dtype, act_recompute=False):
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
@@ -103,7 +146,8 @@ def _build(impl, ep, dtype):
         # gloo has no all_to_all_single with split sizes: EP on CPU uses the allgather dispatcher
         moe_token_dispatcher_type="allgather",
         moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01,
-        la_module="gla", layer_type_list="LN", la_num_heads=4, moe_expert_impl=impl)
+        la_module="gla", layer_type_list="LN", la_num_heads=4, moe_expert_impl=impl,
+        moe_act_recompute=act_recompute)
     resolve_mixer_defaults(config)
     return GPTModel(config, decoder_block_spec(config, "qwen2_moe"), vocab_size=VOCAB,
                     max_sequence_length=SEQ, parallel_output=False,
@@ -119,13 +163,13 @@ def _step(model):
     return logits.detach().float()
 
 
-def _compare_worker(rank, world_size, dtype):
+def _compare_worker(rank, world_size, dtype, act_recompute=False):
     from megatron.core import parallel_state as mpu
 
     from linear_moe.layers.grouped_experts import GroupedMMExperts
 
     seq = _build("sequential", world_size, dtype)
-    grouped = _build("grouped_mm", world_size, dtype)
+    grouped = _build("grouped_mm", world_size, dtype, act_recompute)
     assert any(isinstance(m, GroupedMMExperts) for m in grouped.modules())
     assert not any(isinstance(m, GroupedMMExperts) for m in seq.modules())
     assert seq.state_dict().keys() == grouped.state_dict().keys()
@@ -142,9 +186,10 @@ def _compare_worker(rank, world_size, dtype):
     return errors
 
 
-@pytest.mark.parametrize("ep", [1, 2], ids=["ep1", "ep2"])
-def test_grouped_experts_equal_sequential_fp32(ep):
-    for errors in run_distributed(_compare_worker, ep, torch.float32):
+@pytest.mark.parametrize("ep,act_recompute", [(1, False), (2, False), (1, True)],
+                         ids=["ep1", "ep2", "ep1-moe_act_recompute"])
+def test_grouped_experts_equal_sequential_fp32(ep, act_recompute):
+    for errors in run_distributed(_compare_worker, ep, torch.float32, act_recompute):
         worst = max(errors, key=errors.get)
         assert errors[worst] < 1e-5, (worst, errors[worst])
 

@@ -12,6 +12,11 @@ weight list, not the stacked copy, and re-stacks in backward: no extra weight-si
 is held per layer, at the cost of one weight-sized copy per pass (~0.1 ms per layer at
 A0.3B-2B on an H100, against GEMMs of several ms).
 
+With --moe-act-recompute, fc2 does not keep the activation's output for its weight gradient
+but recomputes it in backward from fc1's output, which the activation's own backward keeps
+anyway (megatron-core's "moe_act" recompute, which it only offers with TransformerEngine's
+grouped GEMM): one [routed tokens, ffn] tensor less per MoE layer for one elementwise pass.
+
 Expert linears are local matmuls here: under expert-TP/EP Megatron marks them
 ``explicit_expert_comm`` (the token dispatcher does the communication), and with TP = EP = 1
 their copy/reduce is the identity.
@@ -49,6 +54,30 @@ class _GroupedLinear(torch.autograd.Function):
         return (dx, None, *dw.unbind(0))
 
 
+class _ActivationThenGroupedLinear(torch.autograd.Function):
+    """y = grouped(act(h), W) that keeps h, not act(h): act is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, activation, h, probs, offs, *weights):
+        with torch.no_grad():
+            a = activation(h, probs)
+        ctx.activation = activation
+        ctx.save_for_backward(h, probs, offs, *weights)
+        return torch._grouped_mm(a, torch.stack(weights).transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, probs, offs, *weights = ctx.saved_tensors
+        dy = dy.contiguous()
+        with torch.enable_grad():
+            h_, probs_ = h.detach().requires_grad_(), probs.detach().requires_grad_()
+            a = ctx.activation(h_, probs_)
+        da = torch._grouped_mm(dy, torch.stack(weights), offs=offs)
+        dw = torch._grouped_mm(dy.t(), a.detach(), offs=offs)
+        dh, dprobs = torch.autograd.grad(a, (h_, probs_), da)
+        return (None, dh, dprobs, None, *dw.unbind(0))
+
+
 def grouped_mm_unsupported_reason(config, hidden_size: int, ffn_local: int) -> str | None:
     """Why the grouped path cannot run this config (None: it can)."""
     if config.add_bias_linear:
@@ -84,7 +113,11 @@ class GroupedMMExperts(SequentialMLP):
         self.unsupported = grouped_mm_unsupported_reason(
             self.config, self.config.hidden_size, self.local_experts[0].linear_fc2.weight.shape[1])
         if self.unsupported:
-            _note_fallback(self.unsupported)
+            _note_fallback(self.unsupported + self._recompute_lost())
+
+    def _recompute_lost(self) -> str:
+        lost = getattr(self.config, "moe_act_recompute", False)
+        return " (so --moe-act-recompute has no effect)" if lost else ""
 
     def _activation(self, h, probs):
         """Megatron MLP's activation, scaled per token by its routing probability."""
@@ -112,7 +145,7 @@ class GroupedMMExperts(SequentialMLP):
             # torch._grouped_mm's CUDA kernels target recent GPUs (Hopper and newer); elsewhere
             # train on with the per-expert loop rather than stop, and say so once.
             self.unsupported = f"torch._grouped_mm failed on this GPU: {str(error).splitlines()[0]}"
-            _note_fallback(self.unsupported)
+            _note_fallback(self.unsupported + self._recompute_lost())
             return super().forward(x, tokens_per_expert, permuted_probs)
 
     def _grouped_forward(self, x, tokens_per_expert, permuted_probs):
@@ -131,5 +164,8 @@ class GroupedMMExperts(SequentialMLP):
         fc1 = [e.linear_fc1.weight for e in self.local_experts]
         fc2 = [e.linear_fc2.weight for e in self.local_experts]
         h = _GroupedLinear.apply(x, offs, *fc1)
+        if getattr(self.config, "moe_act_recompute", False):
+            return _ActivationThenGroupedLinear.apply(self._activation, h, permuted_probs, offs,
+                                                      *fc2)[:rows], None
         h = self._activation(h, permuted_probs)
         return _GroupedLinear.apply(h, offs, *fc2)[:rows], None

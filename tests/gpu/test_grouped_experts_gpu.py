@@ -18,12 +18,13 @@ pytestmark = [
 ]
 
 
-def _experts(fc1, fc2, fused):
+def _experts(fc1, fc2, fused, recompute):
     experts = SimpleNamespace(
         num_local_experts=len(fc1), unsupported=None,
         config=SimpleNamespace(bias_activation_fusion=fused, gated_linear_unit=True,
                                activation_func=F.silu, glu_linear_offset=0.0,
-                               activation_func_fp8_input_store=False),
+                               activation_func_fp8_input_store=False,
+                               moe_act_recompute=recompute),
         local_experts=[SimpleNamespace(linear_fc1=SimpleNamespace(weight=a),
                                        linear_fc2=SimpleNamespace(weight=b))
                        for a, b in zip(fc1, fc2)])
@@ -32,8 +33,9 @@ def _experts(fc1, fc2, fused):
     return experts
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep_act", "moe_act_recompute"])
 @pytest.mark.parametrize("fused_swiglu", [False, True])
-def test_grouped_experts_bf16_match_fp32_loop(fused_swiglu):
+def test_grouped_experts_bf16_match_fp32_loop(fused_swiglu, recompute):
     torch.manual_seed(0)
     sizes = [1000, 0, 517, 2900, 3]  # 4420 rows: padded to a multiple of 8
     hidden, ffn = 1024, 896
@@ -45,7 +47,7 @@ def test_grouped_experts_bf16_match_fp32_loop(fused_swiglu):
 
     leaves = [t.bfloat16().requires_grad_() for t in (x, *fc1, *fc2)]
     n = len(sizes)
-    experts = _experts(leaves[1:1 + n], leaves[1 + n:], fused_swiglu)
+    experts = _experts(leaves[1:1 + n], leaves[1 + n:], fused_swiglu, recompute)
     out, _ = GroupedMMExperts.forward(experts, leaves[0], torch.tensor(sizes), probs.bfloat16())
     assert experts.unsupported is None  # the grouped path ran, not the fallback
     out.backward(dy.bfloat16())
