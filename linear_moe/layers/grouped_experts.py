@@ -136,6 +136,9 @@ class GroupedMMExperts(SequentialMLP):
         x = permuted_local_hidden_states
         if self.unsupported or self.num_local_experts == 1 or x.dtype not in (
                 torch.bfloat16, torch.float32) or (x.is_cuda and x.dtype != torch.bfloat16):
+            if self._recompute_lost():  # a loop that does not recompute: say so once
+                _note_fallback((self.unsupported or f"{self.num_local_experts} local expert(s), "
+                                f"{x.dtype} on {x.device.type}") + self._recompute_lost())
             return super().forward(x, tokens_per_expert, permuted_probs)
         try:
             return self._grouped_forward(x, tokens_per_expert, permuted_probs)
