@@ -36,6 +36,16 @@ def setup_single_process():
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
 
 
+def add_run_args(parser, *, tokens: int, warmup: int, iters: int, out_help: str | None = None):
+    """The arguments every benchmark takes: tokens per step, timing, the toy switch, output."""
+    parser.add_argument("--tokens", type=int, default=tokens, help="tokens per step (B = tokens/T)")
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--iters", type=int, default=iters)
+    parser.add_argument("--toy", action="store_true", help="tiny CPU-sized smoke run")
+    parser.add_argument("--out", default=None, help=out_help or "write <out>.json and <out>.md")
+    return parser
+
+
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device, emit, peak_memory_gib, setup_single_process, time_fn, write_results  # noqa
+from common import (  # noqa: E402
+    add_run_args, device, emit, peak_memory_gib, setup_single_process, time_fn, write_results,
+)
 from flops import training_flops_per_token  # noqa
 import native_gdn  # noqa: F401,E402  (registers the megatron_gdn comparator; CUDA only)
 
@@ -78,11 +80,7 @@ def main(argv=None):
                         help="'N' alone is the softmax baseline every row is compared with")
     parser.add_argument("--mixers", nargs="+", default=["gla", "gated_deltanet"])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
-    parser.add_argument("--tokens", type=int, default=16384, help="tokens per step")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--toy", action="store_true", help="tiny CPU-sized smoke run")
-    parser.add_argument("--out", default=None)
+    add_run_args(parser, tokens=16384, warmup=2, iters=5)
     parser.add_argument("extra", nargs="*", help="extra Megatron flags after --")
     args = parser.parse_args(argv)
     if args.toy:

@@ -15,7 +15,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device, emit, setup_single_process, time_fn, write_results  # noqa: E402
+from common import (  # noqa: E402
+    add_run_args, device, emit, setup_single_process, time_fn, write_results,
+)
 
 
 def build_mixer(name, hidden, heads, dtype):
@@ -100,11 +102,7 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 32768])
-    parser.add_argument("--tokens", type=int, default=65536, help="tokens per step (B = tokens/T)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--toy", action="store_true", help="tiny CPU-sized smoke run")
-    parser.add_argument("--out", default=None, help="write <out>.json and <out>.md")
+    add_run_args(parser, tokens=65536, warmup=3, iters=10)
     args = parser.parse_args(argv)
     if args.toy:
         args.hidden, args.heads, args.seq_lens, args.tokens = 64, 2, [64], 128

@@ -19,7 +19,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device, environment, peak_memory_gib, setup_single_process  # noqa: E402
+from common import (  # noqa: E402
+    add_run_args, device, environment, peak_memory_gib, setup_single_process,
+)
 from peer_bench import SHAPE, TOY, fla_model, our_argv  # noqa: E402
 
 # Kernel-name fragments -> group (first match wins; names are lower-cased).
@@ -48,9 +50,6 @@ def build_step(which: str, mixer: str, shape: dict, seq: int, batch: int):
     if which == "fla":
         if not torch.cuda.is_available():
             raise SystemExit("fla's models are Triton-only: --model fla needs CUDA")
-        from linear_moe.ops import fla_compat
-
-        fla_compat.install_hopper_guard_shim()  # as peer_bench: fla's GDN needs the proven lift
         model = fla_model(mixer, shape).to(device(), torch.bfloat16)
         return lambda: model(input_ids=tokens, labels=tokens).loss.backward()
     from linear_moe.model_provider import build_standalone
@@ -104,11 +103,7 @@ def main(argv=None):
     parser.add_argument("--model", choices=["ours", "fla"], default="ours")
     parser.add_argument("--mixer", default="gla")
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--tokens", type=int, default=16384, help="tokens per step")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--toy", action="store_true", help="tiny CPU-sized smoke run")
-    parser.add_argument("--out", default=None, help="write <out>.txt and <out>.json")
+    add_run_args(parser, tokens=16384, warmup=3, iters=3, out_help="write <out>.txt and <out>.json")
     args = parser.parse_args(argv)
     shape = SHAPE
     if args.toy:
