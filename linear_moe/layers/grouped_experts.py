@@ -35,27 +35,37 @@ EXPERT_IMPLS = ("grouped_mm", "sequential")
 _ROW_ALIGN = 8  # rows: 16 bytes in bf16 (and 32 in fp32)
 
 
-class _GroupedLinear(torch.autograd.Function):
+def _grouped_forward_mm(x, offs, weights):
     """y[rows of group e] = x[rows of group e] @ W_e^T for W_e [out, in]; groups end at offs."""
+    return torch._grouped_mm(x, torch.stack(weights).transpose(1, 2), offs=offs)
+
+
+def _grouped_backward_mm(dy, x, offs, weights):
+    """(dx, [dW_e]) of _grouped_forward_mm."""
+    dy = dy.contiguous()
+    dx = torch._grouped_mm(dy, torch.stack(weights), offs=offs)
+    # dW_e = dy_e^T x_e: a grouped GEMM whose reduction runs over each group's rows.
+    dw = torch._grouped_mm(dy.t(), x, offs=offs)  # [E, out, in]
+    return dx, dw.unbind(0)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """_grouped_forward_mm, keeping the weight list (not the stacked copy) for backward."""
 
     @staticmethod
     def forward(ctx, x, offs, *weights):
-        w = torch.stack(weights)  # [E, out, in]
         ctx.save_for_backward(x, offs, *weights)
-        return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+        return _grouped_forward_mm(x, offs, weights)
 
     @staticmethod
     def backward(ctx, dy):
         x, offs, *weights = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = torch._grouped_mm(dy, torch.stack(weights), offs=offs)
-        # dW_e = dy_e^T x_e: a grouped GEMM whose reduction runs over each group's rows.
-        dw = torch._grouped_mm(dy.t(), x, offs=offs)  # [E, out, in]
-        return (dx, None, *dw.unbind(0))
+        dx, dw = _grouped_backward_mm(dy, x, offs, weights)
+        return (dx, None, *dw)
 
 
 class _ActivationThenGroupedLinear(torch.autograd.Function):
-    """y = grouped(act(h), W) that keeps h, not act(h): act is recomputed in backward."""
+    """_grouped_forward_mm(act(h)) that keeps h, not act(h): act is recomputed in backward."""
 
     @staticmethod
     def forward(ctx, activation, h, probs, offs, *weights):
@@ -63,19 +73,17 @@ class _ActivationThenGroupedLinear(torch.autograd.Function):
             a = activation(h, probs)
         ctx.activation = activation
         ctx.save_for_backward(h, probs, offs, *weights)
-        return torch._grouped_mm(a, torch.stack(weights).transpose(1, 2), offs=offs)
+        return _grouped_forward_mm(a, offs, weights)
 
     @staticmethod
     def backward(ctx, dy):
         h, probs, offs, *weights = ctx.saved_tensors
-        dy = dy.contiguous()
         with torch.enable_grad():
             h_, probs_ = h.detach().requires_grad_(), probs.detach().requires_grad_()
             a = ctx.activation(h_, probs_)
-        da = torch._grouped_mm(dy, torch.stack(weights), offs=offs)
-        dw = torch._grouped_mm(dy.t(), a.detach(), offs=offs)
+        da, dw = _grouped_backward_mm(dy, a.detach(), offs, weights)
         dh, dprobs = torch.autograd.grad(a, (h_, probs_), da)
-        return (None, dh, dprobs, None, *dw.unbind(0))
+        return (None, dh, dprobs, None, *dw)
 
 
 def grouped_mm_unsupported_reason(config, hidden_size: int, ffn_local: int) -> str | None:
