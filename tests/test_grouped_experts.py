@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_utils import run_distributed
+from expert_utils import experts_over
 from linear_moe.layers.grouped_experts import _GroupedLinear, grouped_mm_unsupported_reason
 
 SEQ, BATCH, VOCAB = 32, 2, 128
@@ -31,25 +32,11 @@ def test_grouped_linear_matches_per_group_matmuls_with_an_empty_group():
 
 
 def _toy_experts(sizes, recompute):
-    """GroupedMMExperts' forward over plain tensors: SwiGLU experts 16 -> 2 x 32 -> 16."""
-    from types import SimpleNamespace
-
-    from linear_moe.layers.grouped_experts import GroupedMMExperts
-
+    """SwiGLU experts 16 -> 2 x 32 -> 16 as a function of (x, probs), and their weights."""
     fc1 = [torch.randn(64, 16, requires_grad=True) for _ in sizes]
     fc2 = [torch.randn(16, 32, requires_grad=True) for _ in sizes]
-    experts = SimpleNamespace(
-        num_local_experts=len(sizes), unsupported=None,
-        config=SimpleNamespace(bias_activation_fusion=False, gated_linear_unit=True,
-                               activation_func=F.silu, glu_linear_offset=0.0,
-                               moe_act_recompute=recompute),
-        local_experts=[SimpleNamespace(linear_fc1=SimpleNamespace(weight=a),
-                                       linear_fc2=SimpleNamespace(weight=b))
-                       for a, b in zip(fc1, fc2)])
-    experts._activation = lambda h, p: GroupedMMExperts._activation(experts, h, p)
-    experts._grouped_forward = lambda *a: GroupedMMExperts._grouped_forward(experts, *a)
-    return (lambda x, probs: GroupedMMExperts.forward(experts, x, torch.tensor(sizes), probs)[0],
-            fc1, fc2)
+    experts = experts_over(fc1, fc2, moe_act_recompute=recompute)
+    return lambda x, probs: experts.forward(x, torch.tensor(sizes), probs)[0], fc1, fc2
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep_act", "moe_act_recompute"])

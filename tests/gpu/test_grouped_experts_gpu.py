@@ -3,34 +3,17 @@ empty expert and a row count that needs padding."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from linear_moe.layers.grouped_experts import GroupedMMExperts
+from expert_utils import experts_over
 from test_fla_parity import rel_err
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-
-def _experts(fc1, fc2, fused, recompute):
-    experts = SimpleNamespace(
-        num_local_experts=len(fc1), unsupported=None,
-        config=SimpleNamespace(bias_activation_fusion=fused, gated_linear_unit=True,
-                               activation_func=F.silu, glu_linear_offset=0.0,
-                               activation_func_fp8_input_store=False,
-                               moe_act_recompute=recompute),
-        local_experts=[SimpleNamespace(linear_fc1=SimpleNamespace(weight=a),
-                                       linear_fc2=SimpleNamespace(weight=b))
-                       for a, b in zip(fc1, fc2)])
-    experts._activation = lambda h, p: GroupedMMExperts._activation(experts, h, p)
-    experts._grouped_forward = lambda *a: GroupedMMExperts._grouped_forward(experts, *a)
-    return experts
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep_act", "moe_act_recompute"])
@@ -47,8 +30,9 @@ def test_grouped_experts_bf16_match_fp32_loop(fused_swiglu, recompute):
 
     leaves = [t.bfloat16().requires_grad_() for t in (x, *fc1, *fc2)]
     n = len(sizes)
-    experts = _experts(leaves[1:1 + n], leaves[1 + n:], fused_swiglu, recompute)
-    out, _ = GroupedMMExperts.forward(experts, leaves[0], torch.tensor(sizes), probs.bfloat16())
+    experts = experts_over(leaves[1:1 + n], leaves[1 + n:], bias_activation_fusion=fused_swiglu,
+                           moe_act_recompute=recompute)
+    out, _ = experts.forward(leaves[0], torch.tensor(sizes), probs.bfloat16())
     assert experts.unsupported is None  # the grouped path ran, not the fallback
     out.backward(dy.bfloat16())
 
