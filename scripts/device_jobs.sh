@@ -58,7 +58,6 @@ while IFS= read -r line; do
 done < "$JOB_FILE"
 wait
 echo "all jobs done after $((SECONDS - START))s"
-cat "$OUT/summary.txt"
 # One line per failing/passing test and every benchmark row, for the reply's output tail.
 grep -hE "^(PASSED|FAILED|ERROR)|^ROW |passed|failed" "$OUT"/jobs/*/log.txt | cut -c1-300 | tail -150
 tar czf "$OUT/jobs.tgz" -C "$OUT" jobs summary.txt && rm -rf "$OUT/jobs"
