@@ -9,6 +9,9 @@ shape with the same mixer, side by side in one run at equal tokens per step.
 Shape (the issue's): hidden 1024, 12 layers, 8 heads of 128, FFN 7168, vocab 32768, untied
 embeddings, bf16, 16,384 tokens/step; forward + backward of the LM loss, no optimizer step.
 Target: ours >= 1.1x their tokens/s at equal or lower peak memory.
+
+--ours-flags runs ours once per quoted flag set, in the same run (e.g. "" and
+"--mlp-act-recompute --chunked-cross-entropy": the memory options side by side).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def fla_model(mixer, s):
     raise ValueError(f"no fla peer model for '{mixer}'; choose gla or gated_deltanet")
 
 
-def our_argv(mixer, s, seq, batch):
+def our_argv(mixer, s, seq, batch, flags=""):
     expand_k = {"gla": 0.5}.get(mixer, s["heads"] * s["head_dim"] / s["hidden"])
     argv = ["--base-model", "llama3", "--model-size", "tiny", "--layer-type-list", "L",
             "--la-module", mixer, "--num-layers", str(s["layers"]),
@@ -75,7 +78,7 @@ def our_argv(mixer, s, seq, batch):
         argv.append("--la-use-short-conv")
     if torch.cuda.is_available():
         argv.append("--bf16")
-    return argv
+    return argv + flags.split()
 
 
 def _measure(step, warmup, iters):
@@ -85,10 +88,10 @@ def _measure(step, warmup, iters):
     return ms, peak_memory_gib()
 
 
-def bench_ours(mixer, s, seq, batch, warmup, iters):
+def bench_ours(mixer, s, seq, batch, warmup, iters, flags=""):
     from linear_moe.model_provider import build_standalone
 
-    model, config, _ = build_standalone(our_argv(mixer, s, seq, batch), device=device())
+    model, config, _ = build_standalone(our_argv(mixer, s, seq, batch, flags), device=device())
     flops_per_token = training_flops_per_token(model, config, seq)
     params = sum(p.numel() for p in model.parameters())
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -101,7 +104,8 @@ def bench_ours(mixer, s, seq, batch, warmup, iters):
 
     ms, peak = _measure(step, warmup, iters)
     del model
-    return {"model": f"linear_moe llama3 'L' {mixer}", "params": params, "ms": ms,
+    name = f"linear_moe llama3 'L' {mixer}" + (f" {flags}" if flags else "")
+    return {"model": name, "params": params, "ms": ms,
             "peak_GiB": peak, "flops_per_token": flops_per_token}
 
 
@@ -136,6 +140,9 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mixers", nargs="+", default=["gla", "gated_deltanet"])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--ours-flags", nargs="+", default=[""],
+                        help="run ours once per quoted set of extra flags (default: none); a "
+                             "set of one flag needs a leading space: \" --mlp-act-recompute\"")
     add_run_args(parser, tokens=16384, warmup=3, iters=10)
     args = parser.parse_args(argv)
     shape = SHAPE
@@ -148,18 +155,20 @@ def main(argv=None):
         for mixer in args.mixers:
             theirs = emit(_finish(bench_fla(mixer, shape, seq, batch, args.warmup, args.iters),
                                   mixer, seq, batch))
-            gc.collect()
-            ours = bench_ours(mixer, shape, seq, batch, args.warmup, args.iters)
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            ours = _finish(ours, mixer, seq, batch)
-            if theirs["ms"] is not None:  # the same model FLOPs for both: the shapes are equal
-                theirs["model_TFLOP_s"] = ours["model_TFLOP_s"] * ours["ms"] / theirs["ms"]
-                ours["speedup_vs_fla"] = theirs["ms"] / ours["ms"]
-                ours["memory_vs_fla"] = ours["peak_GiB"] / theirs["peak_GiB"]
-            ours["params_vs_fla"] = ours["params"] / theirs["params"]
-            rows += [theirs, emit(ours)]
+            rows.append(theirs)
+            for flags in args.ours_flags:
+                gc.collect()
+                ours = bench_ours(mixer, shape, seq, batch, args.warmup, args.iters, flags)
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                ours = _finish(ours, mixer, seq, batch)
+                if theirs["ms"] is not None:  # the same model FLOPs: the shapes are equal
+                    theirs["model_TFLOP_s"] = ours["model_TFLOP_s"] * ours["ms"] / theirs["ms"]
+                    ours["speedup_vs_fla"] = theirs["ms"] / ours["ms"]
+                    ours["memory_vs_fla"] = ours["peak_GiB"] / theirs["peak_GiB"]
+                ours["params_vs_fla"] = ours["params"] / theirs["params"]
+                rows.append(emit(ours))
     write_results(rows, args.out,
                   f"Peer: fla's models in plain PyTorch vs linear_moe, {args.tokens} tokens/step",
                   ["model", "mixer", "T", "B", "params", "ms", "tokens_per_s", "model_TFLOP_s",

@@ -7,12 +7,13 @@ group work, and raises one-line errors that name the fix.
 from __future__ import annotations
 
 import argparse
+from types import SimpleNamespace
 
 from linear_moe.config import LinearMixerFields, resolve_mixer_defaults
 from linear_moe.layers.grouped_experts import EXPERT_IMPLS
 from linear_moe.mixers.base import check_head_sharing
 from linear_moe.models import PRESETS, get_preset
-from linear_moe.models.common import args_to_argv
+from linear_moe.models.common import args_to_argv, is_moe_layer
 from linear_moe.registry import (
     LINEAR,
     expand_layer_pattern,
@@ -128,6 +129,14 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="grouped_mm experts: fc2 recomputes the expert activation in backward "
                         "instead of keeping its output (one [routed tokens, ffn] tensor less per "
                         "MoE layer); megatron-core's 'moe_act' recompute needs TransformerEngine")
+    g.add_argument("--mlp-act-recompute", action="store_true",
+                   help="dense MLP layers: fc2 recomputes the activation in backward instead of "
+                        "keeping its output (one [tokens, ffn] tensor less per dense layer, for "
+                        "one elementwise pass); megatron-core's 'mlp' recompute redoes fc1 too")
+    g.add_argument("--chunked-cross-entropy", action="store_true",
+                   help="LM loss over row chunks of the logits with the gradient written over "
+                        "them: no fp32 copy of the [tokens, vocab] logits (megatron-core's "
+                        "keeps two); the same math")
     g.add_argument("--sft-data-path", default=None,
                    help="finetune on this jsonl of conversations (prompt/response or messages) "
                         "with the loss on responses only, instead of --data-path")
@@ -255,6 +264,16 @@ def validate_args(args) -> None:
             not num_experts or args.moe_expert_impl != "grouped_mm"):
         raise ValueError("--moe-act-recompute applies to the grouped_mm MoE experts only: it "
                          "needs --num-experts and --moe-expert-impl grouped_mm")
+    if getattr(args, "chunked_cross_entropy", False) and getattr(
+            args, "cross_entropy_loss_fusion", False):
+        raise ValueError("--chunked-cross-entropy replaces megatron-core's loss; drop "
+                         "--cross-entropy-loss-fusion")
+    layers = SimpleNamespace(num_moe_experts=num_experts, num_layers=args.num_layers,
+                             moe_layer_freq=getattr(args, "moe_layer_freq", 1))
+    if getattr(args, "mlp_act_recompute", False) and all(
+            is_moe_layer(layers, i) for i in range(args.num_layers)):
+        raise ValueError("--mlp-act-recompute applies to dense MLP layers and every layer here "
+                         "is MoE; use --moe-act-recompute for the experts")
     if num_experts and num_experts % args.expert_model_parallel_size:
         raise ValueError(f"--num-experts {num_experts} is not divisible by "
                          f"--expert-model-parallel-size {args.expert_model_parallel_size}")

@@ -76,6 +76,10 @@ class LinearMixerFields:
     moe_expert_impl: str = "grouped_mm"
     # grouped_mm experts: recompute the activation in backward instead of keeping its output
     moe_act_recompute: bool = False
+    # dense MLP layers: the same recompute of the activation (layers/mlp.py)
+    mlp_act_recompute: bool = False
+    # LM loss in row chunks, gradient written over the logits (layers/cross_entropy.py)
+    chunked_cross_entropy: bool = False
 
 
 @dataclass

@@ -29,8 +29,23 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from linear_moe.config import LinearMixerFields, LinearMoEConfig, resolve_mixer_defaults
 from linear_moe.layers import RMSNorm
+from linear_moe.layers.cross_entropy import chunked_vocab_parallel_cross_entropy
 from linear_moe.models import get_preset
 from linear_moe.registry import LINEAR, get_mixer
+
+
+class LinearMoEGPTModel(GPTModel):
+    """megatron-core's GPTModel; with --chunked-cross-entropy its LM loss runs in row chunks
+    without fp32 copies of the logits (layers/cross_entropy.py). Same parameters and
+    checkpoints as GPTModel."""
+
+    def compute_language_model_loss(self, labels, logits):
+        if not getattr(self.config, "chunked_cross_entropy", False):
+            return super().compute_language_model_loss(labels, logits)
+        # [b, s] labels against [s, b, V/tp] logits, as megatron's; loss back to [b, s]
+        loss = chunked_vocab_parallel_cross_entropy(
+            logits, labels.transpose(0, 1).contiguous(), self.tp_group)
+        return loss.transpose(0, 1).contiguous()
 
 
 def layer_specs(config, base_model: str) -> list[ModuleSpec]:
@@ -87,7 +102,7 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     if config is None:
         config = build_config(args)
     block = decoder_block_spec(config, args.base_model, vp_stage=vp_stage)
-    model = GPTModel(
+    model = LinearMoEGPTModel(
         config=config,
         transformer_layer_spec=block,
         vocab_size=args.padded_vocab_size,
@@ -157,7 +172,7 @@ def build_standalone(argv: list[str], device=None):
     try:
         config = build_config(args)
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            model = GPTModel(
+            model = LinearMoEGPTModel(
                 config, decoder_block_spec(config, args.base_model), args.padded_vocab_size,
                 args.max_position_embeddings,
                 share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,

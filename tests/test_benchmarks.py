@@ -10,15 +10,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# peer: ours once plain and once with the memory options, beside fla's model (2 mixers)
+PEER_FLAGS = ["--ours-flags", "", "--mlp-act-recompute --chunked-cross-entropy"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("script,expected_rows", [("layer_bench.py", None), ("e2e_bench.py", 10),
-                                                  ("peer_bench.py", 4)])
-def test_benchmark_smoke(script, expected_rows, tmp_path):
+@pytest.mark.parametrize("script,expected_rows,extra", [
+    ("layer_bench.py", None, []), ("e2e_bench.py", 10, []), ("peer_bench.py", 6, PEER_FLAGS)])
+def test_benchmark_smoke(script, expected_rows, extra, tmp_path):
     from linear_moe.registry import registered_mixers
 
     out = tmp_path / "result"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--toy",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+                           "--out", str(out), *extra], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     rows = result["rows"]
@@ -27,7 +31,8 @@ def test_benchmark_smoke(script, expected_rows, tmp_path):
     if script == "peer_bench.py":
         # fla's models are Triton-only: on the CPU only ours runs, at fla's parameter count
         ours = [r for r in rows if r["model"].startswith("linear_moe")]
-        assert len(ours) == 2 and all(r["params_vs_fla"] == 1.0 for r in ours)
+        assert len(ours) == 4 and all(r["params_vs_fla"] == 1.0 for r in ours)
+        assert sum("--chunked-cross-entropy" in r["model"] for r in ours) == 2
         assert all(r["tokens_per_s"] > 0 and r["model_TFLOP_s"] > 0 for r in ours)
     else:
         ratio = "overhead" if script == "layer_bench.py" else "speedup_vs_N"
@@ -93,7 +98,7 @@ def test_native_gdn_comparator_has_our_gdn_shapes():
 def test_profile_step_smoke(tmp_path):
     out = tmp_path / "prof"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--toy",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+                           "--out", str(out), *extra], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "prof.json").read_text())
     groups = result["ms_per_step_by_group"]

@@ -28,8 +28,9 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 from megatron.core.transformer.moe.experts import SequentialMLP
+
+from .mlp import mlp_activation
 
 EXPERT_IMPLS = ("grouped_mm", "sequential")
 _ROW_ALIGN = 8  # rows: 16 bytes in bf16 (and 32 in fp32)
@@ -129,16 +130,7 @@ class GroupedMMExperts(SequentialMLP):
 
     def _activation(self, h, probs):
         """Megatron MLP's activation, scaled per token by its routing probability."""
-        cfg = self.config
-        if cfg.bias_activation_fusion and cfg.gated_linear_unit and cfg.activation_func is F.silu:
-            return weighted_bias_swiglu_impl(h, None, probs.unsqueeze(-1),
-                                             cfg.activation_func_fp8_input_store)
-        if cfg.gated_linear_unit:
-            a, b = torch.chunk(h, 2, dim=-1)
-            out = cfg.activation_func(a) * (b + cfg.glu_linear_offset)
-        else:
-            out = cfg.activation_func(h)
-        return (out * probs.unsqueeze(-1)).to(h.dtype)
+        return mlp_activation(self.config, h, probs=probs)
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         x = permuted_local_hidden_states

@@ -22,6 +22,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from linear_moe.layers import RMSNorm
 from linear_moe.layers.grouped_experts import GroupedMMExperts
+from linear_moe.layers.mlp import ActivationRecomputeMLP, activation_recompute_unsupported_reason
 from linear_moe.mixers.softmax import SDPACoreAttention
 
 
@@ -98,12 +99,18 @@ def is_moe_layer(config, layer_index: int) -> bool:
 
 def mlp_or_moe_spec(config, layer_index: int):
     """megatron-core's MoELayer (router, dispatcher, experts, shared expert) on MoE layers, else
-    its dense MLP. The experts are megatron-core's SequentialMLP, or by default its grouped
-    subclass (linear_moe.layers.grouped_experts) with the same parameters."""
+    its dense MLP (with --mlp-act-recompute, the subclass that recomputes the activation). The
+    experts are megatron-core's SequentialMLP, or by default its grouped subclass
+    (linear_moe.layers.grouped_experts) with the same parameters."""
     moe = is_moe_layer(config, layer_index)
     spec = get_mlp_module_spec_for_backend(
         backend=LocalSpecProvider(), num_experts=config.num_moe_experts if moe else None,
         moe_grouped_gemm=False)
+    if not moe and getattr(config, "mlp_act_recompute", False):
+        reason = activation_recompute_unsupported_reason(config)
+        if reason:
+            raise ValueError(f"--mlp-act-recompute does not support {reason}; drop the flag")
+        return functools.partial(ActivationRecomputeMLP.as_mlp_submodule, **spec.keywords)
     if moe and getattr(config, "moe_expert_impl", "grouped_mm") == "grouped_mm":
         submodules = spec.keywords["submodules"]
         experts = functools.partial(GroupedMMExperts, *submodules.experts.args,
