@@ -11,7 +11,7 @@ embeddings, bf16, 16,384 tokens/step; forward + backward of the LM loss, no opti
 Target: ours >= 1.1x their tokens/s at equal or lower peak memory.
 
 --ours-flags runs ours once per quoted flag set, in the same run (e.g. "" and
-"--mlp-act-recompute --chunked-cross-entropy": the memory options side by side).
+"--mlp-act-recompute --fused-cross-entropy": the memory options side by side).
 """
 
 from __future__ import annotations

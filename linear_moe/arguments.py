@@ -133,10 +133,10 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="dense MLP layers: fc2 recomputes the activation in backward instead of "
                         "keeping its output (one [tokens, ffn] tensor less per dense layer, for "
                         "one elementwise pass); megatron-core's 'mlp' recompute redoes fc1 too")
-    g.add_argument("--chunked-cross-entropy", action="store_true",
-                   help="LM loss over row chunks of the logits with the gradient written over "
-                        "them: no fp32 copy of the [tokens, vocab] logits (megatron-core's "
-                        "keeps two); the same math")
+    g.add_argument("--fused-cross-entropy", action="store_true",
+                   help="LM loss through fla's fused cross-entropy kernel (row-chunked torch on "
+                        "the CPU), the gradient written over the logits: no fp32 copy of the "
+                        "[tokens, vocab] logits (megatron-core's keeps two); the same math")
     g.add_argument("--sft-data-path", default=None,
                    help="finetune on this jsonl of conversations (prompt/response or messages) "
                         "with the loss on responses only, instead of --data-path")
@@ -264,9 +264,9 @@ def validate_args(args) -> None:
             not num_experts or args.moe_expert_impl != "grouped_mm"):
         raise ValueError("--moe-act-recompute applies to the grouped_mm MoE experts only: it "
                          "needs --num-experts and --moe-expert-impl grouped_mm")
-    if getattr(args, "chunked_cross_entropy", False) and getattr(
+    if getattr(args, "fused_cross_entropy", False) and getattr(
             args, "cross_entropy_loss_fusion", False):
-        raise ValueError("--chunked-cross-entropy replaces megatron-core's loss; drop "
+        raise ValueError("--fused-cross-entropy replaces megatron-core's loss; drop "
                          "--cross-entropy-loss-fusion")
     layers = SimpleNamespace(num_moe_experts=num_experts, num_layers=args.num_layers,
                              moe_layer_freq=getattr(args, "moe_layer_freq", 1))

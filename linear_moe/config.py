@@ -79,7 +79,7 @@ class LinearMixerFields:
     # dense MLP layers: the same recompute of the activation (layers/mlp.py)
     mlp_act_recompute: bool = False
     # LM loss in row chunks, gradient written over the logits (layers/cross_entropy.py)
-    chunked_cross_entropy: bool = False
+    fused_cross_entropy: bool = False
 
 
 @dataclass

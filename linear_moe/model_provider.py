@@ -29,21 +29,21 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from linear_moe.config import LinearMixerFields, LinearMoEConfig, resolve_mixer_defaults
 from linear_moe.layers import RMSNorm
-from linear_moe.layers.cross_entropy import chunked_vocab_parallel_cross_entropy
+from linear_moe.layers.cross_entropy import fused_vocab_parallel_cross_entropy
 from linear_moe.models import get_preset
 from linear_moe.registry import LINEAR, get_mixer
 
 
 class LinearMoEGPTModel(GPTModel):
-    """megatron-core's GPTModel; with --chunked-cross-entropy its LM loss runs in row chunks
-    without fp32 copies of the logits (layers/cross_entropy.py). Same parameters and
-    checkpoints as GPTModel."""
+    """megatron-core's GPTModel; with --fused-cross-entropy its LM loss is fla's fused kernel
+    (chunked torch on the CPU), without fp32 copies of the logits (layers/cross_entropy.py).
+    Same parameters and checkpoints as GPTModel."""
 
     def compute_language_model_loss(self, labels, logits):
-        if not getattr(self.config, "chunked_cross_entropy", False):
+        if not getattr(self.config, "fused_cross_entropy", False):
             return super().compute_language_model_loss(labels, logits)
         # [b, s] labels against [s, b, V/tp] logits, as megatron's; loss back to [b, s]
-        loss = chunked_vocab_parallel_cross_entropy(
+        loss = fused_vocab_parallel_cross_entropy(
             logits, labels.transpose(0, 1).contiguous(), self.tp_group)
         return loss.transpose(0, 1).contiguous()
 

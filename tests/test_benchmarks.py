@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # peer: ours once plain and once with the memory options, beside fla's model (2 mixers)
-PEER_FLAGS = ["--ours-flags", "", "--mlp-act-recompute --chunked-cross-entropy"]
+PEER_FLAGS = ["--ours-flags", "", "--mlp-act-recompute --fused-cross-entropy"]
 
 
 @pytest.mark.slow
@@ -32,7 +32,7 @@ def test_benchmark_smoke(script, expected_rows, extra, tmp_path):
         # fla's models are Triton-only: on the CPU only ours runs, at fla's parameter count
         ours = [r for r in rows if r["model"].startswith("linear_moe")]
         assert len(ours) == 4 and all(r["params_vs_fla"] == 1.0 for r in ours)
-        assert sum("--chunked-cross-entropy" in r["model"] for r in ours) == 2
+        assert sum("--fused-cross-entropy" in r["model"] for r in ours) == 2
         assert all(r["tokens_per_s"] > 0 and r["model_TFLOP_s"] > 0 for r in ours)
     else:
         ratio = "overhead" if script == "layer_bench.py" else "speedup_vs_N"

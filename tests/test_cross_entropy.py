@@ -182,13 +182,13 @@ def test_tp2_matches_tp1():
 
 def _model_loss_worker(rank, world_size):
     """Loss and gradients of a whole model (GPTModel's own loss path, TP=world_size) with
-    --chunked-cross-entropy against megatron-core's loss."""
+    --fused-cross-entropy against megatron-core's loss."""
     from megatron.core import parallel_state as mpu
 
     from test_mlp_act_recompute import BATCH, SEQ, VOCAB, _build
 
     # parallel_output: the loss sees vocab-parallel logits, as in training
-    models = [_build(world_size, False, parallel_output=True, chunked_cross_entropy=chunked)
+    models = [_build(world_size, False, parallel_output=True, fused_cross_entropy=chunked)
               for chunked in (False, True)]
     models[1].load_state_dict(models[0].state_dict())
     g = torch.Generator().manual_seed(3)
@@ -218,16 +218,53 @@ def _model_loss_worker(rank, world_size):
 
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
-def test_model_loss_with_chunked_cross_entropy_equals_megatrons(tp):
+def test_model_loss_with_fused_cross_entropy_equals_megatrons(tp):
     for errors in run_distributed(_model_loss_worker, tp):
         worst = max(errors, key=errors.get)
         assert errors[worst] < 1e-5, (worst, errors[worst])
 
 
-def test_chunked_cross_entropy_refuses_megatrons_fused_loss():
+def test_fused_cross_entropy_refuses_megatrons_fused_loss():
     from arg_utils import parsed_args
     from linear_moe.arguments import validate_args
 
-    validate_args(parsed_args(["--chunked-cross-entropy"]))
+    validate_args(parsed_args(["--fused-cross-entropy"]))
     with pytest.raises(ValueError, match="drop --cross-entropy-loss-fusion"):
-        validate_args(parsed_args(["--chunked-cross-entropy"], cross_entropy_loss_fusion=True))
+        validate_args(parsed_args(["--fused-cross-entropy"], cross_entropy_loss_fusion=True))
+
+
+_INTERPRETED = """
+import torch
+from linear_moe.layers.cross_entropy import (chunked_vocab_parallel_cross_entropy,
+                                             fla_vocab_parallel_cross_entropy)
+torch.manual_seed(0)
+logits = (3 * torch.randn(8, 2, 1000)).bfloat16()
+target = torch.randint(0, 1000, (8, 2))
+grad_out = torch.rand(8, 2)
+out = []
+for fn in (fla_vocab_parallel_cross_entropy, chunked_vocab_parallel_cross_entropy):
+    x = logits.clone().requires_grad_()
+    loss = fn(x, target)
+    loss.backward(grad_out)
+    out.append((loss.detach(), x.grad.float()))
+(loss, grad), (ref_loss, ref_grad) = out
+assert loss.shape == (8, 2) and loss.dtype == torch.float32
+assert (loss - ref_loss).abs().max() <= 1e-6 * ref_loss.abs().max(), (loss, ref_loss)
+# both are bf16 roundings of the same fp32 gradient: at most one bf16 ulp apart
+ulp = ref_grad.abs().clamp_min(1e-30) * 2.0 ** -7
+assert ((grad - ref_grad).abs() <= ulp).all(), (grad - ref_grad).abs().max()
+print("ok")
+"""
+
+
+def test_fla_fused_kernel_equals_the_chunked_version_in_triton_interpreter():
+    """The CUDA path's call into fla's fused kernel (argument order, vocab-slice convention,
+    in-place gradient, output shape), run on the CPU through Triton's interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

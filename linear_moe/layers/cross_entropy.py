@@ -1,5 +1,13 @@
-"""Vocab-parallel cross entropy in row chunks: megatron-core's keeps an fp32 softmax copy of the
-logits (2 GiB at 16k tokens x 32k vocab, plus a 2 GiB fp32 grad) where this saves none."""
+"""The LM loss without megatron-core's fp32 copies of the logits (--fused-cross-entropy).
+
+megatron-core's vocab-parallel cross entropy upcasts the [tokens, vocab/tp] logits to fp32, keeps
+the fp32 softmax for backward and builds an fp32 gradient: 2 GiB + 2 GiB at 16k tokens x 32k
+vocab beside the 1 GiB of bf16 logits, and ~10 elementwise passes over them. On CUDA
+``fused_vocab_parallel_cross_entropy`` runs fla's fused Triton kernel (one pass forward, one
+backward, the gradient written over the logits, vocab-parallel through its process group);
+elsewhere, and as its reference, the same math in torch over row chunks
+(``chunked_vocab_parallel_cross_entropy``).
+"""
 
 import torch
 from megatron.core.tensor_parallel.utils import VocabUtility
@@ -124,3 +132,25 @@ def chunked_vocab_parallel_cross_entropy(
     A non-contiguous ``logits`` is copied once and that copy is overwritten instead.
     """
     return _ChunkedVocabParallelCrossEntropy.apply(logits, target, tp_group, chunk_rows)
+
+
+def fused_vocab_parallel_cross_entropy(logits, target, tp_group=None):
+    """Loss [s, b] fp32 of vocab-parallel logits [s, b, V/tp] and global targets [s, b], as
+    megatron-core's vocab_parallel_cross_entropy; backward overwrites the logits with their
+    gradient. fla's fused kernel on CUDA, the chunked torch version elsewhere."""
+    if tp_group is not None and get_pg_size(tp_group) == 1:
+        tp_group = None
+    if not logits.is_cuda:
+        return chunked_vocab_parallel_cross_entropy(logits, target, tp_group)
+    return fla_vocab_parallel_cross_entropy(logits, target, tp_group)
+
+
+def fla_vocab_parallel_cross_entropy(logits, target, tp_group=None):
+    """fla's fused kernel (Triton: CUDA, or the CPU under TRITON_INTERPRET=1 in tests)."""
+    from fla.modules.fused_cross_entropy import cross_entropy_loss
+
+    # fla splits the vocab into equal contiguous slices by rank, as megatron-core's
+    # VocabUtility does; no target equals its ignore_index (-100).
+    loss, _ = cross_entropy_loss(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                 inplace_backward=True, process_group=tp_group)
+    return loss.view(target.shape)
