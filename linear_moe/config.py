@@ -78,7 +78,8 @@ class LinearMixerFields:
     moe_act_recompute: bool = False
     # dense MLP layers: the same recompute of the activation (layers/mlp.py)
     mlp_act_recompute: bool = False
-    # LM loss in row chunks, gradient written over the logits (layers/cross_entropy.py)
+    # LM loss through fla's fused kernel (chunked torch on the CPU), gradient written over the
+    # logits (layers/cross_entropy.py)
     fused_cross_entropy: bool = False
 
 
