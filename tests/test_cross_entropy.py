@@ -170,7 +170,7 @@ def _tp_worker(rank, world_size):
 
 
 @pytest.mark.slow
-def test_tp2_matches_tp1():
+def test_chunked_cross_entropy_tp2_matches_tp1():
     results = run_distributed(_tp_worker, 2)
     full_loss, full_grad = results[0]["full"]
     for name in ("chunked", "megatron"):
