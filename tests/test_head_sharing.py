@@ -107,10 +107,9 @@ def test_shared_heads_equal_repeated_plain_mixer():
 
 
 def _tp_worker(rank, world_size, cases):
-    from test_tp_parity import _tp_parity_worker
+    from test_tp_parity import tp_parity_cases
 
-    return [_tp_parity_worker(rank, world_size, la_module, False, overrides)
-            for la_module, overrides in cases]
+    return tp_parity_cases([(la_module, False, overrides) for la_module, overrides in cases])
 
 
 @pytest.mark.slow
@@ -120,7 +119,9 @@ def test_tp2_matches_tp1_with_shared_heads():
     cases = [("gla", dict(la_num_kv_heads=2)),
              ("gated_deltanet", dict(la_num_heads=2, la_num_v_heads=4))]
     for rank_results in run_distributed(_tp_worker, 2, cases):
-        for (la_module, _), (errors, num_grads) in zip(cases, rank_results):
+        for (la_module, _), result in zip(cases, rank_results):
+            assert not isinstance(result, str), result
+            errors, num_grads = result
             assert num_grads > 10
             worst = max(errors, key=errors.get)
             assert errors[worst] <= TOL, f"{la_module} {worst}: max abs diff {errors[worst]:.3e}"

@@ -41,15 +41,22 @@ def _config(la_module, tp, moe, **overrides):
     return config
 
 
-def _build(la_module, tp, moe, **overrides):
+def _init_parallel(tp):
+    # Once per TP size, not per case: gloo groups' threads outlive destroy_model_parallel, and
+    # 68 initialisations in one process left ~4,000 of them (CI time went from 1 to 9 min).
     from megatron.core import parallel_state as mpu
+
+    mpu.destroy_model_parallel()
+    mpu.initialize_model_parallel(tensor_model_parallel_size=tp)
+
+
+def _build(la_module, tp, moe, **overrides):
+    """The model under the current parallel state, which _init_parallel(tp) set up."""
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
 
     from linear_moe.model_provider import decoder_block_spec
 
-    mpu.destroy_model_parallel()
-    mpu.initialize_model_parallel(tensor_model_parallel_size=tp)
     tensor_parallel.model_parallel_cuda_manual_seed(123)
     torch.manual_seed(123)
     config = _config(la_module, tp, moe, **overrides)
@@ -84,15 +91,18 @@ def _gather(t, p, group, world):
     return torch.cat(parts, dim=p.partition_dim)
 
 
-def _tp_parity_worker(rank, world_size, la_module, moe, overrides=None):
+def _reference(la_module, moe, overrides):
+    ref = _build(la_module, 1, moe, **overrides)
+    logits = _step(ref)
+    params = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
+    return logits, params, grads
+
+
+def _tp2_errors(la_module, moe, overrides, reference):
     from megatron.core import parallel_state as mpu
 
-    overrides = overrides or {}
-    ref = _build(la_module, 1, moe, **overrides)
-    ref_logits = _step(ref)
-    ref_params = {n: p.detach().clone() for n, p in ref.named_parameters()}
-    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
-
+    ref_logits, ref_params, ref_grads = reference
     model = _build(la_module, 2, moe, **overrides)
     tp_group, tp_rank = mpu.get_tensor_model_parallel_group(), mpu.get_tensor_model_parallel_rank()
     with torch.no_grad():
@@ -112,25 +122,42 @@ def _tp_parity_worker(rank, world_size, la_module, moe, overrides=None):
             continue
         grad = _gather(p.grad, p, tp_group, 2)
         errors[name] = (grad - ref_grads[name]).abs().max().item()
-    mpu.destroy_model_parallel()
     return errors, len(ref_grads)
 
 
-def _tp_parity_batch_worker(rank, world_size, cases):
-    """Every selected (mixer, moe) case in one pair of processes: spawning and importing
-    megatron-core costs more than most cases. A failing case is reported, not raised."""
+def _reported(fn, *args):
     import traceback
 
-    out = {}
-    for la_module, moe in cases:
-        try:
-            out[(la_module, moe)] = _tp_parity_worker(rank, world_size, la_module, moe)
-        except Exception:  # noqa: BLE001 - reported by that case's test
-            from megatron.core import parallel_state as mpu
+    try:
+        return fn(*args)
+    except Exception:  # noqa: BLE001 - the case's test reports it
+        return traceback.format_exc()
 
-            mpu.destroy_model_parallel()
-            out[(la_module, moe)] = traceback.format_exc()
-    return out
+
+def tp_parity_cases(cases):
+    """[(max abs error per tensor, number of grads) or a traceback] for each (la_module, moe,
+    overrides) case: every TP=1 reference under one initialisation, then every TP=2 model under
+    one (spawning, importing and initialising cost more than most cases)."""
+    from megatron.core import parallel_state as mpu
+
+    _init_parallel(1)
+    references = [_reported(_reference, *case) for case in cases]
+    _init_parallel(2)
+    results = [ref if isinstance(ref, str) else _reported(_tp2_errors, *case, ref)
+               for case, ref in zip(cases, references)]
+    mpu.destroy_model_parallel()
+    return results
+
+
+def _tp_parity_worker(rank, world_size, la_module, moe, overrides=None):
+    result = tp_parity_cases([(la_module, moe, overrides or {})])[0]
+    assert not isinstance(result, str), result
+    return result
+
+
+def _tp_parity_batch_worker(rank, world_size, cases):
+    results = tp_parity_cases([(la_module, moe, {}) for la_module, moe in cases])
+    return dict(zip(cases, results))
 
 
 @pytest.fixture(scope="module")
