@@ -43,3 +43,15 @@ def run_distributed(fn, world_size: int, *args):
             with open(os.path.join(out_dir, f"rank{rank}.pkl"), "rb") as f:
                 results.append(pickle.load(f))
         return results
+
+
+def grad_errors(model, reference, relative=False) -> dict[str, float]:
+    """Per parameter, the max abs difference of model's gradient from reference's (same names),
+    divided by the reference gradient's max abs value when relative."""
+    ref = dict(reference.named_parameters())
+    errors = {}
+    for name, p in model.named_parameters():
+        diff = (p.grad.float() - ref[name].grad.float()).abs().max().item()
+        errors[name] = diff / max(ref[name].grad.float().abs().max().item(), 1e-12) if relative \
+            else diff
+    return errors

@@ -4,7 +4,7 @@ gradient (TP=1 and TP=2 on gloo) while saving only the logits, which become the 
 import pytest
 import torch
 
-from dist_utils import run_distributed
+from dist_utils import grad_errors, run_distributed
 from linear_moe.layers.cross_entropy import (
     chunked_vocab_parallel_cross_entropy,
     default_chunk_rows,
@@ -202,17 +202,17 @@ def _model_loss_worker(rank, world_size):
     chunked = function.apply
     function.apply = lambda *a: calls.append(1) or chunked(*a)
     losses = []
-    for model in models:
-        loss = model(tokens, torch.arange(SEQ).expand(BATCH, SEQ), None, labels=labels)
-        assert loss.shape == (BATCH, SEQ)
-        (loss * weights).sum().backward()
-        losses.append(loss.detach())
-    function.apply = chunked
+    try:
+        for model in models:
+            loss = model(tokens, torch.arange(SEQ).expand(BATCH, SEQ), None, labels=labels)
+            assert loss.shape == (BATCH, SEQ)
+            (loss * weights).sum().backward()
+            losses.append(loss.detach())
+    finally:
+        function.apply = chunked
     assert len(calls) == 1  # the flagged model's loss, not megatron-core's
-    errors = {"loss": (losses[1] - losses[0]).abs().max().item()}
-    ref = dict(models[0].named_parameters())
-    for name, p in models[1].named_parameters():
-        errors[name] = (p.grad - ref[name].grad).abs().max().item()
+    errors = {"loss": (losses[1] - losses[0]).abs().max().item(),
+              **grad_errors(models[1], models[0])}
     mpu.destroy_model_parallel()
     return errors
 

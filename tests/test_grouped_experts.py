@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_utils import run_distributed
+from dist_utils import grad_errors, run_distributed
 from expert_utils import experts_over
 from linear_moe.layers.grouped_experts import _GroupedLinear, grouped_mm_unsupported_reason
 
@@ -163,12 +163,8 @@ def _compare_worker(rank, world_size, dtype, act_recompute=False):
     grouped.load_state_dict(seq.state_dict())
     ref, out = _step(seq), _step(grouped)
     scale = ref.abs().max().item()
-    errors = {"logits": (out - ref).abs().max().item() / scale}
-    ref_grads = dict(seq.named_parameters())
-    for name, p in grouped.named_parameters():
-        r = ref_grads[name].grad
-        errors[name] = (p.grad.float() - r.float()).abs().max().item() / max(
-            r.float().abs().max().item(), 1e-12)
+    errors = {"logits": (out - ref).abs().max().item() / scale,
+              **grad_errors(grouped, seq, relative=True)}
     mpu.destroy_model_parallel()
     return errors
 

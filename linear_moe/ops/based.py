@@ -120,9 +120,18 @@ def rebased(
     The scale is d^-1/2, as fla's parallel_rebased(use_scale=True); eps 1e-5 is fla's layer's.
     """
     _check("rebased", q, k, v, mode, REBASED_MODES)
-    if resolve_backend(backend, q) == "fla" and mode == "parallel":
-        from fla.ops.rebased import parallel_rebased
+    dtype = q.dtype
+    if resolve_backend(backend, q) == "fla":
+        # fla's kernels run in fp32 here. At ReBased's feature dim (16) the bf16 kernel
+        # (q.k)^2, and the bf16 quadratic features of the chunk mode, cost dq/dk relative
+        # errors of 2e-2 (parallel) and 8e-2 (chunk) on the H100/H200, the bf16 rounding alone
+        # ~1e-1 (benchmarks/bf16_storage_floor.py); d = 16 keeps the fp32 op small next to the
+        # layer's projections.
+        q, k, v = q.float(), k.float(), v.float()
+        if mode == "parallel":
+            from fla.ops.rebased import parallel_rebased
 
-        return parallel_rebased(q, k, v, eps=eps, use_scale=True, use_normalize=True)
-    return _expanded(quadratic_feature_map, q, k, v, q.shape[-1] ** -0.5, eps, backend,
-                     chunk_size)
+            o = parallel_rebased(q, k, v, eps=eps, use_scale=True, use_normalize=True)
+            return o.to(dtype)
+    o = _expanded(quadratic_feature_map, q, k, v, q.shape[-1] ** -0.5, eps, backend, chunk_size)
+    return o.to(dtype)
