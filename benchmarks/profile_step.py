@@ -32,7 +32,10 @@ GROUPS = (
     ("fla/triton", ("chunk", "fused_recurrent", "triton", "rms_norm", "layer_norm_fwd",
                     "layer_norm_bwd", "causal_conv")),
     ("communication", ("nccl", "all_reduce", "allreduce", "all_gather", "reduce_scatter")),
-    ("copy/cast", ("copy", "cast", "contiguous", "to_copy", "transpose")),
+    # dtype casts run as copy kernels (bfloat16_copy_kernel_cuda, direct_copy_kernel_cuda); not
+    # "cast", which matched every elementwise kernel through gpu_kernel_impl_nocast.
+    ("copy/cast", ("copy", "contiguous", "transpose")),
+    ("elementwise", ("elementwise_kernel", "reduce_kernel")),
 )
 
 

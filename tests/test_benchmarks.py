@@ -118,3 +118,19 @@ def test_bf16_storage_floor_separates_the_two_open_failures():
     assert rebased["dq"] > 5e-2 and rebased["dk"] > 5e-2
     for head_dim in (64, 128):
         assert rows[f"gsa chunk hd{head_dim}, bf16 slot scores"]["dg"] < 1e-3
+
+
+def test_profile_groups_kernels_by_what_they_do():
+    """Names from an H200 profile (2026-12-02); "gpu_kernel_impl_nocast" once put every
+    elementwise kernel under copy/cast."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from profile_step import group_of
+
+    assert group_of("void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_"
+                    "nocast<at::native::BinaryFunctor<float, float, float>>>") == "elementwise"
+    assert group_of("void at::native::vectorized_elementwise_kernel<8, at::native::"
+                    "bfloat16_copy_kernel_cuda(at::TensorIteratorBase&)>") == "copy/cast"
+    assert group_of("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_"
+                    "kernel_cuda(at::TensorIteratorBase&)>") == "copy/cast"
+    assert group_of("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "gemm"
+    assert group_of("chunk_gla_bwd_kernel_intra") == "fla/triton"
