@@ -47,7 +47,7 @@ def group_of(name: str) -> str:
     return "other"
 
 
-def build_step(which: str, mixer: str, shape: dict, seq: int, batch: int):
+def build_step(which: str, mixer: str, shape: dict, seq: int, batch: int, flags: str = ""):
     """A fwd+bwd step of the chosen model on random tokens."""
     tokens = torch.randint(0, shape["vocab"], (batch, seq), device=device())
     if which == "fla":
@@ -57,7 +57,8 @@ def build_step(which: str, mixer: str, shape: dict, seq: int, batch: int):
         return lambda: model(input_ids=tokens, labels=tokens).loss.backward()
     from linear_moe.model_provider import build_standalone
 
-    model, _, _ = build_standalone(our_argv(mixer, shape, seq, batch), device=device())
+    model, _, _ = build_standalone(our_argv(mixer, shape, seq, batch, flags),
+                                  device=device())
     if torch.cuda.is_available():
         model = model.to(torch.bfloat16)
     positions = torch.arange(seq, device=device()).expand(batch, seq)
@@ -106,6 +107,9 @@ def main(argv=None):
     parser.add_argument("--model", choices=["ours", "fla"], default="ours")
     parser.add_argument("--mixer", default="gla")
     parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--ours-flags", default="",
+                        help="extra flags for our model, e.g. ' --fused-cross-entropy' (a leading "
+                             "space keeps argparse from reading it as an option)")
     add_run_args(parser, tokens=16384, warmup=3, iters=3, out_help="write <out>.txt and <out>.json")
     args = parser.parse_args(argv)
     shape = SHAPE
@@ -113,11 +117,12 @@ def main(argv=None):
         shape, args.seq, args.tokens, args.warmup, args.iters = TOY, 64, 128, 1, 1
     setup_single_process()
     batch = max(1, args.tokens // args.seq)
-    prof = profile(build_step(args.model, args.mixer, shape, args.seq, batch), args.warmup,
-                   args.iters)
+    step = build_step(args.model, args.mixer, shape, args.seq, batch, args.ours_flags)
+    prof = profile(step, args.warmup, args.iters)
     text, groups = summarise(prof, args.iters)
     result = {"environment": environment(), "model": args.model, "mixer": args.mixer,
-              "T": args.seq, "B": batch, "peak_GiB": peak_memory_gib(), **groups}
+              "ours_flags": args.ours_flags.strip(), "T": args.seq, "B": batch,
+              "peak_GiB": peak_memory_gib(), **groups}
     text += json.dumps(result) + "\n"
     print(text)
     if args.out:
