@@ -154,7 +154,8 @@ class LinearMixer(MegatronModule):
         bias under --la-conv-bias."""
         return ShortConvolution(channels, self.config.la_conv_size, self.tp_rank, self.tp_size,
                                 self.config.params_dtype,
-                                bias=getattr(self.config, "la_conv_bias", False))
+                                bias=getattr(self.config, "la_conv_bias", False),
+                                fused=self.config.la_backend != "reference")
 
     def build_qkv(self):
         """q/k/v projections split by heads (num_q/k/v_heads each), plus SiLU short

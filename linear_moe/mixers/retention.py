@@ -41,8 +41,9 @@ class RetentionMixer(LinearMixer):
         q, k, v = self.qkv(x)
         if self.phi is not None:  # fla's feature_map on q/k, before RoPE as fla
             q, k = self.phi(q), self.phi(k)
-        q = apply_rotary(q, self.config.la_rope_theta)
-        k = apply_rotary(k, self.config.la_rope_theta)
+        fused = self.config.la_backend != "reference"
+        q = apply_rotary(q, self.config.la_rope_theta, fused)
+        k = apply_rotary(k, self.config.la_rope_theta, fused)
         o, _ = ops.simple_gla(q, k, v, g_gamma=self.log_decay, backend=self.config.la_backend,
                               mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
         return self.output(o, x)

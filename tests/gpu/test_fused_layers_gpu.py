@@ -1,0 +1,67 @@
+"""The CUDA paths of the short convolution (fla's Triton causal_conv1d, SiLU fused) and of the
+rotary embedding (fla's Triton rotary_embedding) equal their torch paths: in fp32 to rounding,
+in bf16 within the GPU suite's bound, fwd and bwd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_fla_parity import _record, rel_err
+from linear_moe.layers.rotary import apply_rotary
+from linear_moe.layers.short_conv import ShortConvolution
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _run(conv, x, dy):
+    x = x.detach().clone().requires_grad_()
+    y = conv(x)
+    y.backward(dy.to(y.dtype))
+    return [y, x.grad, conv.weight.grad] + ([conv.bias.grad] if conv.bias is not None else [])
+
+
+@pytest.mark.parametrize("activation", ["silu", None])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)],
+                         ids=["fp32", "bf16"])
+def test_fla_short_conv_matches_torch_conv1d(dtype, tol, activation):
+    torch.manual_seed(0)
+    channels, size = 384, 4
+    fused = ShortConvolution(channels, size, 0, 1, dtype, activation=activation, bias=True,
+                             fused=True).cuda()
+    ref = ShortConvolution(channels, size, 0, 1, torch.float32, activation=activation,
+                           bias=True, fused=False).cuda()
+    with torch.no_grad():
+        ref.weight.copy_(fused.weight.float())
+        ref.bias.copy_(fused.bias.float())
+    x = torch.randn(2, 301, channels, device="cuda")  # T not a multiple of any block
+    dy = torch.randn_like(x)
+    out = _run(fused, x.to(dtype), dy.to(dtype))
+    out_ref = _run(ref, x, dy)
+    assert out[0].dtype == dtype
+    for name, a, b in zip(["y", "dx", "dweight", "dbias"], out, out_ref):
+        err = rel_err(a.float(), b)
+        _record("short_conv", f"{activation}/{str(dtype)[6:]}", size, name, err)
+        assert err <= tol, (name, err)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)],
+                         ids=["fp32", "bf16"])
+def test_fla_rotary_matches_torch(dtype, tol):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4099, 4, 128, device="cuda")  # long enough for large angles
+    dy = torch.randn_like(x)
+    out = []
+    for fused, inp in ((True, x.to(dtype)), (False, x)):
+        leaf = inp.detach().clone().requires_grad_()
+        y = apply_rotary(leaf, 10000.0, fused)
+        y.backward(dy.to(y.dtype))
+        out.append((y, leaf.grad))
+    assert out[0][0].dtype == dtype
+    for name, a, b in zip(["y", "dx"], out[0], out[1]):
+        err = rel_err(a.float(), b)
+        _record("rotary", str(dtype)[6:], 128, name, err)
+        assert err <= tol, (name, err)
