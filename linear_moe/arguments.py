@@ -104,7 +104,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "pattern repeats if it divides --num-layers")
     g.add_argument("--la-mode", default=LinearMixerFields.la_mode,
                    help="kernel mode: chunk | fused_recurrent, or parallel | fused_chunk for "
-                        "based/rebased (where the mixer has it; `linear-moe mixers` lists them)")
+                        "based/rebased (where the mixer has it; `linear-moe mixers` lists them, "
+                        "the default first: chunk, for rebased parallel)")
     g.add_argument("--la-backend", default=LinearMixerFields.la_backend,
                    choices=["auto", "reference", "fla"],
                    help="auto = fla kernels on CUDA, fp32 torch reference otherwise")

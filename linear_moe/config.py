@@ -17,8 +17,9 @@ class LinearMixerFields:
     la_module: str = "gla"
     # Expanded per-layer pattern: 'L' = linear mixer, 'N' = softmax attention.
     layer_type_list: Optional[str] = None
-    # Kernel family mode where fla offers several: "chunk" or "fused_recurrent".
-    la_mode: str = "chunk"
+    # Kernel family mode where fla offers several: "chunk" or "fused_recurrent" (rebased/based
+    # also "parallel"). None: the mixer's default (chunk; parallel for rebased, as fla's layer).
+    la_mode: Optional[str] = None
     # "auto": fla kernels on CUDA tensors, the fp32 torch reference otherwise.
     la_backend: str = "auto"
     la_num_heads: Optional[int] = None  # defaults to num_attention_heads
@@ -98,7 +99,8 @@ def resolve_mixer_defaults(config) -> None:
     from linear_moe.registry import get_mixer
 
     entry = get_mixer(config.la_module)
-    generic = {"la_expand_k": 1.0, "la_expand_v": 1.0, "la_use_short_conv": False,
+    generic = {"la_mode": "chunk", "la_expand_k": 1.0, "la_expand_v": 1.0,
+               "la_use_short_conv": False,
                "la_output_norm": "rmsnorm", "la_use_output_gate": True, "la_gate_fn": "swish"}
     for name, value in {**generic, **entry.defaults}.items():
         if getattr(config, name) is None:

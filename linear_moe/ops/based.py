@@ -33,7 +33,7 @@ from .dispatch import resolve_backend
 from .linear_attn import linear_attn
 
 BASED_MODES = ("chunk", "parallel", "fused_chunk")
-REBASED_MODES = ("chunk", "parallel")
+REBASED_MODES = ("parallel", "chunk")  # the mixer's default first
 # Largest feature dim of each fla kernel (their asserts).
 _FLA_MAX_DIM = {"parallel": 128, "fused_chunk": 16}
 
@@ -120,18 +120,16 @@ def rebased(
     The scale is d^-1/2, as fla's parallel_rebased(use_scale=True); eps 1e-5 is fla's layer's.
     """
     _check("rebased", q, k, v, mode, REBASED_MODES)
-    dtype = q.dtype
-    if resolve_backend(backend, q) == "fla":
-        # fla's kernels run in fp32 here. At ReBased's feature dim (16) the bf16 kernel
-        # (q.k)^2, and the bf16 quadratic features of the chunk mode, cost dq/dk relative
-        # errors of 2e-2 (parallel) and 8e-2 (chunk) on the H100/H200, the bf16 rounding alone
-        # ~1e-1 (benchmarks/bf16_storage_floor.py); d = 16 keeps the fp32 op small next to the
-        # layer's projections.
-        q, k, v = q.float(), k.float(), v.float()
-        if mode == "parallel":
-            from fla.ops.rebased import parallel_rebased
+    if resolve_backend(backend, q) == "fla" and mode == "parallel":
+        from fla.ops.rebased import parallel_rebased
 
-            o = parallel_rebased(q, k, v, eps=eps, use_scale=True, use_normalize=True)
-            return o.to(dtype)
-    o = _expanded(quadratic_feature_map, q, k, v, q.shape[-1] ** -0.5, eps, backend, chunk_size)
-    return o.to(dtype)
+        # In fp32 (fla's kernel does fp32 dots without tf32 then): at ReBased's feature dim 16
+        # the bf16 kernel's (q.k)^2 cost dq/dk 2.2e-2, fp32 2.5e-3 (H200, T=300); the op is
+        # small next to the layer's projections at d = 16.
+        o = parallel_rebased(q.float(), k.float(), v.float(), eps=eps, use_scale=True,
+                             use_normalize=True)
+        return o.to(q.dtype)
+    # chunk stays in the input dtype: fp32 quadratic features through fla's chunk_simple_gla
+    # came out wrong (o 7.8e-2, dq 1.5 on the H200), bf16 ones cost dq/dk ~8e-2 (README).
+    return _expanded(quadratic_feature_map, q, k, v, q.shape[-1] ** -0.5, eps, backend,
+                     chunk_size)

@@ -57,7 +57,15 @@ def _qkv(d, v_dim, layer_norm_qk=False):
 
 
 BASED_CASES = [("chunk", 16), ("parallel", 16), ("fused_chunk", 16), ("parallel", 64)]
-REBASED_CASES = [("chunk", 16), ("parallel", 16), ("parallel", 64)]
+# rebased chunk at d16 (not the default mode): the bf16 quadratic features cost dq/dk ~8e-2 on
+# the H100 and H200 (the bf16 rounding alone ~1e-1 on the CPU, benchmarks/bf16_storage_floor.py);
+# strict, so a fix shows up as a failure to remove the mark.
+REBASED_CASES = [
+    pytest.param("chunk", 16, id="chunk-d16", marks=pytest.mark.xfail(
+        strict=True, reason="bf16 quadratic features: dq/dk ~8e-2 (README, rebased row)")),
+    pytest.param("parallel", 16, id="parallel-d16"),
+    pytest.param("parallel", 64, id="parallel-d64"),
+]
 
 
 @pytest.mark.parametrize("mode,d", BASED_CASES, ids=[f"{m}-d{d}" for m, d in BASED_CASES])
@@ -66,7 +74,7 @@ def test_based_fla_matches_reference(mode, d):
     _compare("based", mode, d, run("fla"), run("reference"), _qkv(d, V_DIM))
 
 
-@pytest.mark.parametrize("mode,d", REBASED_CASES, ids=[f"{m}-d{d}" for m, d in REBASED_CASES])
+@pytest.mark.parametrize("mode,d", REBASED_CASES)
 def test_rebased_fla_matches_reference(mode, d):
     run = lambda backend: lambda q, k, v: rebased(q, k, v, backend=backend, mode=mode)
     _compare("rebased", mode, d, run("fla"), run("reference"), _qkv(d, V_DIM, True))
