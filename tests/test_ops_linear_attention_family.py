@@ -260,7 +260,7 @@ def _validated_args(**overrides):
 
 @pytest.mark.parametrize("la_module,mode,choices", [
     ("based", "fused_recurrent", "chunk, parallel, fused_chunk"),
-    ("rebased", "fused_chunk", "chunk, parallel"),
+    ("rebased", "fused_chunk", "parallel, chunk"),
     ("linear_attention", "parallel", "chunk, fused_recurrent"),
 ])
 def test_unsupported_mode_fails_at_argument_parsing(la_module, mode, choices):
