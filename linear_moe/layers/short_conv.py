@@ -3,8 +3,8 @@
 
 On CUDA (unless the mixer runs the reference backend) it is fla's Triton causal_conv1d, which
 reads and writes [b, s, c] and fuses the SiLU: torch's depthwise conv1d wants [b, c, s], so it
-costs two transposes, a slice and an unfused activation per conv, and its bf16 backward is
-slow (the GDN layer, three convs, measured 1.9x its bare op + projections on the H200)."""
+costs two transposes, a slice and an unfused activation per conv (with three of them the GDN
+layer measured 1.9x its bare op + projections on the H200)."""
 
 import math
 

@@ -31,8 +31,8 @@ _LN_EPS = 1e-5  # fla's layer_norm default
     modes=REBASED_MODES,
     # parallel by default, as fla's ReBasedLinearAttention: at d = 16 it meets the bf16 bound
     # (fp32 kernel), while chunk's bf16 quadratic features cost dq/dk ~8e-2 (README).
-    defaults={"la_mode": "parallel", "la_expand_v": 1.0, "la_use_short_conv": False, "la_output_norm": "identity",
-              "la_use_output_gate": False},
+    defaults={"la_mode": "parallel", "la_expand_v": 1.0, "la_use_short_conv": False,
+              "la_output_norm": "identity", "la_use_output_gate": False},
 )
 class ReBasedMixer(LinearMixer):
     def __init__(self, config, **kwargs):
