@@ -9,9 +9,12 @@ quickstart: setup
 	PYTHON=$(CURDIR)/.venv/bin/python PATH=$(CURDIR)/.venv/bin:$$PATH \
 		bash examples/linear_moe_qwen2/run_pretrain_qwen.sh
 
-# CPU test suite (what CI runs); GPU tests are skipped without CUDA.
+# CPU test suite (what CI runs); GPU tests are skipped without CUDA. Two pytest workers: every
+# test and the processes it starts run one torch thread (tests/conftest.py), so one worker left
+# a core of CI's two idle; TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: setup
-	.venv/bin/python -m pytest -q tests
+	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) tests
 
 # On a GPU machine: the fla-kernel parity suite.
 gpu-test: setup
