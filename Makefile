@@ -14,7 +14,7 @@ quickstart: setup
 # a core of CI's two idle; TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: setup
-	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) tests
+	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 # On a GPU machine: the fla-kernel parity suite.
 gpu-test: setup

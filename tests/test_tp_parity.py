@@ -155,9 +155,23 @@ def _tp_parity_worker(rank, world_size, la_module, moe, overrides=None):
     return result
 
 
+def assert_tp_parity(result, label=""):
+    """One rank's tp_parity_cases result: no traceback, >10 grads compared, all <= TOL."""
+    assert not isinstance(result, str), result
+    errors, num_grads = result
+    assert num_grads > 10, label
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= TOL, f"{label} {worst}: max abs diff {errors[worst]:.3e}"
+    return errors
+
+
 def _tp_parity_batch_worker(rank, world_size, cases):
     results = tp_parity_cases([(la_module, moe, {}) for la_module, moe in cases])
     return dict(zip(cases, results))
+
+
+# One xdist worker for the module (make test: --dist loadgroup), so the fixture runs once.
+pytestmark = pytest.mark.xdist_group("tp_parity")
 
 
 @pytest.fixture(scope="module")
@@ -175,10 +189,5 @@ def tp_parity_results(request):
 @pytest.mark.parametrize("la_module", sorted(registered_mixers()))
 def test_tp2_matches_tp1(la_module, moe, tp_parity_results):
     for rank_results in tp_parity_results:
-        result = rank_results[(la_module, moe)]
-        assert not isinstance(result, str), result
-        errors, num_grads = result
-        assert num_grads > 10
-        worst = max(errors, key=errors.get)
-        assert errors[worst] <= TOL, f"{worst}: max abs diff {errors[worst]:.3e}"
+        errors = assert_tp_parity(rank_results[(la_module, moe)])
         assert any(".self_attention.o_proj." in n for n in errors), "mixer grads not compared"
