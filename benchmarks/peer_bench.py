@@ -12,6 +12,12 @@ Target: ours >= 1.1x their tokens/s at equal or lower peak memory.
 
 --ours-flags runs ours once per quoted flag set, in the same run (e.g. "" and
 "--mlp-act-recompute --fused-cross-entropy": the memory options side by side).
+
+--cuda-graph adds, for both models, the same step captured once as a CUDA graph and replayed
+(linear_moe.cuda_graph.capture_step; in training, megatron-core's --cuda-graph-impl
+full_iteration). The eager step is host-bound at this shape: the fla kernels are Triton launches
+from Python. speedup_vs_fla compares with fla's eager model (plain PyTorch, the issue's peer);
+speedup_vs_fla_graph with fla's model captured the same way.
 """
 
 from __future__ import annotations
@@ -81,14 +87,23 @@ def our_argv(mixer, s, seq, batch, flags=""):
     return argv + flags.split()
 
 
-def _measure(step, warmup, iters):
+def _measure(step, params, warmup, iters, graph=False):
+    """Median ms and peak GiB of step() (returns the loss after its backward), or of its
+    CUDA-graph replay."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    if graph:
+        from linear_moe.cuda_graph import capture_step
+
+        step, _ = capture_step(step, params)
     ms = time_fn(step, warmup, iters)
     return ms, peak_memory_gib()
 
 
-def bench_ours(mixer, s, seq, batch, warmup, iters, flags=""):
+GRAPH_TAG = " [CUDA graph]"
+
+
+def bench_ours(mixer, s, seq, batch, warmup, iters, flags="", graph=False):
     from linear_moe.model_provider import build_standalone
 
     model, config, _ = build_standalone(our_argv(mixer, s, seq, batch, flags), device=device())
@@ -100,28 +115,33 @@ def bench_ours(mixer, s, seq, batch, warmup, iters, flags=""):
     positions = torch.arange(seq, device=device()).expand(batch, seq)
 
     def step():
-        model(tokens, positions, None, labels=tokens).float().mean().backward()
+        loss = model(tokens, positions, None, labels=tokens).float().mean()
+        loss.backward()
+        return loss
 
-    ms, peak = _measure(step, warmup, iters)
+    ms, peak = _measure(step, model.parameters(), warmup, iters, graph)
     del model
-    name = f"linear_moe llama3 'L' {mixer}" + (f" {flags}" if flags else "")
+    name = (f"linear_moe llama3 'L' {mixer}" + (f" {flags.strip()}" if flags.strip() else "")
+            + (GRAPH_TAG if graph else ""))
     return {"model": name, "params": params, "ms": ms,
             "peak_GiB": peak, "flops_per_token": flops_per_token}
 
 
-def bench_fla(mixer, s, seq, batch, warmup, iters):
+def bench_fla(mixer, s, seq, batch, warmup, iters, graph=False):
     model = fla_model(mixer, s)
     params = sum(p.numel() for p in model.parameters())
-    row = {"model": f"fla {type(model).__name__}", "params": params}
+    row = {"model": f"fla {type(model).__name__}" + (GRAPH_TAG if graph else ""), "params": params}
     if not torch.cuda.is_available():  # fla's layers are Triton kernels only
         return {**row, "ms": None, "peak_GiB": None, "note": "not run: fla needs CUDA"}
     model = model.to(device(), torch.bfloat16)
     tokens = torch.randint(0, s["vocab"], (batch, seq), device=device())
 
     def step():
-        model(input_ids=tokens, labels=tokens).loss.backward()
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        return loss
 
-    ms, peak = _measure(step, warmup, iters)
+    ms, peak = _measure(step, model.parameters(), warmup, iters, graph)
     del model
     return {**row, "ms": ms, "peak_GiB": peak}
 
@@ -135,6 +155,22 @@ def _finish(row, mixer, seq, batch):
     return row
 
 
+def _release():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _compare(ours, theirs, suffix):
+    """ours vs fla's row (the same model FLOPs: the shapes are equal)."""
+    if theirs["ms"] is not None:
+        theirs["model_TFLOP_s"] = ours["model_TFLOP_s"] * ours["ms"] / theirs["ms"]
+        ours["speedup_vs_fla" + suffix] = theirs["ms"] / ours["ms"]
+        if not suffix:
+            ours["memory_vs_fla"] = ours["peak_GiB"] / theirs["peak_GiB"]
+    ours["params_vs_fla"] = ours["params"] / theirs["params"]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,36 +179,39 @@ def main(argv=None):
     parser.add_argument("--ours-flags", nargs="+", default=[""],
                         help="run ours once per quoted set of extra flags (default: none); a "
                              "set of one flag needs a leading space: \" --mlp-act-recompute\"")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also time each model's step captured as one CUDA graph (GPU only)")
     add_run_args(parser, tokens=16384, warmup=3, iters=10)
     args = parser.parse_args(argv)
     shape = SHAPE
     if args.toy:
         shape, args.seq_lens, args.tokens, args.warmup, args.iters = TOY, [64], 128, 1, 1
     setup_single_process()
+    graph_modes = [False, True] if args.cuda_graph and torch.cuda.is_available() else [False]
     rows = []
     for seq in args.seq_lens:
         batch = max(1, args.tokens // seq)
         for mixer in args.mixers:
-            theirs = emit(_finish(bench_fla(mixer, shape, seq, batch, args.warmup, args.iters),
-                                  mixer, seq, batch))
-            rows.append(theirs)
+            theirs = {}
+            for graph in graph_modes:
+                theirs[graph] = emit(_finish(bench_fla(mixer, shape, seq, batch, args.warmup,
+                                                       args.iters, graph), mixer, seq, batch))
+                rows.append(theirs[graph])
+                _release()
             for flags in args.ours_flags:
-                gc.collect()
-                ours = bench_ours(mixer, shape, seq, batch, args.warmup, args.iters, flags)
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                ours = _finish(ours, mixer, seq, batch)
-                if theirs["ms"] is not None:  # the same model FLOPs: the shapes are equal
-                    theirs["model_TFLOP_s"] = ours["model_TFLOP_s"] * ours["ms"] / theirs["ms"]
-                    ours["speedup_vs_fla"] = theirs["ms"] / ours["ms"]
-                    ours["memory_vs_fla"] = ours["peak_GiB"] / theirs["peak_GiB"]
-                ours["params_vs_fla"] = ours["params"] / theirs["params"]
-                rows.append(emit(ours))
+                for graph in graph_modes:
+                    ours = _finish(bench_ours(mixer, shape, seq, batch, args.warmup, args.iters,
+                                              flags, graph), mixer, seq, batch)
+                    _release()
+                    _compare(ours, theirs[False], "")
+                    if graph:
+                        _compare(ours, theirs[True], "_graph")
+                    rows.append(emit(ours))
     write_results(rows, args.out,
                   f"Peer: fla's models in plain PyTorch vs linear_moe, {args.tokens} tokens/step",
                   ["model", "mixer", "T", "B", "params", "ms", "tokens_per_s", "model_TFLOP_s",
-                   "peak_GiB", "speedup_vs_fla", "memory_vs_fla", "params_vs_fla", "note"])
+                   "peak_GiB", "speedup_vs_fla", "memory_vs_fla", "speedup_vs_fla_graph",
+                   "params_vs_fla", "note"])
     return rows
 
 

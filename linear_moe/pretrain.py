@@ -27,20 +27,34 @@ def _prepare_argv(argv: list[str]) -> list[str]:
 
 
 def get_batch(data_iterator):
-    """Tokens/labels/masks of one micro-batch: read on TP rank 0, broadcast over TP."""
-    from megatron.core import mpu, tensor_parallel
+    """Tokens/labels/masks of one micro-batch: read on TP rank 0, broadcast over TP.
 
-    keys = ["tokens", "labels", "loss_mask", "position_ids"]
-    data = next(data_iterator) if mpu.get_tensor_model_parallel_rank() == 0 else None
-    if data is not None:
-        data = {k: data[k].long() if k != "loss_mask" else data[k].float() for k in keys}
-    ints = tensor_parallel.broadcast_data(["tokens", "labels", "position_ids"],
-                                          data and {k: data[k] for k in
-                                                    ("tokens", "labels", "position_ids")},
-                                          torch.int64)
-    mask = tensor_parallel.broadcast_data(["loss_mask"], data and {"loss_mask": data["loss_mask"]},
-                                          torch.float32)
-    return ints["tokens"], ints["labels"], mask["loss_mask"], ints["position_ids"]
+    No host synchronisation (--cuda-graph-impl full_iteration captures this): TP = 1 only moves
+    the batch to the device, TP > 1 broadcasts at the fixed [micro-batch, seq-length] shape
+    instead of megatron-core's broadcast_data, which first exchanges the sizes via the host."""
+    from megatron.core import mpu
+    from megatron.training import get_args
+
+    args = get_args()
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    dtypes = {"tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32,
+              "position_ids": torch.int64}
+    shape = (args.micro_batch_size, args.seq_length)
+    if mpu.get_tensor_model_parallel_rank() == 0:
+        data = next(data_iterator)
+        batch = {k: data[k].to(dev, dtype, non_blocking=True) for k, dtype in dtypes.items()}
+        if batch["tokens"].shape != shape:
+            raise ValueError(f"a micro-batch of shape {tuple(batch['tokens'].shape)} does not "
+                             f"match --micro-batch-size x --seq-length {shape}; the dataset must "
+                             "yield fixed-length samples")
+    else:
+        batch = {k: torch.empty(shape, dtype=dtype, device=dev) for k, dtype in dtypes.items()}
+    if mpu.get_tensor_model_parallel_world_size() > 1:
+        for key in dtypes:
+            torch.distributed.broadcast(batch[key], mpu.get_tensor_model_parallel_src_rank(),
+                                        group=mpu.get_tensor_model_parallel_group())
+    return batch["tokens"], batch["labels"], batch["loss_mask"], batch["position_ids"]
 
 
 def loss_func(loss_mask, output_tensor):

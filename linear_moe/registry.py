@@ -26,6 +26,8 @@ class MixerEntry:
     supports_cp: bool = False
     supports_varlen: bool = False
     supports_decode: bool = False
+    # Capturable in a CUDA graph (--cuda-graph-impl full_iteration): no host syncs in fwd/bwd.
+    cuda_graph: bool = True
     modes: tuple[str, ...] = ("chunk", "fused_recurrent")
     # Mixer-specific defaults for the --la-* config fields the user did not set.
     defaults: dict = field(default_factory=dict)
@@ -36,7 +38,8 @@ class MixerEntry:
 
     def support_flags(self) -> str:
         flags = {"tp": self.supports_tp, "cp": self.supports_cp,
-                 "varlen": self.supports_varlen, "decode": self.supports_decode}
+                 "varlen": self.supports_varlen, "decode": self.supports_decode,
+                 "cuda_graph": self.cuda_graph}
         return " ".join(f"{k}={'yes' if v else 'no'}" for k, v in flags.items())
 
 

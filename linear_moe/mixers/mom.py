@@ -112,6 +112,7 @@ class MixtureOfMemories(LinearMixer):
 
 @register_mixer(
     "mom_gla",
+    cuda_graph=False,  # routing packs tokens by nonzero(): data-dependent shapes, host syncs
     options=("la_gate_low_rank_dim", "la_gate_logit_normalizer", "la_mom_num_memories",
              "la_mom_topk", "la_mom_capacity_factor", "la_mom_shared_memory",
              "la_mom_aux_loss_coeff"),
@@ -147,6 +148,7 @@ class MoMGLAMixer(MixtureOfMemories):
 
 @register_mixer(
     "mom_gated_deltanet",
+    cuda_graph=False,  # routing packs tokens by nonzero(): data-dependent shapes, host syncs
     options=("la_mom_num_memories", "la_mom_topk", "la_mom_capacity_factor",
              "la_mom_shared_memory", "la_mom_aux_loss_coeff"),
     paper="MoM: Linear Sequence Modeling with Mixture-of-Memories (arXiv:2502.13685), "
