@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from types import SimpleNamespace
 
+import torch
+
 from linear_moe.config import LinearMixerFields, resolve_mixer_defaults
 from linear_moe.layers.grouped_experts import EXPERT_IMPLS
 from linear_moe.mixers.base import check_head_sharing
@@ -222,6 +224,27 @@ def check_option_dependencies(entry, args) -> None:
                          "--la-output-norm")
 
 
+def check_cuda_graphs(entry, args, uses_linear: bool) -> None:
+    """--cuda-graph-impl: megatron-core's full_iteration (one graph for the whole forward and
+    backward) is the capture this package supports and tests (tests/gpu/test_cuda_graph_gpu.py)."""
+    impl = getattr(args, "cuda_graph_impl", "none")
+    if impl == "none":
+        return
+    if impl != "full_iteration":
+        raise ValueError(f"--cuda-graph-impl {impl} is not supported here (per-layer capture; "
+                         "'transformer_engine' needs TransformerEngine); use --cuda-graph-impl "
+                         "full_iteration")
+    if not torch.cuda.is_available():
+        raise ValueError("--cuda-graph-impl full_iteration needs a GPU; drop it on the CPU")
+    if uses_linear and not entry.cuda_graph:
+        raise ValueError(f"mixer '{entry.name}' syncs with the host in its forward (data-"
+                         "dependent shapes) and cannot be captured; drop --cuda-graph-impl")
+    if getattr(args, "check_for_nan_in_loss_and_grad", False):
+        raise ValueError("--cuda-graph-impl full_iteration needs "
+                         "--no-check-for-nan-in-loss-and-grad (the check reads the loss on the "
+                         "host inside the captured step)")
+
+
 def validate_args(args) -> None:
     """Check linear_moe's flags against Megatron's; fills in the per-layer pattern and the
     mixer defaults. Raises ValueError with the fix."""
@@ -275,6 +298,7 @@ def validate_args(args) -> None:
             is_moe_layer(layers, i) for i in range(args.num_layers)):
         raise ValueError("--mlp-act-recompute applies to dense MLP layers and every layer here "
                          "is MoE; use --moe-act-recompute for the experts")
+    check_cuda_graphs(entry, args, uses_linear)
     if num_experts and num_experts % args.expert_model_parallel_size:
         raise ValueError(f"--num-experts {num_experts} is not divisible by "
                          f"--expert-model-parallel-size {args.expert_model_parallel_size}")

@@ -5,6 +5,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from arg_utils import parsed_args
 from linear_moe.arguments import preset_argv, validate_args
@@ -118,3 +119,31 @@ def test_readme_mixer_table_lists_every_registered_mixer():
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     named = {name.strip("` ") for row in rows for name in row.split("|")[1].split(",")}
     assert set(registered_mixers()) <= named, set(registered_mixers()) - named
+
+
+def test_cuda_graph_flag_is_checked_before_any_work(monkeypatch):
+    """--cuda-graph-impl: only megatron-core's full_iteration, only on a GPU, only for mixers
+    that can be captured, only without the host-side NaN check (one-line errors with the fix)."""
+    from arg_utils import parsed_args
+
+    from linear_moe.arguments import validate_args
+
+    validate_args(parsed_args(["--la-module", "gla"], cuda_graph_impl="none"))
+    with pytest.raises(ValueError, match="use --cuda-graph-impl full_iteration"):
+        validate_args(parsed_args(["--la-module", "gla"], cuda_graph_impl="local"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a GPU; drop it on the CPU"):
+            validate_args(parsed_args(["--la-module", "gla"], cuda_graph_impl="full_iteration"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the checks after the GPU one
+    with pytest.raises(ValueError, match="'mom_gla' syncs with the host.*drop --cuda-graph-impl"):
+        validate_args(parsed_args(["--la-module", "mom_gla"], cuda_graph_impl="full_iteration",
+                                  check_for_nan_in_loss_and_grad=False))
+    with pytest.raises(ValueError, match="needs --no-check-for-nan-in-loss-and-grad"):
+        validate_args(parsed_args(["--la-module", "gla"], cuda_graph_impl="full_iteration",
+                                  check_for_nan_in_loss_and_grad=True))
+    validate_args(parsed_args(["--la-module", "gla"], cuda_graph_impl="full_iteration",
+                              check_for_nan_in_loss_and_grad=False))
+    # A pattern without 'L' never builds the mixer.
+    validate_args(parsed_args(["--la-module", "mom_gla", "--layer-type-list", "N"],
+                              cuda_graph_impl="full_iteration",
+                              check_for_nan_in_loss_and_grad=False))
