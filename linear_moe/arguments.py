@@ -239,6 +239,10 @@ def check_cuda_graphs(entry, args, uses_linear: bool) -> None:
     if uses_linear and not entry.cuda_graph:
         raise ValueError(f"mixer '{entry.name}' syncs with the host in its forward (data-"
                          "dependent shapes) and cannot be captured; drop --cuda-graph-impl")
+    if args.num_experts:
+        raise ValueError("--cuda-graph-impl full_iteration cannot capture MoE layers: megatron-"
+                         "core's dropless token dispatchers read the expert counts on the host "
+                         "(a sync inside the step); use a dense preset or drop --cuda-graph-impl")
     if getattr(args, "check_for_nan_in_loss_and_grad", False):
         raise ValueError("--cuda-graph-impl full_iteration needs "
                          "--no-check-for-nan-in-loss-and-grad (the check reads the loss on the "

@@ -64,7 +64,7 @@ tar czf "$OUT/jobs.tgz" -C "$OUT" jobs summary.txt && rm -rf "$OUT/jobs"
 
 # Bring the cache back at a third of its size: on a hit Triton loads the metadata json and the
 # binary, the IR stages are only for inspection. A group file listing a missing child is a
-# miss, so the groups are rewritten to list what is kept. Over 45 MB it stays behind (the
+# miss, so the groups are rewritten to list what is kept. Over 75 MB it stays behind (the
 # limit on what comes back is 8 files of 16 MB).
 python3 - "$TRITON_CACHE_DIR" <<'PY'
 import json, pathlib, sys
@@ -81,7 +81,7 @@ PY
 tar czf /tmp/triton_cache.tgz -C "$PWD" .triton_cache
 size=$(stat -c %s /tmp/triton_cache.tgz)
 echo "triton cache tgz: $((size / 1048576)) MB"
-if (( size < 45 * 1048576 )); then
+if (( size < 75 * 1048576 )); then
     split -b 15m /tmp/triton_cache.tgz "$OUT/triton_cache.tgz.part-"
 fi
 ls -la "$OUT"

@@ -45,7 +45,10 @@ class GLAMixer(LinearMixer):
     def mix(self, x):
         q, k, v = self.qkv(x)
         gk = self.expand_heads(self.heads(self.gk_up(self.gk_down(x))[0], self.head_k_dim))
-        gk = F.logsigmoid(gk.float()) / self.config.la_gate_logit_normalizer
+        # In the activation dtype, as fla's GatedLinearAttention: chunk_gla then keeps this bf16
+        # gate for its backward and recomputes the fp32 cumsum. An fp32 gate made it keep the
+        # fp32 cumsum and logsigmoid its fp32 input: 0.4 GiB more at the peer shape.
+        gk = F.logsigmoid(gk) / self.config.la_gate_logit_normalizer
         if self.config.la_clamp_min is not None:  # fla's clamp_min
             gk = gk.clamp_min(self.config.la_clamp_min)
         if self.phi is not None:  # fla's feature_map on q/k

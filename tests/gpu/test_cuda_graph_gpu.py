@@ -1,8 +1,11 @@
 """A training step captured as one CUDA graph (linear_moe.cuda_graph.capture_step, the same
 capture as megatron-core's --cuda-graph-impl full_iteration) gives the eager step's loss and
-gradients: per mixer in the dense preset, and for the MoE preset. A mixer that syncs with the
-host cannot be captured; CUDA_GRAPH_UNSUPPORTED lists those, and the test proves they are refused
-with an error rather than captured wrong.
+gradients, per mixer in the dense llama3 preset.
+
+Mixers registered with cuda_graph=False (MoM: routing by nonzero()) and MoE layers (megatron-core's
+dropless dispatchers read the expert counts on the host) are refused by validate_args before any
+work (tests/test_registry.py); a failed capture would leave the CUDA context unusable for the
+tests after it, so they are not attempted here.
 """
 
 import os
@@ -96,23 +99,11 @@ def _record(row):
                                 "device": torch.cuda.get_device_name()}) + "\n")
 
 
-@pytest.mark.parametrize("mixer", sorted(registered_mixers()))
+@pytest.mark.parametrize("mixer", sorted(n for n, e in registered_mixers().items()
+                                          if e.cuda_graph))
 def test_captured_step_matches_eager(mixer):
-    from linear_moe.registry import get_mixer
-
-    model = _model(mixer, "llama3", "LN")
-    if not get_mixer(mixer).cuda_graph:
-        with pytest.raises(RuntimeError):
-            _graph_matches_eager(model)
-        return
-    errors = _graph_matches_eager(model)
+    errors = _graph_matches_eager(_model(mixer, "llama3", "LN"))
     _record({"mixer": mixer, "base_model": "llama3", "max_rel_err": max(errors.values())})
     over = {n: e for n, e in errors.items() if e > REL_TOL}
     assert not over, f"graph replay differs from the eager step: {over}"
 
-
-def test_captured_moe_step_matches_eager():
-    errors = _graph_matches_eager(_model("gla", "qwen2_moe", "LLLN"))
-    _record({"mixer": "gla", "base_model": "qwen2_moe", "max_rel_err": max(errors.values())})
-    over = {n: e for n, e in errors.items() if e > REL_TOL}
-    assert not over, f"graph replay differs from the eager step: {over}"
