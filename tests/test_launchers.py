@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = {"qwen2": "qwen", "deepseek_v2": "deepseek", "mixtral": "mixtral",
@@ -70,6 +71,10 @@ def test_pretrain_then_finetune_launchers(folder, tmp_path):
     (dict(DATASET_PATH="/nonexistent/corpus_text_document"), "not found"),
     (dict(PR="fp8"), "PR must be bf16, fp16 or fp32"),
     (dict(MAMBA2_PATTERN="MXN"), "MAMBA2_PATTERN may contain only M and N"),
+    (dict(CUDA_GRAPH="yes"), "CUDA_GRAPH must be true or false"),
+    # mixtral is MoE: refused on a GPU too, for its dispatcher's host syncs
+    (dict(CUDA_GRAPH="true"), "cannot capture MoE layers" if torch.cuda.is_available()
+     else "--cuda-graph-impl full_iteration needs a GPU"),
 ])
 def test_bad_settings_fail_before_launch(settings, reason, tmp_path):
     result = _launch(ROOT / "examples/linear_moe_mixtral/run_pretrain_mixtral.sh",

@@ -80,6 +80,12 @@ case "$DO" in
     false) OPTIMIZER=() ;;
     *) fail "DO must be true or false, not '$DO'" ;;
 esac
+CUDA_GRAPH=${CUDA_GRAPH:-false}              # one CUDA graph per fwd+bwd step (dense presets, GPU)
+case "$CUDA_GRAPH" in
+    true) GRAPH=(--cuda-graph-impl full_iteration --no-check-for-nan-in-loss-and-grad) ;;
+    false) GRAPH=() ;;
+    *) fail "CUDA_GRAPH must be true or false, not '$CUDA_GRAPH'" ;;
+esac
 PARALLEL=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
           --expert-model-parallel-size "$EP" --context-parallel-size "$CP")
 if [ "$SP" = 1 ] || [ "$SP" = true ] || { [ "$SP" = auto ] && [ "$TP" -gt 1 ]; }; then
@@ -116,7 +122,7 @@ ARGS=(
     --ckpt-format torch_dist
     --log-interval "$LOG_INTERVAL" --eval-interval "$((TRAIN_ITERS + 1))" --eval-iters 0
     --num-workers 0 --seed "${SEED:-1234}"
-    "${PRECISION[@]}" "${PARALLEL[@]}" "${RECOMPUTE[@]}" "${OPTIMIZER[@]}"
+    "${PRECISION[@]}" "${PARALLEL[@]}" "${RECOMPUTE[@]}" "${OPTIMIZER[@]}" "${GRAPH[@]}"
 )
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 ARGS+=("${EXTRA[@]}")
