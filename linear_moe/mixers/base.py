@@ -236,8 +236,10 @@ class LinearMixer(MegatronModule):
 
     @staticmethod
     def unheads(x: torch.Tensor) -> torch.Tensor:
-        """[b, s, H, D] -> [s, b, H*D] for o_proj: the mixer's one transpose out."""
-        return x.flatten(2).transpose(0, 1)
+        """[b, s, H, D] -> [s, b, H*D] for o_proj: the mixer's one transpose out, made
+        contiguous here once: o_proj's matmul would copy the strided view anyway and its weight
+        gradient would copy the saved view again."""
+        return x.flatten(2).transpose(0, 1).contiguous()
 
     # -- Megatron interface ----------------------------------------------------------------
     def mix(self, x: torch.Tensor) -> torch.Tensor:
