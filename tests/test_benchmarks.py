@@ -10,8 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# peer: ours once plain and once with the memory options, beside fla's model (2 mixers)
-PEER_FLAGS = ["--ours-flags", "", "--mlp-act-recompute --fused-cross-entropy"]
+# peer: ours once plain and once with the memory options, beside fla's model (2 mixers);
+# --cuda-graph adds graph rows on a GPU only
+PEER_FLAGS = ["--ours-flags", "", "--mlp-act-recompute --fused-cross-entropy", "--cuda-graph"]
 
 
 @pytest.mark.slow
@@ -134,3 +135,14 @@ def test_profile_groups_kernels_by_what_they_do():
                     "kernel_cuda(at::TensorIteratorBase&)>") == "copy/cast"
     assert group_of("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "gemm"
     assert group_of("chunk_gla_bwd_kernel_intra") == "fla/triton"
+
+
+def test_capture_step_needs_a_gpu():
+    import torch
+
+    from linear_moe.cuda_graph import capture_step
+
+    if torch.cuda.is_available():
+        pytest.skip("the GPU path is tests/gpu/test_cuda_graph_gpu.py")
+    with pytest.raises(RuntimeError, match="CUDA graphs need a GPU"):
+        capture_step(lambda: torch.zeros(()), [])
