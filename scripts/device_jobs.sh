@@ -13,6 +13,10 @@
 #             Autotune picks made under contention are not cached for later (timed) runs.
 #   serial:   one after another, for timings (nothing else on the GPU).
 # JOB_TIMEOUT (s, default 540) bounds each job; a job cut off keeps what its log printed.
+# DEADLINE (s after this script starts, default 480) bounds them all: a job gets at most the time
+# left before it and is skipped when less than 30 s is left, so the results and the Triton cache
+# are packed before the device tool's own limit (600 s a call) kills everything (session 6 lost
+# a call's cache and rows that way). Set DEADLINE to the run's timeout_s minus ~100 s.
 set -uo pipefail
 JOB_FILE=${1:?job file}
 MODE=${2:-parallel}
@@ -36,11 +40,17 @@ echo "triton cache at start: $(du -sh "$TRITON_CACHE_DIR" | cut -f1)"
 } | tee "$OUT/versions.txt"
 
 run_job() {  # name command port
-    local name=$1 cmd=$2 port=$3 t0=$SECONDS rc
+    local name=$1 cmd=$2 port=$3 t0=$SECONDS rc left limit
+    left=$(( ${DEADLINE:-480} - (SECONDS - START) ))
+    if (( left < 30 )); then
+        echo "$name skipped: ${left}s left before DEADLINE" | tee -a "$OUT/summary.txt"
+        return
+    fi
+    limit=$(( left < ${JOB_TIMEOUT:-540} ? left : ${JOB_TIMEOUT:-540} ))
     export JOB_OUT=$OUT/jobs/$name MASTER_PORT=$port
     export LINEAR_MOE_GPU_RESULTS=$JOB_OUT/gpu_results.jsonl  # the GPU tests' rows
     mkdir -p "$JOB_OUT"
-    timeout "${JOB_TIMEOUT:-540}" bash -c "$cmd" > "$JOB_OUT/log.txt" 2>&1 < /dev/null
+    timeout "$limit" bash -c "$cmd" > "$JOB_OUT/log.txt" 2>&1 < /dev/null
     rc=$?
     echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
 }
