@@ -14,9 +14,21 @@ replay) and must not synchronise with the host.
 
 from __future__ import annotations
 
+import collections
+import os
+import traceback
 from typing import Callable, Iterable
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Tensor calls that need the host to see device data (a sync, illegal while capturing) or whose
+# output shape depends on the data (the graph would replay the captured shape).
+HOST_READS = frozenset({"cpu", "tolist", "item", "numpy", "__bool__", "__int__", "__float__",
+                        "__index__"})
+DATA_DEPENDENT_SHAPES = frozenset({"nonzero", "masked_select", "unique", "unique_consecutive",
+                                   "bincount"})
 
 
 def capture_step(step: Callable[[], torch.Tensor], params: Iterable[torch.nn.Parameter],
@@ -40,3 +52,50 @@ def capture_step(step: Callable[[], torch.Tensor], params: Iterable[torch.nn.Par
     with torch.cuda.graph(graph):
         loss = step()
     return graph.replay, loss
+
+
+class _HostSyncRecorder(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        # Only an explicit "cpu": on the CPU every x.to(other.device) targets the CPU as well.
+        to_cpu = name == "to" and any(isinstance(a, str) and a == "cpu"
+                                      for a in (*args[1:], *kwargs.values()))
+        tensor_repeats = name == "repeat_interleave" and len(args) > 1 and torch.is_tensor(args[1])
+        if name in HOST_READS or name in DATA_DEPENDENT_SHAPES or to_cpu or tensor_repeats:
+            self.calls[(name, _caller())] += 1
+        return func(*args, **kwargs)
+
+
+class _ScalarReadRecorder(TorchDispatchMode):
+    """Scalar reads that bypass the Python tensor methods (``if t:``, ``int(t)`` in C++)."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.startswith("_local_scalar_dense"):
+            self.calls[("_local_scalar_dense", _caller())] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _caller() -> str:
+    frames = [f for f in traceback.extract_stack()
+              if ("linear_moe" in f.filename or "megatron" in f.filename)
+              and not f.filename.endswith(("cuda_graph.py", "cpu_support.py"))]
+    return " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in frames[-2:][::-1])
+
+
+def find_host_syncs(step: Callable[[], object]) -> collections.Counter:
+    """Run ``step`` once and count the calls that would break its CUDA-graph capture: host reads
+    of tensor data and data-dependent output shapes, keyed by (call, where). Works on the CPU,
+    where a sync costs nothing, so CI can tell a capturable step from one that is not."""
+    functions = _HostSyncRecorder()
+    with functions, _ScalarReadRecorder(functions.calls):
+        step()
+    return functions.calls
