@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import torch
 
 from linear_moe.config import LinearMixerFields, resolve_mixer_defaults
+from linear_moe.layers.device_dispatch import device_dispatch_unsupported_reason
 from linear_moe.layers.grouped_experts import EXPERT_IMPLS
 from linear_moe.mixers.base import check_head_sharing
 from linear_moe.models import PRESETS, get_preset
@@ -132,6 +133,10 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="grouped_mm experts: fc2 recomputes the expert activation in backward "
                         "instead of keeping its output (one [routed tokens, ffn] tensor less per "
                         "MoE layer); megatron-core's 'moe_act' recompute needs TransformerEngine")
+    g.add_argument("--moe-device-dispatch", action="store_true",
+                   help="MoE token permutation on the device, without megatron-core's host "
+                        "read of the expert counts in every MoE layer (needs EP 1 and the "
+                        "grouped_mm experts; lets --cuda-graph-impl capture MoE layers)")
     g.add_argument("--mlp-act-recompute", action="store_true",
                    help="dense MLP layers: fc2 recomputes the activation in backward instead of "
                         "keeping its output (one [tokens, ffn] tensor less per dense layer, for "
@@ -239,10 +244,10 @@ def check_cuda_graphs(entry, args, uses_linear: bool) -> None:
     if uses_linear and not entry.cuda_graph:
         raise ValueError(f"mixer '{entry.name}' syncs with the host in its forward (data-"
                          "dependent shapes) and cannot be captured; drop --cuda-graph-impl")
-    if args.num_experts:
-        raise ValueError("--cuda-graph-impl full_iteration cannot capture MoE layers: megatron-"
-                         "core's dropless token dispatchers read the expert counts on the host "
-                         "(a sync inside the step); use a dense preset or drop --cuda-graph-impl")
+    if args.num_experts and not getattr(args, "moe_device_dispatch", False):
+        raise ValueError("--cuda-graph-impl full_iteration cannot capture megatron-core's MoE "
+                         "dispatchers (they read the expert counts on the host); add "
+                         "--moe-device-dispatch (EP 1) or drop --cuda-graph-impl")
     if getattr(args, "check_for_nan_in_loss_and_grad", False):
         raise ValueError("--cuda-graph-impl full_iteration needs "
                          "--no-check-for-nan-in-loss-and-grad (the check reads the loss on the "
@@ -302,6 +307,17 @@ def validate_args(args) -> None:
             is_moe_layer(layers, i) for i in range(args.num_layers)):
         raise ValueError("--mlp-act-recompute applies to dense MLP layers and every layer here "
                          "is MoE; use --moe-act-recompute for the experts")
+    if getattr(args, "moe_device_dispatch", False):
+        reason = device_dispatch_unsupported_reason(SimpleNamespace(
+            num_moe_experts=num_experts,
+            expert_model_parallel_size=args.expert_model_parallel_size,
+            moe_expert_impl=getattr(args, "moe_expert_impl", "grouped_mm"),
+            moe_expert_capacity_factor=getattr(args, "moe_expert_capacity_factor", None),
+            moe_pad_expert_input_to_capacity=getattr(args, "moe_pad_expert_input_to_capacity",
+                                                     False),
+            moe_shared_expert_overlap=getattr(args, "moe_shared_expert_overlap", False)))
+        if reason:
+            raise ValueError(f"--moe-device-dispatch does not support {reason}; drop the flag")
     check_cuda_graphs(entry, args, uses_linear)
     if num_experts and num_experts % args.expert_model_parallel_size:
         raise ValueError(f"--num-experts {num_experts} is not divisible by "

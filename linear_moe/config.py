@@ -77,6 +77,8 @@ class LinearMixerFields:
     moe_expert_impl: str = "grouped_mm"
     # grouped_mm experts: recompute the activation in backward instead of keeping its output
     moe_act_recompute: bool = False
+    # MoE dispatch on the device, no host sync per layer (layers/device_dispatch.py; EP 1)
+    moe_device_dispatch: bool = False
     # dense MLP layers: the same recompute of the activation (layers/mlp.py)
     mlp_act_recompute: bool = False
     # LM loss through fla's fused kernel (chunked torch on the CPU), gradient written over the

@@ -62,12 +62,13 @@ class _HostSyncRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        # Only an explicit "cpu": on the CPU every x.to(other.device) targets the CPU as well.
-        to_cpu = name == "to" and any(isinstance(a, str) and a == "cpu"
-                                      for a in (*args[1:], *kwargs.values()))
+        # A device tensor sent to the host (on the CPU every .to() stays on the host, so
+        # there only the explicit .cpu() / .tolist() / .item() calls are seen).
+        to_cpu = (name == "to" and torch.is_tensor(args[0]) and args[0].device.type != "cpu"
+                  and any(str(a) == "cpu" for a in (*args[1:], *kwargs.values())))
         tensor_repeats = name == "repeat_interleave" and len(args) > 1 and torch.is_tensor(args[1])
         if name in HOST_READS or name in DATA_DEPENDENT_SHAPES or to_cpu or tensor_repeats:
-            self.calls[(name, _caller())] += 1
+            _count(self.calls, name)
         return func(*args, **kwargs)
 
 
@@ -80,8 +81,19 @@ class _ScalarReadRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.__name__.startswith("_local_scalar_dense"):
-            self.calls[("_local_scalar_dense", _caller())] += 1
+            _count(self.calls, "_local_scalar_dense")
         return func(*args, **(kwargs or {}))
+
+
+# Calls that read host-only tensors on the GPU too: megatron-core's RNG tracker compares the CPU
+# generator's state (torch.get_rng_state()) before and after a fork.
+HOST_ONLY_CALLERS = ("tensor_parallel/random.py",)
+
+
+def _count(calls, name):
+    stack = traceback.extract_stack()
+    if not any(f.filename.endswith(HOST_ONLY_CALLERS) for f in stack):
+        calls[(name, _caller())] += 1
 
 
 def _caller() -> str:

@@ -1,7 +1,7 @@
 """Which training steps a CUDA graph can capture, checked on the CPU: a step must not read
 device data on the host nor produce data-dependent shapes (linear_moe.cuda_graph.find_host_syncs).
-The registry's cuda_graph flags and validate_args' refusal of MoE under --cuda-graph-impl rest
-on this; the GPU capture itself is tests/gpu/test_cuda_graph_gpu.py."""
+The registry's cuda_graph flags and validate_args' refusal of MoE under --cuda-graph-impl
+(without --moe-device-dispatch) rest on this; the GPU capture itself is tests/gpu/test_cuda_graph_gpu.py."""
 
 import pytest
 import torch
@@ -22,7 +22,7 @@ def single_process():
     setup_single_process()
 
 
-def _host_syncs(mixer, base_model="llama3"):
+def _host_syncs(mixer, base_model="llama3", extra=()):
     from linear_moe.cuda_graph import find_host_syncs
     from linear_moe.model_provider import build_standalone
 
@@ -30,7 +30,7 @@ def _host_syncs(mixer, base_model="llama3"):
             "--la-module", mixer, "--tokenizer-type", "NullTokenizer",
             "--vocab-size", str(VOCAB - 1), "--mock-data", "--seq-length", str(SEQ),
             "--max-position-embeddings", str(SEQ), "--micro-batch-size", str(BATCH),
-            "--train-iters", "1"]
+            "--train-iters", "1", *extra]
     model, _, _ = build_standalone(argv)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ))
     positions = torch.arange(SEQ).expand(BATCH, SEQ)
@@ -48,6 +48,9 @@ def test_cuda_graph_flag_matches_the_step(mixer):
         assert syncs, f"'{mixer}' is registered cuda_graph=False but its step has no host sync"
 
 
-def test_moe_step_syncs_so_graphs_refuse_it():
+def test_moe_step_syncs_unless_dispatched_on_the_device():
+    """megatron-core's dispatcher reads the expert counts on the host (so --cuda-graph-impl
+    refuses MoE without --moe-device-dispatch); the device dispatch does not."""
     syncs = _host_syncs("gla", "qwen2_moe")
     assert any("token_dispatcher" in where or "moe_utils" in where for _, where in syncs), syncs
+    assert not _host_syncs("gla", "qwen2_moe", ["--moe-device-dispatch"])

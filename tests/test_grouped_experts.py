@@ -108,7 +108,7 @@ def test_moe_act_recompute_needs_grouped_experts():
             validate_args(parsed_args(argv, **overrides))
 
 
-def _build(impl, ep, dtype, act_recompute=False):
+def _build(impl, ep, dtype, act_recompute=False, device_dispatch=False, tp=1):
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
@@ -117,13 +117,14 @@ def _build(impl, ep, dtype, act_recompute=False):
     from linear_moe.model_provider import decoder_block_spec
 
     mpu.destroy_model_parallel()
-    mpu.initialize_model_parallel(expert_model_parallel_size=ep)
+    mpu.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     tensor_parallel.model_parallel_cuda_manual_seed(123)
     torch.manual_seed(123)
     config = LinearMoEConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
         ffn_hidden_size=96, kv_channels=16, use_cpu_initialization=True, params_dtype=dtype,
         bf16=dtype == torch.bfloat16, expert_model_parallel_size=ep,
+        tensor_model_parallel_size=tp, sequence_parallel=tp > 1,
         normalization="RMSNorm", add_bias_linear=False, add_qkv_bias=True,
         gated_linear_unit=True, activation_func=F.silu, bias_activation_fusion=False,
         masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
@@ -134,7 +135,7 @@ def _build(impl, ep, dtype, act_recompute=False):
         moe_token_dispatcher_type="allgather",
         moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01,
         la_module="gla", layer_type_list="LN", la_num_heads=4, moe_expert_impl=impl,
-        moe_act_recompute=act_recompute)
+        moe_act_recompute=act_recompute, moe_device_dispatch=device_dispatch)
     resolve_mixer_defaults(config)
     return GPTModel(config, decoder_block_spec(config, "qwen2_moe"), vocab_size=VOCAB,
                     max_sequence_length=SEQ, parallel_output=False,
@@ -181,3 +182,51 @@ def test_grouped_experts_equal_sequential_bf16():
     (errors,) = run_distributed(_compare_worker, 1, torch.bfloat16)
     worst = max(errors, key=errors.get)
     assert errors[worst] < 3e-2, (worst, errors[worst])
+
+
+def _device_dispatch_worker(rank, world_size):
+    from megatron.core import parallel_state as mpu
+    from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
+
+    from linear_moe.cuda_graph import find_host_syncs
+    from linear_moe.layers.device_dispatch import DeviceTokenDispatcher
+
+    ref = _build("grouped_mm", 1, torch.float32, tp=world_size)
+    dev = _build("grouped_mm", 1, torch.float32, device_dispatch=True, tp=world_size)
+    dispatchers = [type(m.token_dispatcher) for m in dev.modules() if hasattr(m, "token_dispatcher")]
+    assert dispatchers and all(d is DeviceTokenDispatcher for d in dispatchers)
+    assert all(type(m.token_dispatcher) is MoEAllGatherTokenDispatcher
+               for m in ref.modules() if hasattr(m, "token_dispatcher"))
+    dev.load_state_dict(ref.state_dict())
+    expected, out = _step(ref), _step(dev)
+    errors = {"logits": (out - expected).abs().max().item() / expected.abs().max().item(),
+              **grad_errors(dev, ref, relative=True)}
+    syncs = {"megatron-core's dispatcher": sum(find_host_syncs(lambda: _step(ref)).values()),
+             "device dispatch": dict(find_host_syncs(lambda: _step(dev)))}
+    mpu.destroy_model_parallel()
+    return errors, syncs
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_device_dispatch_equals_megatron_allgather_dispatch(tp):
+    """--moe-device-dispatch: the same logits and gradients as megatron-core's all-gather
+    dispatcher (fp32), without its host reads (the step a CUDA graph can capture)."""
+    for errors, syncs in run_distributed(_device_dispatch_worker, tp):
+        worst = max(errors, key=errors.get)
+        assert errors[worst] < 1e-5, (worst, errors[worst])
+        assert syncs["megatron-core's dispatcher"] > 0 and not syncs["device dispatch"], syncs
+
+
+def test_device_dispatch_refusals():
+    from arg_utils import parsed_args
+
+    from linear_moe.arguments import validate_args
+
+    validate_args(parsed_args(["--moe-device-dispatch"]))
+    for argv, overrides, message in (
+            ([], dict(num_experts=None), "a model without MoE layers"),
+            ([], dict(expert_model_parallel_size=2), "it needs EP 1"),
+            (["--moe-expert-impl", "sequential"], {}, "use grouped_mm"),
+            ([], dict(moe_expert_capacity_factor=1.0), "token-dropping capacity factor")):
+        with pytest.raises(ValueError, match=f"--moe-device-dispatch does not support .*{message}"):
+            validate_args(parsed_args(["--moe-device-dispatch", *argv], **overrides))

@@ -73,7 +73,7 @@ def test_pretrain_then_finetune_launchers(folder, tmp_path):
     (dict(MAMBA2_PATTERN="MXN"), "MAMBA2_PATTERN may contain only M and N"),
     (dict(CUDA_GRAPH="yes"), "CUDA_GRAPH must be true or false"),
     # mixtral is MoE: refused on a GPU too, for its dispatcher's host syncs
-    (dict(CUDA_GRAPH="true"), "cannot capture MoE layers" if torch.cuda.is_available()
+    (dict(CUDA_GRAPH="true"), "add --moe-device-dispatch" if torch.cuda.is_available()
      else "--cuda-graph-impl full_iteration needs a GPU"),
 ])
 def test_bad_settings_fail_before_launch(settings, reason, tmp_path):

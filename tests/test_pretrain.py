@@ -89,6 +89,17 @@ def test_each_base_model_trains_a_hybrid(base_model, dataset, tmp_path):
 
 
 @pytest.mark.slow
+def test_device_dispatch_trains_like_megatron_dispatch(dataset, tmp_path):
+    """--moe-device-dispatch through megatron's training loop: the qwen2_moe tiny preset (its
+    all-to-all dispatcher) and the device dispatch give the same losses (fp32)."""
+    reference = _losses(_run(_command(dataset, None, "gla", train_iters=10)))
+    device = _losses(_run(_command(dataset, None, "gla", train_iters=10,
+                                   extra=["--moe-device-dispatch"])))
+    assert sorted(device) == list(range(1, 11))
+    assert all(abs(device[i] - reference[i]) < 1e-3 for i in reference), (reference, device)
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_with_identical_losses(dataset, tmp_path):
     reference = _losses(_run(_command(dataset, tmp_path / "uninterrupted",
                                       extra=["--save-interval", "15"])))

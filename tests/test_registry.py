@@ -138,9 +138,13 @@ def test_cuda_graph_flag_is_checked_before_any_work(monkeypatch):
     with pytest.raises(ValueError, match="'mom_gla' syncs with the host.*drop --cuda-graph-impl"):
         validate_args(parsed_args(["--la-module", "mom_gla"], cuda_graph_impl="full_iteration",
                                   check_for_nan_in_loss_and_grad=False))
-    with pytest.raises(ValueError, match="cannot capture MoE layers.*use a dense preset"):
+    with pytest.raises(ValueError, match="cannot capture megatron-core's MoE dispatchers.*add "
+                                         "--moe-device-dispatch"):
         validate_args(parsed_args(["--la-module", "gla"], cuda_graph_impl="full_iteration",
                                   check_for_nan_in_loss_and_grad=False, num_experts=8))
+    validate_args(parsed_args(["--la-module", "gla", "--moe-device-dispatch"],
+                              cuda_graph_impl="full_iteration",
+                              check_for_nan_in_loss_and_grad=False, num_experts=8))
     dense = dict(cuda_graph_impl="full_iteration", num_experts=None)
     with pytest.raises(ValueError, match="needs --no-check-for-nan-in-loss-and-grad"):
         validate_args(parsed_args(["--la-module", "gla"], check_for_nan_in_loss_and_grad=True,

@@ -21,6 +21,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from linear_moe.layers import RMSNorm
+from linear_moe.layers.device_dispatch import DeviceDispatchMoELayer
 from linear_moe.layers.grouped_experts import GroupedMMExperts
 from linear_moe.layers.mlp import ActivationRecomputeMLP, activation_recompute_unsupported_reason
 from linear_moe.mixers.softmax import SDPACoreAttention
@@ -115,8 +116,12 @@ def mlp_or_moe_spec(config, layer_index: int):
         submodules = spec.keywords["submodules"]
         experts = functools.partial(GroupedMMExperts, *submodules.experts.args,
                                     **submodules.experts.keywords)
-        spec = functools.partial(spec.func, *spec.args, **{
+        layer = DeviceDispatchMoELayer if getattr(config, "moe_device_dispatch", False) \
+            else spec.func
+        spec = functools.partial(layer, *spec.args, **{
             **spec.keywords, "submodules": dataclasses.replace(submodules, experts=experts)})
+    elif moe and getattr(config, "moe_device_dispatch", False):
+        raise ValueError("--moe-device-dispatch needs --moe-expert-impl grouped_mm; drop it")
     return spec
 
 

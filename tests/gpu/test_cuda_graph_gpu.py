@@ -2,10 +2,11 @@
 capture as megatron-core's --cuda-graph-impl full_iteration) gives the eager step's loss and
 gradients, per mixer in the dense llama3 preset.
 
-Mixers registered with cuda_graph=False (MoM: routing by nonzero()) and MoE layers (megatron-core's
-dropless dispatchers read the expert counts on the host) are refused by validate_args before any
-work (tests/test_registry.py); a failed capture would leave the CUDA context unusable for the
-tests after it, so they are not attempted here.
+MoE layers are captured with --moe-device-dispatch. Mixers registered with cuda_graph=False (MoM:
+routing by nonzero()) and MoE under megatron-core's dispatchers (they read the expert counts on
+the host) are refused by validate_args before any work (tests/test_registry.py); a failed
+capture would leave the CUDA context unusable for the tests after it, so they are not attempted
+here.
 """
 
 import os
@@ -39,14 +40,14 @@ def megatron_single_gpu():
     mpu.destroy_model_parallel()
 
 
-def _model(mixer, base_model, pattern):
+def _model(mixer, base_model, pattern, extra=()):
     from linear_moe.model_provider import build_standalone
 
     argv = ["--base-model", base_model, "--model-size", "tiny", "--layer-type-list", pattern,
             "--la-module", mixer, "--tokenizer-type", "NullTokenizer",
             "--vocab-size", str(VOCAB - 1), "--mock-data", "--seq-length", str(SEQ),
             "--max-position-embeddings", str(SEQ), "--micro-batch-size", str(BATCH),
-            "--train-iters", "1", "--bf16"]
+            "--train-iters", "1", "--bf16", *extra]
     if (mixer == "mamba2" and fla_compat.hopper_guard_active()
             and fla_compat.guard_policy() != "lift_all"):
         argv += ["--la-mode", "fused_recurrent"]  # chunk is refused there (mixers/mamba2.py)
@@ -107,3 +108,11 @@ def test_captured_step_matches_eager(mixer):
     over = {n: e for n, e in errors.items() if e > REL_TOL}
     assert not over, f"graph replay differs from the eager step: {over}"
 
+
+
+def test_captured_moe_step_matches_eager():
+    errors = _graph_matches_eager(_model("gla", "qwen2_moe", "LLLN", ["--moe-device-dispatch"]))
+    _record({"mixer": "gla", "base_model": "qwen2_moe --moe-device-dispatch",
+             "max_rel_err": max(errors.values())})
+    over = {n: e for n, e in errors.items() if e > REL_TOL}
+    assert not over, f"graph replay differs from the eager step: {over}"
