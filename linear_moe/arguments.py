@@ -93,6 +93,27 @@ _LA_HELP = {
 }
 
 
+# Off-by-default switches of this package: (flag, help).
+_SWITCHES = (
+    ("--moe-act-recompute",
+     "grouped_mm experts: fc2 recomputes the expert activation in backward instead of keeping "
+     "its output (one [routed tokens, ffn] tensor less per MoE layer); megatron-core's 'moe_act' "
+     "recompute needs TransformerEngine"),
+    ("--moe-device-dispatch",
+     "MoE token permutation on the device, without megatron-core's host read of the expert "
+     "counts in every MoE layer (needs EP 1 and the grouped_mm experts; lets --cuda-graph-impl "
+     "capture MoE layers)"),
+    ("--mlp-act-recompute",
+     "dense MLP layers: fc2 recomputes the activation in backward instead of keeping its output "
+     "(one [tokens, ffn] tensor less per dense layer, for one elementwise pass); megatron-core's "
+     "'mlp' recompute redoes fc1 too"),
+    ("--fused-cross-entropy",
+     "LM loss through fla's fused cross-entropy kernel (row-chunked torch on the CPU), the "
+     "gradient written over the logits: no fp32 copy of the [tokens, vocab] logits "
+     "(megatron-core's keeps two); the same math"),
+)
+
+
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron ``extra_args_provider``."""
     g = parser.add_argument_group("linear-moe")
@@ -129,22 +150,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="MoE experts: grouped_mm (one torch._grouped_mm per projection over "
                         "all local experts) or sequential (megatron-core's per-expert loop); "
                         "the same parameters and checkpoints")
-    g.add_argument("--moe-act-recompute", action="store_true",
-                   help="grouped_mm experts: fc2 recomputes the expert activation in backward "
-                        "instead of keeping its output (one [routed tokens, ffn] tensor less per "
-                        "MoE layer); megatron-core's 'moe_act' recompute needs TransformerEngine")
-    g.add_argument("--moe-device-dispatch", action="store_true",
-                   help="MoE token permutation on the device, without megatron-core's host "
-                        "read of the expert counts in every MoE layer (needs EP 1 and the "
-                        "grouped_mm experts; lets --cuda-graph-impl capture MoE layers)")
-    g.add_argument("--mlp-act-recompute", action="store_true",
-                   help="dense MLP layers: fc2 recomputes the activation in backward instead of "
-                        "keeping its output (one [tokens, ffn] tensor less per dense layer, for "
-                        "one elementwise pass); megatron-core's 'mlp' recompute redoes fc1 too")
-    g.add_argument("--fused-cross-entropy", action="store_true",
-                   help="LM loss through fla's fused cross-entropy kernel (row-chunked torch on "
-                        "the CPU), the gradient written over the logits: no fp32 copy of the "
-                        "[tokens, vocab] logits (megatron-core's keeps two); the same math")
+    for flag, text in _SWITCHES:
+        g.add_argument(flag, action="store_true", help=text)
     g.add_argument("--sft-data-path", default=None,
                    help="finetune on this jsonl of conversations (prompt/response or messages) "
                         "with the loss on responses only, instead of --data-path")

@@ -19,29 +19,14 @@ import torch
 import torch.nn.functional as F
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+              pytest.mark.usefixtures("megatron_single_gpu")]
 
 from linear_moe.ops import fla_compat
 from linear_moe.registry import registered_mixers
 
 SEQ, BATCH, VOCAB = 300, 2, 512  # 300: not a multiple of the 64-token chunk
 FLOOR_FACTOR, ABS_TOL = 2.0, 2e-2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def megatron_single_gpu():
-    from megatron.core import parallel_state as mpu
-    from megatron.core import tensor_parallel
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    torch.cuda.set_device(0)
-    mpu.initialize_model_parallel(1)
-    tensor_parallel.model_parallel_cuda_manual_seed(1)
-    yield
-    mpu.destroy_model_parallel()
 
 
 def _model(la_module, head_dim, backend, dtype):
