@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from dist_utils import grad_errors, run_distributed
 from expert_utils import experts_over
+from model_utils import tiny_config, tiny_model
 from linear_moe.layers.grouped_experts import _GroupedLinear, grouped_mm_unsupported_reason
 
 SEQ, BATCH, VOCAB = 32, 2, 128
@@ -111,35 +112,21 @@ def test_moe_act_recompute_needs_grouped_experts():
 def _build(impl, ep, dtype, act_recompute=False, device_dispatch=False, tp=1):
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
-    from megatron.core.models.gpt import GPTModel
-
-    from linear_moe.config import LinearMoEConfig, resolve_mixer_defaults
-    from linear_moe.model_provider import decoder_block_spec
 
     mpu.destroy_model_parallel()
     mpu.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     tensor_parallel.model_parallel_cuda_manual_seed(123)
     torch.manual_seed(123)
-    config = LinearMoEConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-        ffn_hidden_size=96, kv_channels=16, use_cpu_initialization=True, params_dtype=dtype,
-        bf16=dtype == torch.bfloat16, expert_model_parallel_size=ep,
-        tensor_model_parallel_size=tp, sequence_parallel=tp > 1,
-        normalization="RMSNorm", add_bias_linear=False, add_qkv_bias=True,
-        gated_linear_unit=True, activation_func=F.silu, bias_activation_fusion=False,
-        masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-        gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0,
-        num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32,
+    config = tiny_config(
+        params_dtype=dtype, expert_model_parallel_size=ep, tensor_model_parallel_size=tp,
+        add_qkv_bias=True, num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32,
         moe_shared_expert_intermediate_size=32,
         # gloo has no all_to_all_single with split sizes: EP on CPU uses the allgather dispatcher
         moe_token_dispatcher_type="allgather",
         moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01,
-        la_module="gla", layer_type_list="LN", la_num_heads=4, moe_expert_impl=impl,
-        moe_act_recompute=act_recompute, moe_device_dispatch=device_dispatch)
-    resolve_mixer_defaults(config)
-    return GPTModel(config, decoder_block_spec(config, "qwen2_moe"), vocab_size=VOCAB,
-                    max_sequence_length=SEQ, parallel_output=False,
-                    position_embedding_type="rope").to(dtype)
+        moe_expert_impl=impl, moe_act_recompute=act_recompute,
+        moe_device_dispatch=device_dispatch)
+    return tiny_model(config, "qwen2_moe", VOCAB, SEQ).to(dtype)
 
 
 def _step(model):

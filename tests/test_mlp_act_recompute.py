@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_utils import grad_errors, run_distributed
+from model_utils import tiny_config, tiny_model
 
 SEQ, BATCH, VOCAB, FFN = 16, 2, 128, 96
 
@@ -16,26 +17,14 @@ def _build(tp, recompute, dtype=torch.float32, parallel_output=False, **override
     """A 2-layer 'LN' llama3-style dense model (test_cross_entropy builds it too)."""
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
-    from linear_moe.config import LinearMoEConfig, resolve_mixer_defaults
-    from linear_moe.model_provider import LinearMoEGPTModel, decoder_block_spec
 
     mpu.destroy_model_parallel()
     mpu.initialize_model_parallel(tensor_model_parallel_size=tp)
     tensor_parallel.model_parallel_cuda_manual_seed(123)
     torch.manual_seed(123)
-    config = LinearMoEConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-        ffn_hidden_size=FFN, kv_channels=16, use_cpu_initialization=True, params_dtype=dtype,
-        bf16=dtype == torch.bfloat16, tensor_model_parallel_size=tp, sequence_parallel=tp > 1,
-        normalization="RMSNorm", add_bias_linear=False, gated_linear_unit=True,
-        activation_func=F.silu, bias_activation_fusion=False, masked_softmax_fusion=False,
-        bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        hidden_dropout=0.0, attention_dropout=0.0, la_module="gla", layer_type_list="LN",
-        la_num_heads=4, mlp_act_recompute=recompute, **overrides)
-    resolve_mixer_defaults(config)
-    return LinearMoEGPTModel(config, decoder_block_spec(config, "llama3"), vocab_size=VOCAB,
-                    max_sequence_length=SEQ, parallel_output=parallel_output,
-                    position_embedding_type="rope").to(dtype)
+    config = tiny_config(params_dtype=dtype, tensor_model_parallel_size=tp,
+                         mlp_act_recompute=recompute, **overrides)
+    return tiny_model(config, "llama3", VOCAB, SEQ, parallel_output).to(dtype)
 
 
 def _loss(model):

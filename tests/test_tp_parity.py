@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_utils import run_distributed
+from model_utils import tiny_config, tiny_model
 from linear_moe.registry import registered_mixers
 
 SEQ, BATCH, VOCAB = 24, 2, 128
@@ -17,28 +18,15 @@ TOL = 1e-5
 
 
 def _config(la_module, tp, moe, **overrides):
-    from linear_moe.config import LinearMoEConfig, resolve_mixer_defaults
-
-    config = LinearMoEConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-        ffn_hidden_size=96, kv_channels=16,
-        tensor_model_parallel_size=tp, sequence_parallel=moe and tp > 1,
-        use_cpu_initialization=True, params_dtype=torch.float32, normalization="RMSNorm",
-        add_bias_linear=False, add_qkv_bias=True, gated_linear_unit=False,
-        activation_func=F.gelu, bias_activation_fusion=False, masked_softmax_fusion=False,
-        bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        hidden_dropout=0.0, attention_dropout=0.0,
-        num_moe_experts=4 if moe else None, moe_router_topk=2 if moe else None, moe_ffn_hidden_size=48 if moe else None,
-        moe_token_dispatcher_type="alltoall", moe_router_load_balancing_type="none",
-        moe_shared_expert_intermediate_size=48 if moe else None,
-        la_module=la_module, layer_type_list="LN", la_chunk_size=8,
-        la_num_heads=overrides.pop("la_num_heads", 4),
-        la_ssm_groups=2, la_ssm_state_dim=8,
+    moe_fields = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48,
+                      moe_shared_expert_intermediate_size=48) if moe else {}
+    return tiny_config(
+        tensor_model_parallel_size=tp, sequence_parallel=moe and tp > 1, add_qkv_bias=True,
+        gated_linear_unit=False, activation_func=F.gelu, moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="none", la_module=la_module, la_chunk_size=8,
+        la_num_heads=overrides.pop("la_num_heads", 4), la_ssm_groups=2, la_ssm_state_dim=8,
         la_use_short_conv=None,  # the mixer default (convs are covered by the mixers that have them)
-        **overrides,
-    )
-    resolve_mixer_defaults(config)
-    return config
+        **moe_fields, **overrides)
 
 
 def _init_parallel(tp):
@@ -53,16 +41,10 @@ def _init_parallel(tp):
 def _build(la_module, tp, moe, **overrides):
     """The model under the current parallel state, which _init_parallel(tp) set up."""
     from megatron.core import tensor_parallel
-    from megatron.core.models.gpt import GPTModel
-
-    from linear_moe.model_provider import decoder_block_spec
 
     tensor_parallel.model_parallel_cuda_manual_seed(123)
     torch.manual_seed(123)
-    config = _config(la_module, tp, moe, **overrides)
-    return GPTModel(config, decoder_block_spec(config, "qwen2_moe"), vocab_size=VOCAB,
-                    max_sequence_length=SEQ, parallel_output=False,
-                    position_embedding_type="rope")
+    return tiny_model(_config(la_module, tp, moe, **overrides), "qwen2_moe", VOCAB, SEQ)
 
 
 def _step(model):
