@@ -1,5 +1,7 @@
 """Rotary position embedding on [b, s, H, D] (half-split layout, as fla's RotaryEmbedding)."""
 
+import functools
+
 import torch
 
 
@@ -13,12 +15,19 @@ def apply_rotary(x: torch.Tensor, theta: float = 10000.0, fused: bool = False) -
     s, d = x.shape[1], x.shape[-1]
     if d % 2:
         raise ValueError(f"rotary embedding needs an even head dim, got {d}")
-    inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
-    angles = torch.arange(s, dtype=torch.float32, device=x.device)[:, None] * inv_freq
     if fused and x.is_cuda:
         from fla.modules.rotary import rotary_embedding
 
-        return rotary_embedding(x, angles.cos().to(x.dtype), angles.sin().to(x.dtype))
-    cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]  # [1, s, 1, d/2]
+        return rotary_embedding(x, *_cos_sin(s, d, theta, x.device, x.dtype))
+    cos, sin = (t[None, :, None] for t in _cos_sin(s, d, theta, x.device, torch.float32))
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _cos_sin(s: int, d: int, theta: float, device: torch.device, dtype: torch.dtype):
+    """cos and sin [s, d/2] of the angles t * theta^(-2i/D), once per shape (q and k of every
+    layer share them; computed in fp32, then cast)."""
+    inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
+    angles = torch.arange(s, dtype=torch.float32, device=device)[:, None] * inv_freq
+    return angles.cos().to(dtype), angles.sin().to(dtype)
