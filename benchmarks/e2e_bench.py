@@ -7,7 +7,9 @@ run, at equal tokens per step: tokens/s, peak memory and the ratio to the all-so
     python benchmarks/e2e_bench.py --toy     # CPU smoke run
 
 `--mixers gated_deltanet megatron_gdn` adds megatron-core's own GDN layer (benchmarks/native_gdn.py)
-as the comparator of issue 5, item 3.
+as the comparator of issue 5, item 3. Flags after `--` go to every model (e.g. `--
+--moe-device-dispatch`); `--cuda-graph` times every row's step captured as one CUDA graph (GPU;
+MoE presets need --moe-device-dispatch for it).
 
 Targets on the GPU (issue 5): >= 0.9x the softmax model at 2K, >= 2x at 16K, >= 4x at 32K, peak
 memory at 32K <= 0.6x. Times are forward + backward of the language-model loss.
@@ -36,7 +38,7 @@ VOCAB = 32768
 MATMUL_CEILING_TFLOPS = 790.0
 
 
-def bench(base, size, pattern, mixer, seq, batch, warmup, iters, extra):
+def bench(base, size, pattern, mixer, seq, batch, warmup, iters, extra, graph=False):
     from linear_moe.model_provider import build_standalone
 
     argv = ["--base-model", base, "--model-size", size, "--layer-type-list", pattern,
@@ -56,9 +58,14 @@ def bench(base, size, pattern, mixer, seq, batch, warmup, iters, extra):
     positions = torch.arange(seq, device=device()).expand(batch, seq)
 
     def step():
-        loss = model(tokens, positions, None, labels=tokens)
-        loss.float().mean().backward()
+        loss = model(tokens, positions, None, labels=tokens).float().mean()
+        loss.backward()
+        return loss
 
+    if graph and torch.cuda.is_available():
+        from linear_moe.cuda_graph import capture_step
+
+        step, _ = capture_step(step, model.parameters())
     ms = time_fn(step, warmup, iters)
     row = {"pattern": pattern, "mixer": mixer if "L" in pattern else "-", "T": seq, "B": batch,
            "ms": ms, "tokens_per_s": batch * seq / ms * 1e3,
@@ -80,6 +87,8 @@ def main(argv=None):
                         help="'N' alone is the softmax baseline every row is compared with")
     parser.add_argument("--mixers", nargs="+", default=["gla", "gated_deltanet"])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="time each step captured as one CUDA graph (GPU only)")
     add_run_args(parser, tokens=16384, warmup=2, iters=5)
     parser.add_argument("extra", nargs="*", help="extra Megatron flags after --")
     args = parser.parse_args(argv)
@@ -91,19 +100,23 @@ def main(argv=None):
     for seq in args.seq_lens:
         batch = max(1, args.tokens // seq)
         baseline = bench(args.base_model, args.model_size, "N", args.mixers[0], seq, batch,
-                         args.warmup, args.iters, args.extra)
+                         args.warmup, args.iters, args.extra, args.cuda_graph)
         rows.append(emit({**baseline, "speedup_vs_N": 1.0,
                           "memory_vs_N": 1.0 if baseline["peak_GiB"] is not None else None}))
         for pattern in (p for p in args.patterns if p != "N"):
             for mixer in args.mixers:
                 row = bench(args.base_model, args.model_size, pattern, mixer, seq, batch,
-                            args.warmup, args.iters, args.extra)
+                            args.warmup, args.iters, args.extra, args.cuda_graph)
                 row["speedup_vs_N"] = row["tokens_per_s"] / baseline["tokens_per_s"]
                 if row["peak_GiB"] is not None:
                     row["memory_vs_N"] = row["peak_GiB"] / baseline["peak_GiB"]
                 rows.append(emit(row))
-    write_results(rows, args.out,
-                  f"End to end: {args.base_model} {args.model_size}, {args.tokens} tokens/step",
+    title = f"End to end: {args.base_model} {args.model_size}, {args.tokens} tokens/step"
+    if args.cuda_graph and torch.cuda.is_available():
+        title += ", one CUDA graph per step"
+    if args.extra:
+        title += ", with " + " ".join(args.extra)
+    write_results(rows, args.out, title,
                   ["pattern", "mixer", "T", "B", "ms", "tokens_per_s", "model_TFLOP_s", "MFU",
                    "peak_GiB", "speedup_vs_N", "memory_vs_N"])
     return rows
