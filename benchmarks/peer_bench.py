@@ -161,13 +161,13 @@ def _release():
         torch.cuda.empty_cache()
 
 
-def _guarded(bench, name, *args):
+def _guarded(bench, name, *args, graph):
     """A failed CUDA-graph capture (a host sync in some op) is a row with the error, not the end
     of the run; eager failures still raise."""
-    if not args[-1]:
-        return bench(*args)
+    if not graph:
+        return bench(*args, graph=False)
     try:
-        return bench(*args)
+        return bench(*args, graph=True)
     except Exception as err:  # noqa: BLE001 - reported in the row
         return {"model": name, "ms": None, "peak_GiB": None,
                 "note": f"capture failed: {type(err).__name__}: {str(err)[:200]}"}
@@ -211,14 +211,14 @@ def main(argv=None):
             for graph in graph_modes:
                 theirs[graph] = emit(_finish(_guarded(
                     bench_fla, f"fla {mixer}" + (GRAPH_TAG if graph else ""), mixer, shape, seq,
-                    batch, args.warmup, args.iters, graph), mixer, seq, batch))
+                    batch, args.warmup, args.iters, graph=graph), mixer, seq, batch))
                 rows.append(theirs[graph])
                 _release()
             for flags in args.ours_flags:
                 for graph in graph_modes:
                     name = f"linear_moe {mixer} {flags.strip()}" + (GRAPH_TAG if graph else "")
                     ours = _finish(_guarded(bench_ours, name, mixer, shape, seq, batch,
-                                            args.warmup, args.iters, flags, graph),
+                                            args.warmup, args.iters, flags, graph=graph),
                                    mixer, seq, batch)
                     _release()
                     _compare(ours, theirs[False], "")

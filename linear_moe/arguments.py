@@ -315,14 +315,9 @@ def validate_args(args) -> None:
         raise ValueError("--mlp-act-recompute applies to dense MLP layers and every layer here "
                          "is MoE; use --moe-act-recompute for the experts")
     if getattr(args, "moe_device_dispatch", False):
-        reason = device_dispatch_unsupported_reason(SimpleNamespace(
-            num_moe_experts=num_experts,
-            expert_model_parallel_size=args.expert_model_parallel_size,
-            moe_expert_impl=getattr(args, "moe_expert_impl", "grouped_mm"),
-            moe_expert_capacity_factor=getattr(args, "moe_expert_capacity_factor", None),
-            moe_pad_expert_input_to_capacity=getattr(args, "moe_pad_expert_input_to_capacity",
-                                                     False),
-            moe_shared_expert_overlap=getattr(args, "moe_shared_expert_overlap", False)))
+        # the config field names are Megatron's argument names, except the expert count
+        reason = device_dispatch_unsupported_reason(
+            SimpleNamespace(**{**vars(args), "num_moe_experts": num_experts}))
         if reason:
             raise ValueError(f"--moe-device-dispatch does not support {reason}; drop the flag")
     check_cuda_graphs(entry, args, uses_linear)

@@ -91,16 +91,14 @@ HOST_ONLY_CALLERS = ("tensor_parallel/random.py",)
 
 
 def _count(calls, name):
+    """Count the call under its two innermost linear_moe/megatron frames."""
     stack = traceback.extract_stack()
-    if not any(f.filename.endswith(HOST_ONLY_CALLERS) for f in stack):
-        calls[(name, _caller())] += 1
-
-
-def _caller() -> str:
-    frames = [f for f in traceback.extract_stack()
-              if ("linear_moe" in f.filename or "megatron" in f.filename)
+    if any(f.filename.endswith(HOST_ONLY_CALLERS) for f in stack):
+        return
+    frames = [f for f in stack if ("linear_moe" in f.filename or "megatron" in f.filename)
               and not f.filename.endswith(("cuda_graph.py", "cpu_support.py"))]
-    return " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in frames[-2:][::-1])
+    where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in frames[-2:][::-1])
+    calls[(name, where)] += 1
 
 
 def find_host_syncs(step: Callable[[], object]) -> collections.Counter:

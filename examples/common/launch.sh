@@ -80,7 +80,7 @@ case "$DO" in
     false) OPTIMIZER=() ;;
     *) fail "DO must be true or false, not '$DO'" ;;
 esac
-CUDA_GRAPH=${CUDA_GRAPH:-false}              # one CUDA graph per fwd+bwd step (dense presets, GPU)
+CUDA_GRAPH=${CUDA_GRAPH:-false}              # one CUDA graph per fwd+bwd step (GPU; MoE: --moe-device-dispatch)
 case "$CUDA_GRAPH" in
     true) GRAPH=(--cuda-graph-impl full_iteration --no-check-for-nan-in-loss-and-grad) ;;
     false) GRAPH=() ;;

@@ -112,17 +112,15 @@ def mlp_or_moe_spec(config, layer_index: int):
         if reason:
             raise ValueError(f"--mlp-act-recompute does not support {reason}; drop the flag")
         return functools.partial(ActivationRecomputeMLP.as_mlp_submodule, **spec.keywords)
-    if moe and getattr(config, "moe_expert_impl", "grouped_mm") == "grouped_mm":
-        submodules = spec.keywords["submodules"]
-        experts = functools.partial(GroupedMMExperts, *submodules.experts.args,
-                                    **submodules.experts.keywords)
-        layer = DeviceDispatchMoELayer if getattr(config, "moe_device_dispatch", False) \
-            else spec.func
-        spec = functools.partial(layer, *spec.args, **{
-            **spec.keywords, "submodules": dataclasses.replace(submodules, experts=experts)})
-    elif moe and getattr(config, "moe_device_dispatch", False):
-        raise ValueError("--moe-device-dispatch needs --moe-expert-impl grouped_mm; drop it")
-    return spec
+    if not moe:
+        return spec
+    submodules = spec.keywords["submodules"]
+    if getattr(config, "moe_expert_impl", "grouped_mm") == "grouped_mm":
+        submodules = dataclasses.replace(submodules, experts=functools.partial(
+            GroupedMMExperts, *submodules.experts.args, **submodules.experts.keywords))
+    # (DeviceDispatchMoELayer refuses the configs it cannot run, the sequential experts too)
+    layer = DeviceDispatchMoELayer if getattr(config, "moe_device_dispatch", False) else spec.func
+    return functools.partial(layer, *spec.args, **{**spec.keywords, "submodules": submodules})
 
 
 class RMSNormColumnParallelLinear(ColumnParallelLinear):
