@@ -257,6 +257,22 @@ def _options_worker(rank, world_size):
             o = F.rms_norm(y * F.silu(z), (dv,), w, eps)
         ref = F.linear(o.flatten(-2), m.o_proj.weight).transpose(0, 1)
         r[f"mamba2/norm_before_gate={before}"] = (out - ref).abs().max().item()
+
+    # project(): one GEMM over several in-projections (one with a bias) equals each projection
+    # on its own, outputs and gradients (x, weights, bias) alike.
+    m = _build("simple_gla")
+    xb = torch.randn(BATCH, SEQ, H)
+    projections = (m.q_proj, m.v_proj, m.g_decay_proj)
+    grads = []
+    for fused in (True, False):
+        xi = xb.clone().requires_grad_()
+        m.zero_grad()
+        outs = m.project(xi, *projections) if fused else [p(xi)[0] for p in projections]
+        sum((o * torch.randn_like(o, generator=torch.Generator().manual_seed(i))).sum()
+            for i, o in enumerate(outs)).backward()
+        grads.append([*outs, xi.grad] + [t.grad.clone() for p in projections
+                                          for t in (p.weight, p.bias) if t is not None])
+    r["project"] = (len(grads[0]), max((a - b).abs().max().item() for a, b in zip(*grads)))
     return r
 
 
@@ -284,6 +300,12 @@ def test_conv_bias_on_every_short_conv_and_used(results, name):
         assert bias_shape == (channels,) and sharded
     assert changed > 1e-4
     assert results["conv_bias/off"] == []
+
+
+def test_project_is_the_separate_projections_in_one_gemm(results):
+    count, diff = results["project"]
+    assert count == 3 + 1 + 4  # outputs, x's gradient, three weights and one bias
+    assert diff < 1e-5
 
 
 def test_conv_bias_shards_by_channels_like_the_weight():

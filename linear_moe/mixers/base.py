@@ -37,9 +37,13 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
@@ -167,15 +171,35 @@ class LinearMixer(MegatronModule):
         if self.use_short_conv:
             self.q_conv, self.k_conv, self.v_conv = (self.short_conv(d) for d in dims)
 
-    def qkv(self, x):
+    def project(self, x, *projections):
+        """x [b, s, h] through several of this mixer's in-projections (``column`` modules) as
+        one GEMM, split back into their outputs ([b, s, out] views). x is read once and its
+        gradient is one GEMM, instead of one per projection summed up (GDN has five). The
+        weights stay separate parameters, so checkpoints and TP sharding are unchanged;
+        concatenating them copies hidden x their widths per step, small next to activations."""
+        if len(projections) == 1:
+            return (projections[0](x)[0],)
+        if self.tp_size > 1:  # what each ColumnParallelLinear does: all-reduce x's gradient
+            x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        weight = torch.cat([p.weight for p in projections])
+        bias = None
+        if any(p.bias is not None for p in projections):
+            bias = torch.cat([p.weight.new_zeros(p.weight.shape[0]) if p.bias is None
+                              else p.bias for p in projections])
+        return F.linear(x, weight, bias).split([p.weight.shape[0] for p in projections], -1)
+
+    def qkv(self, x, *extra):
         """x [b, s, h] -> q, k [b, s, H_local, Dk] and v [b, s, H_local, Dv], convolved over
-        the sequence where enabled; shared heads are repeated to H_local (expand_heads)."""
-        q, k, v = self.q_proj(x)[0], self.k_proj(x)[0], self.v_proj(x)[0]
-        if self.use_short_conv:
+        the sequence where enabled (shared heads repeated to H_local by expand_heads), followed
+        by the outputs of the ``extra`` in-projections; all of them one GEMM (``project``)."""
+        q, k, v, *rest = self.project(x, self.q_proj, self.k_proj, self.v_proj, *extra)
+        if self.use_short_conv:  # fla's conv reads the strided slices and writes them whole
             q, k, v = self.q_conv(q), self.k_conv(k), self.v_conv(v)
+        else:  # the copy every kernel would make of a slice, made once here for all of them
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return (self.expand_heads(self.heads(q, self.head_k_dim)),
                 self.expand_heads(self.heads(k, self.head_k_dim)),
-                self.expand_heads(self.heads(v, self.head_v_dim)))
+                self.expand_heads(self.heads(v, self.head_v_dim)), *rest)
 
     def expand_heads(self, t: torch.Tensor) -> torch.Tensor:
         """[b, s, n, ...] with n local shared heads -> [b, s, H_local, ...]: each head repeated

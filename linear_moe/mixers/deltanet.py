@@ -53,7 +53,7 @@ class DeltaNetMixer(LinearMixer):
         self.build_output()
 
     def mix(self, x):
-        q, k, v = self.qkv(x)
+        q, k, v, *b = self.qkv(x, *([self.b_proj] if self.config.la_use_beta else []))
         act = self.config.la_qk_activation
         if not self.use_short_conv:  # fla: the convs' SiLU, applied without them
             v = F.silu(v)
@@ -65,7 +65,7 @@ class DeltaNetMixer(LinearMixer):
             q = F.normalize(q, p=1, dim=-1, eps=1e-6).to(q.dtype)
             k = F.normalize(k, p=1, dim=-1, eps=1e-6).to(k.dtype)
         if self.config.la_use_beta:
-            beta = self.per_head(self.b_proj(x)[0]).sigmoid()
+            beta = self.per_head(b[0]).sigmoid()
         else:
             beta = q.new_ones(q.shape[:3], dtype=torch.float32)
         if self.config.la_allow_neg_eigval:

@@ -40,8 +40,8 @@ class GatedDeltaNetMixer(LinearMixer):
         self.build_output()
 
     def mix(self, x):
-        q, k, v = self.qkv(x)
-        a, b = self.per_head(self.a_proj(x)[0]), self.per_head(self.b_proj(x)[0])
+        q, k, v, a, b = self.qkv(x, self.a_proj, self.b_proj)
+        a, b = self.per_head(a), self.per_head(b)
         g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
         beta = b.sigmoid()
         if self.config.la_allow_neg_eigval:  # fla's allow_neg_eigval: beta in (0, 2)

@@ -56,8 +56,9 @@ class GSAMixer(LinearMixer):
                              torch.nn.init.ones_, self.tp_rank, self.tp_size)
 
     def mix(self, x):
-        q, k, v = (F.silu(t) for t in self.qkv(x))
-        f = self.heads(self.f_proj(x)[0], self.num_slots).float()
+        q, k, v, f = self.qkv(x, self.f_proj)
+        q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        f = self.heads(f, self.num_slots).float()
         g = F.logsigmoid(f) / self.config.la_gsa_gate_logit_normalizer  # log alpha_t <= 0
         s = -torch.expm1(g)  # 1 - alpha_t, without cancellation for alpha_t near 1
         o, _ = ops.gsa(q, k, v, s, g, scale=1.0, backend=self.config.la_backend,

@@ -45,11 +45,11 @@ class KDAMixer(LinearMixer):
         self.build_output()
 
     def mix(self, x):
-        q, k, v = self.qkv(x)
+        q, k, v, b = self.qkv(x, self.b_proj)
         f = self.heads(self.f_up(self.f_down(x))[0], self.head_k_dim).float()
         dt_bias = self.dt_bias.float().view(self.num_local_heads, self.head_k_dim)
         g = -self.A_log.float().exp()[:, None] * F.softplus(f + dt_bias)
-        beta = self.per_head(self.b_proj(x)[0]).sigmoid()
+        beta = self.per_head(b).sigmoid()
         if self.config.la_allow_neg_eigval:  # fla's allow_neg_eigval: beta in (0, 2)
             beta = beta * 2.0
         o, _ = ops.kda(q, k, v, g, beta, use_qk_l2norm=True, backend=self.config.la_backend,

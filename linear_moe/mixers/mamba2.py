@@ -94,10 +94,12 @@ class Mamba2Mixer(LinearMixer):
         return t.repeat_interleave(self.num_local_heads // self.local_groups, dim=2)
 
     def mix(self, x):
-        xs = self.heads(self.x_conv(self.x_proj(x)[0]), self.head_v_dim)
-        B = self._groups_to_heads(self.B_conv(self.B_proj(x)[0]))
-        C = self._groups_to_heads(self.C_conv(self.C_proj(x)[0]))
-        dt = F.softplus(self.per_head(self.dt_proj(x)[0]) + self.dt_bias.float())  # [b, s, H]
+        xs, B, C, dt, z = self.project(x, self.x_proj, self.B_proj, self.C_proj, self.dt_proj,
+                                       self.z_proj)
+        xs = self.heads(self.x_conv(xs), self.head_v_dim)
+        B = self._groups_to_heads(self.B_conv(B))
+        C = self._groups_to_heads(self.C_conv(C))
+        dt = F.softplus(self.per_head(dt) + self.dt_bias.float())  # [b, s, H]
         if self.dt_limit != (0.0, float("inf")):  # fla's dt_limit
             dt = dt.clamp(*self.dt_limit)
         D = self.D
@@ -106,7 +108,7 @@ class Mamba2Mixer(LinearMixer):
         y, _ = ops.ssd(xs, dt, -self.A_log.float().exp(), B, C, D,
                        backend=self.config.la_backend, mode=self.config.la_mode,
                        chunk_size=self.config.la_chunk_size)
-        z = self.heads(self.z_proj(x)[0], self.head_v_dim)
+        z = self.heads(z, self.head_v_dim)
         if self.config.la_ssm_norm_before_gate:  # norm(y) * silu(z)
             return self.unheads(self.o_norm(y, z))
         y = y * self.o_norm.gate_fn(z.float()).to(y.dtype)  # norm(y * silu(z)), Mamba2's default
