@@ -4,6 +4,8 @@ equal tokens per step. Reports the overhead ratio (target on the GPU: <= 1.10).
 
     python benchmarks/layer_bench.py --seq-lens 2048 8192 32768 --tokens 65536 --out benchmarks/results/layer_h100
     python benchmarks/layer_bench.py --toy      # CPU smoke run
+    python benchmarks/layer_bench.py --mixers gated_deltanet --seq-lens 2048 --profile $OUT/prof
+        # also writes the profiler tables of both steps: where the overhead goes
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def record_op_calls(mixer, x):
     return calls
 
 
-def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters):
+def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_to=None):
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
     mixer = build_mixer(name, hidden, heads, dtype)
@@ -91,6 +93,13 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters):
 
     layer_ms = time_fn(layer_step, warmup, iters)
     bare_ms = time_fn(bare_step, warmup, iters)
+    if profile_to:
+        from profile_step import profile, summarise
+
+        for which, step in (("layer", layer_step), ("bare", bare_step)):
+            text, _ = summarise(profile(step, 1, iters), iters)
+            with open(f"{profile_to}_{name}_{seq}_{which}.txt", "w") as f:
+                f.write(text)
     return {"mixer": name, "T": seq, "B": batch, "layer_ms": layer_ms, "bare_ms": bare_ms,
             "overhead": layer_ms / bare_ms}
 
@@ -102,6 +111,8 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--profile", metavar="PREFIX",
+                        help="also write <PREFIX>_<mixer>_<T>_{layer,bare}.txt profiler tables")
     add_run_args(parser, tokens=65536, warmup=3, iters=10)
     args = parser.parse_args(argv)
     if args.toy:
@@ -117,7 +128,7 @@ def main(argv=None):
             batch = max(1, args.tokens // seq)
             try:
                 row = bench_mixer(name, args.hidden, args.heads, seq, batch, dtype,
-                                  args.warmup, args.iters)
+                                  args.warmup, args.iters, args.profile)
             except ValueError as refused:  # e.g. mamba2's chunk path on Hopper: note it, go on
                 row = {"mixer": name, "T": seq, "B": batch, "note": f"refused: {refused}"}
             rows.append(emit(row))
