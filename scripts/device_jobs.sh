@@ -91,7 +91,7 @@ PY
 tar czf /tmp/triton_cache.tgz -C "$PWD" .triton_cache
 size=$(stat -c %s /tmp/triton_cache.tgz)
 echo "triton cache tgz: $((size / 1048576)) MB"
-if (( size < 75 * 1048576 )); then
+if (( size < 75 * 1048576 )) && [[ -z ${NO_CACHE_RETURN:-} ]]; then  # set: a session's last call
     split -b 15m /tmp/triton_cache.tgz "$OUT/triton_cache.tgz.part-"
 fi
 ls -la "$OUT"

@@ -32,7 +32,8 @@ def _config(la_module, backend, dtype):
                              normalization="RMSNorm", add_bias_linear=False,
                              gradient_accumulation_fusion=False, la_module=la_module,
                              la_num_heads=HEADS, la_expand_k=1.0, la_expand_v=1.0,
-                             la_backend=backend)
+                             la_backend=backend, activation_func=torch.nn.functional.silu)
+    # (megatron-core's layer gates with config.activation_func: SiLU, as in the presets)
     resolve_mixer_defaults(config)
     return config
 
