@@ -88,7 +88,10 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
         total = proj.sum()
         for fn, args, kwargs in calls:
             total = total + fn(*args, **kwargs)[0].float().sum()
-        out = proj.new_zeros(seq * batch, mixer.value_dim) @ w_out.t()  # the output GEMM
+        # The output GEMM, with its input gradient as in a layer (where it feeds the op's
+        # backward): a constant input would skip that GEMM and flatter the bare path.
+        o_in = proj.new_zeros(seq * batch, mixer.value_dim).requires_grad_()
+        out = o_in @ w_out.t()
         (total + out.sum()).backward()
 
     layer_ms = time_fn(layer_step, warmup, iters)
