@@ -22,15 +22,16 @@ def setup_single_process():
     from megatron.core import tensor_parallel
     from megatron_patch import cpu_support
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29000 + os.getpid() % 1000))
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "gloo":
             cpu_support.enable()
         else:
             torch.cuda.set_device(0)
-        torch.distributed.init_process_group(backend, rank=0, world_size=1)
+        # An in-process store: one rank needs no TCP rendezvous, so no port to pick (or to
+        # collide with another process's) and no MASTER_* left in the environment.
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(),
+                                             rank=0, world_size=1)
     if not mpu.model_parallel_is_initialized():
         mpu.initialize_model_parallel(1)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)

@@ -4,27 +4,24 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 
 import torch
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank, world_size, port, fn, args, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+def _worker(rank, world_size, fn, args, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      OMP_NUM_THREADS="1")
     import megatron_patch  # noqa: F401
     from megatron_patch import cpu_support
 
     cpu_support.enable()
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    # Rendezvous through a file in this call's own directory: no TCP port to pick, so two
+    # pytest-xdist workers cannot race for the same one.
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank,
+        world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
@@ -36,7 +33,7 @@ def _worker(rank, world_size, port, fn, args, out_dir):
 def run_distributed(fn, world_size: int, *args):
     """Returns the list of fn(rank, world_size, *args) results, one per rank."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(world_size, _free_port(), fn, args, out_dir),
+        mp.start_processes(_worker, args=(world_size, fn, args, out_dir),
                            nprocs=world_size, join=True, start_method="spawn")
         results = []
         for rank in range(world_size):

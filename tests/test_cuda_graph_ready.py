@@ -3,8 +3,6 @@ device data on the host nor produce data-dependent shapes (linear_moe.cuda_graph
 The registry's cuda_graph flags and validate_args' refusal of MoE under --cuda-graph-impl
 (without --moe-device-dispatch) rest on this; the GPU capture itself is tests/gpu/test_cuda_graph_gpu.py."""
 
-import os
-
 import pytest
 import torch
 
@@ -21,15 +19,7 @@ def single_process():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from common import setup_single_process
 
-    # setup_single_process sets MASTER_ADDR/PORT for its process group; keep them out of this
-    # worker's environment, or the benchmark subprocesses later in it try the same port
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
     setup_single_process()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def _host_syncs(mixer, base_model="llama3", extra=()):

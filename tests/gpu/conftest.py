@@ -1,5 +1,3 @@
-import os
-
 import pytest
 import torch
 
@@ -11,10 +9,9 @@ def megatron_single_gpu():
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    if not torch.distributed.is_initialized():  # one rank: an in-process store, no port
+        torch.distributed.init_process_group("nccl", store=torch.distributed.HashStore(),
+                                             rank=0, world_size=1)
     torch.cuda.set_device(0)
     mpu.initialize_model_parallel(1)
     tensor_parallel.model_parallel_cuda_manual_seed(1)
