@@ -146,3 +146,17 @@ def test_capture_step_needs_a_gpu():
         pytest.skip("the GPU path is tests/gpu/test_cuda_graph_gpu.py")
     with pytest.raises(RuntimeError, match="CUDA graphs need a GPU"):
         capture_step(lambda: torch.zeros(()), [])
+
+
+def test_conv_bench_shifted_conv_equals_torch_conv(tmp_path):
+    """conv_bench's shifted multiply-add conv (what it compiles on the GPU) is the depthwise
+    causal conv + SiLU of ShortConvolution's CPU path: output and both gradients, contiguous and
+    strided inputs."""
+    out = tmp_path / "conv"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "conv_bench.py"), "--toy",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "conv.json").read_text())["rows"]
+    assert {(r["impl"], r["strided"]) for r in rows} == {
+        (impl, strided) for impl in ("compiled", "torch_conv1d") for strided in (False, True)}
+    assert all(r["rel_err_vs_compiled"] < 1e-5 for r in rows)

@@ -1,0 +1,116 @@
+"""Short-convolution benchmark: is a conv of ours needed? fla's Triton ``causal_conv1d`` (what
+``ShortConvolution`` runs on CUDA) against the same depthwise causal conv + SiLU written as W
+shifted multiply-adds and compiled by ``torch.compile`` (Inductor fuses them into one kernel each
+way), fwd+bwd, bf16, on the GDN layer bench's channel counts, for a contiguous input and for the
+strided slice of a fused in-projection (``LinearMixer.project``).
+
+The fourth H200 session's GDN layer profile put 4.2 of its 6.2 ms overhead in fla's conv, its
+backward at ~1 ms per 200 MB tensor (about 5x the bandwidth bound). This measures the
+alternative before anything changes in the model.
+
+    python benchmarks/conv_bench.py --out $OUT/conv        # GPU
+    python benchmarks/conv_bench.py --toy                  # CPU: checks the math, no timing claim
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import add_run_args, device, emit, time_fn, write_results  # noqa: E402
+
+
+def shifted_conv_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [b, s, c], weight [c, W] -> silu(y), y[t] = sum_j weight[:, j] x[t - (W-1) + j] (the taps
+    of ShortConvolution / fla's causal_conv1d), in fp32, cast back to x's dtype."""
+    width, s = weight.shape[-1], x.shape[1]
+    xp = F.pad(x.float(), (0, 0, width - 1, 0))  # zeros before the first token
+    w = weight.float()
+    y = sum(xp[:, j:j + s] * w[:, j] for j in range(width))
+    return F.silu(y).to(x.dtype)
+
+
+def reference_conv_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """torch's depthwise conv1d on [b, c, s] (ShortConvolution's CPU path), fp32."""
+    s, width = x.shape[1], weight.shape[-1]
+    y = F.conv1d(x.float().transpose(1, 2), weight.float()[:, None], padding=width - 1,
+                 groups=x.shape[-1])[..., :s]
+    return F.silu(y).transpose(1, 2).to(x.dtype)
+
+
+def _input(batch, seq, channels, strided, dtype):
+    if strided:  # a slice of a wider projection output, as q/k/v of the fused in-GEMM
+        return torch.randn(batch, seq, 2 * channels, device=device(), dtype=dtype)[..., :channels]
+    return torch.randn(batch, seq, channels, device=device(), dtype=dtype)
+
+
+def bench(impl, batch, seq, channels, strided, dtype, warmup, iters, width=4):
+    torch.manual_seed(0)  # the same x, weight and dy for every impl
+    x = _input(batch, seq, channels, strided, dtype).requires_grad_()
+    weight = torch.randn(channels, width, device=device(), dtype=dtype, requires_grad=True)
+    if impl == "fla":
+        from fla.modules.causal_conv1d import causal_conv1d
+
+        fn = lambda: causal_conv1d(x, weight, None, activation="silu", backend="triton")[0]
+    elif impl == "compiled":  # on the CPU eager: the smoke run checks the math, not Inductor
+        compiled = (torch.compile(shifted_conv_silu, dynamic=False) if x.is_cuda
+                    else shifted_conv_silu)
+        fn = lambda: compiled(x, weight)
+    else:
+        fn = lambda: reference_conv_silu(x, weight)
+    dy = torch.randn(batch, seq, channels, device=device(), dtype=dtype)
+    x.grad = weight.grad = None
+
+    def step():
+        fn().backward(dy)
+
+    ms = time_fn(step, warmup, iters)
+    x.grad = weight.grad = None
+    y = fn()
+    y.backward(dy)
+    out = {"y": y, "dx": x.grad, "dw": weight.grad}
+    return ms, out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--channels", type=int, nargs="+", default=[1536, 3072],
+                        help="GDN layer bench: q/k 1536, v 3072 (hidden 2048)")
+    parser.add_argument("--seq", type=int, default=2048)
+    add_run_args(parser, tokens=65536, warmup=3, iters=20)
+    args = parser.parse_args(argv)
+    if args.toy:
+        args.channels, args.seq, args.tokens, args.warmup, args.iters = [8], 16, 32, 1, 1
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    impls = ["fla", "compiled", "torch_conv1d"] if cuda else ["compiled", "torch_conv1d"]
+    batch = max(1, args.tokens // args.seq)
+    rows = []
+    for channels in args.channels:
+        for strided in (False, True):
+            results = {impl: bench(impl, batch, args.seq, channels, strided, dtype,
+                                   args.warmup, args.iters) for impl in impls}
+            base_impl = impls[0]
+            base_ms, base_out = results[base_impl]
+            for impl, (ms, out) in results.items():
+                err = max(((out[k].float() - base_out[k].float()).norm()
+                           / base_out[k].float().norm().clamp_min(1e-12)).item()
+                          for k in out)
+                rows.append(emit({"impl": impl, "channels": channels, "strided": strided,
+                                  "T": args.seq, "B": batch, "ms": ms,
+                                  f"speedup_vs_{base_impl}": base_ms / ms,
+                                  f"rel_err_vs_{base_impl}": err}))
+    write_results(rows, args.out, "Short conv + SiLU, fwd+bwd: fla causal_conv1d vs compiled "
+                  "shifted multiply-adds", ["impl", "channels", "strided", "T", "B", "ms",
+                                            f"speedup_vs_{impls[0]}", f"rel_err_vs_{impls[0]}"])
+    return rows
+
+
+if __name__ == "__main__":
+    main()
