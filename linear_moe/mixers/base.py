@@ -176,7 +176,13 @@ class LinearMixer(MegatronModule):
         one GEMM, split back into their outputs ([b, s, out] views). x is read once and its
         gradient is one GEMM, instead of one per projection summed up (GDN has five). The
         weights stay separate parameters, so checkpoints and TP sharding are unchanged;
-        concatenating them copies hidden x their widths per step, small next to activations."""
+        concatenating them copies hidden x their widths per step, small next to activations.
+
+        Only for outputs read in place (fla's short conv reads strided slices): a kernel that
+        copies its slice costs a copy forward and the split's concatenation backward, more
+        than the GEMMs save (retention's layer measured 1.13x -> 1.17x with it). A consumer
+        that keeps a slice for backward keeps the whole output alive, so output gates, which
+        the gated norm keeps, get their own GEMM."""
         if len(projections) == 1:
             return (projections[0](x)[0],)
         if self.tp_size > 1:  # what each ColumnParallelLinear does: all-reduce x's gradient
@@ -191,12 +197,14 @@ class LinearMixer(MegatronModule):
     def qkv(self, x, *extra):
         """x [b, s, h] -> q, k [b, s, H_local, Dk] and v [b, s, H_local, Dv], convolved over
         the sequence where enabled (shared heads repeated to H_local by expand_heads), followed
-        by the outputs of the ``extra`` in-projections; all of them one GEMM (``project``)."""
-        q, k, v, *rest = self.project(x, self.q_proj, self.k_proj, self.v_proj, *extra)
-        if self.use_short_conv:  # fla's conv reads the strided slices and writes them whole
+        by the outputs of the ``extra`` in-projections. With the short convs, which read the
+        slices in place, all of them are one GEMM (``project``)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj, *extra)
+        if self.use_short_conv:
+            q, k, v, *rest = self.project(x, *projections)
             q, k, v = self.q_conv(q), self.k_conv(k), self.v_conv(v)
-        else:  # the copy every kernel would make of a slice, made once here for all of them
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        else:  # the kernels would copy slices of one output: separate GEMMs write them whole
+            q, k, v, *rest = (p(x)[0] for p in projections)
         return (self.expand_heads(self.heads(q, self.head_k_dim)),
                 self.expand_heads(self.heads(k, self.head_k_dim)),
                 self.expand_heads(self.heads(v, self.head_v_dim)), *rest)
