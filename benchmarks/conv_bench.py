@@ -27,20 +27,12 @@ from common import add_run_args, device, emit, time_fn, write_results  # noqa: E
 
 def shifted_conv_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [b, s, c], weight [c, W] -> silu(y), y[t] = sum_j weight[:, j] x[t - (W-1) + j] (the taps
-    of ShortConvolution / fla's causal_conv1d), in fp32, cast back to x's dtype."""
+    of ShortConvolution), in fp32, cast back to x's dtype."""
     width, s = weight.shape[-1], x.shape[1]
     xp = F.pad(x.float(), (0, 0, width - 1, 0))  # zeros before the first token
     w = weight.float()
     y = sum(xp[:, j:j + s] * w[:, j] for j in range(width))
     return F.silu(y).to(x.dtype)
-
-
-def reference_conv_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """torch's depthwise conv1d on [b, c, s] (ShortConvolution's CPU path), fp32."""
-    s, width = x.shape[1], weight.shape[-1]
-    y = F.conv1d(x.float().transpose(1, 2), weight.float()[:, None], padding=width - 1,
-                 groups=x.shape[-1])[..., :s]
-    return F.silu(y).transpose(1, 2).to(x.dtype)
 
 
 def _input(batch, seq, channels, strided, dtype):
@@ -50,21 +42,20 @@ def _input(batch, seq, channels, strided, dtype):
 
 
 def bench(impl, batch, seq, channels, strided, dtype, warmup, iters, width=4):
-    torch.manual_seed(0)  # the same x, weight and dy for every impl
-    x = _input(batch, seq, channels, strided, dtype).requires_grad_()
-    weight = torch.randn(channels, width, device=device(), dtype=dtype, requires_grad=True)
-    if impl == "fla":
-        from fla.modules.causal_conv1d import causal_conv1d
+    """fla = the model's ShortConvolution on CUDA (fla's kernel); torch_conv1d = its CPU path."""
+    from linear_moe.layers import ShortConvolution
 
-        fn = lambda: causal_conv1d(x, weight, None, activation="silu", backend="triton")[0]
-    elif impl == "compiled":  # on the CPU eager: the smoke run checks the math, not Inductor
+    torch.manual_seed(0)  # the same x, weight and dy for every impl
+    conv = ShortConvolution(channels, width, 0, 1, dtype, fused=impl == "fla").to(device())
+    x = _input(batch, seq, channels, strided, dtype).requires_grad_()
+    weight = conv.weight
+    if impl == "compiled":  # on the CPU eager: the smoke run checks the math, not Inductor
         compiled = (torch.compile(shifted_conv_silu, dynamic=False) if x.is_cuda
                     else shifted_conv_silu)
-        fn = lambda: compiled(x, weight)
+        fn = lambda: compiled(x, weight.squeeze(1))
     else:
-        fn = lambda: reference_conv_silu(x, weight)
+        fn = lambda: conv(x)
     dy = torch.randn(batch, seq, channels, device=device(), dtype=dtype)
-    x.grad = weight.grad = None
 
     def step():
         fn().backward(dy)

@@ -88,14 +88,15 @@ def _record(row):
 # fla guards its gated chunk backward on Hopper and fla_compat lifts the guard only at the head
 # dims the GPU suite proved (PROVEN_GATED_BWD); the tiny preset gives these mixers key heads of
 # 24 / 32, refused there, so they run with key heads of 64 (hidden 128, two heads).
-KEY_HEAD_DIM_64 = {"gated_deltanet": ["--la-num-heads", "2", "--la-expand-k", "1.0"],
-                   "simple_gla": ["--la-num-heads", "2", "--la-expand-k", "1.0"]}
+GATED_BWD_MIXERS = {"gated_deltanet", "simple_gla"}
+KEY_HEAD_DIM_64 = ["--la-num-heads", "2", "--la-expand-k", "1.0"]
 
 
 @pytest.mark.parametrize("mixer", sorted(n for n, e in registered_mixers().items()
                                           if e.cuda_graph))
 def test_captured_step_matches_eager(mixer):
-    errors = _graph_matches_eager(_model(mixer, "llama3", "LN", KEY_HEAD_DIM_64.get(mixer, [])))
+    errors = _graph_matches_eager(_model(mixer, "llama3", "LN",
+                                         KEY_HEAD_DIM_64 if mixer in GATED_BWD_MIXERS else []))
     _record({"mixer": mixer, "base_model": "llama3", "max_rel_err": max(errors.values())})
     over = {n: e for n, e in errors.items() if e > REL_TOL}
     assert not over, f"graph replay differs from the eager step: {over}"
