@@ -67,10 +67,16 @@ def time_fn(fn, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def peak_memory_gib() -> float | None:
+def peak_memory_gib(since_gib: float = 0.0) -> float | None:
+    """Peak allocated GiB since the last reset, less `since_gib` (what was allocated before the
+    measured thing was built: a row's own memory, free of earlier rows' leftovers)."""
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.max_memory_allocated() / 2**30
+    return torch.cuda.max_memory_allocated() / 2**30 - since_gib
+
+
+def allocated_gib() -> float:
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
 def environment() -> dict:

@@ -8,7 +8,8 @@ shape with the same mixer, side by side in one run at equal tokens per step.
 
 Shape (the issue's): hidden 1024, 12 layers, 8 heads of 128, FFN 7168, vocab 32768, untied
 embeddings, bf16, 16,384 tokens/step; forward + backward of the LM loss, no optimizer step.
-Target: ours >= 1.1x their tokens/s at equal or lower peak memory.
+Target: ours >= 1.1x their tokens/s at equal or lower peak memory. peak_GiB is each row's own
+(its peak less what the process held before the row built its model).
 
 --ours-flags runs ours once per quoted flag set, in the same run (e.g. "" and
 "--mlp-act-recompute --fused-cross-entropy": the memory options side by side).
@@ -31,7 +32,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    add_run_args, device, emit, peak_memory_gib, setup_single_process, time_fn, write_results,
+    add_run_args, allocated_gib, device, emit, peak_memory_gib, setup_single_process, time_fn,
+    write_results,
 )
 from flops import training_flops_per_token  # noqa
 
@@ -87,9 +89,11 @@ def our_argv(mixer, s, seq, batch, flags=""):
     return argv + flags.split()
 
 
-def _measure(step, params, warmup, iters, graph=False):
+def _measure(step, params, warmup, iters, graph=False, base_gib=0.0):
     """Median ms and peak GiB of step() (returns the loss after its backward), or of its
-    CUDA-graph replay."""
+    CUDA-graph replay. The peak is the row's own: less base_gib, what the process held before
+    the row built its model (fla's rows run first and leave some behind: ours measured 0.13 /
+    0.26 GiB (GLA / GDN) above what its own process peaked at, H200 session 8)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     if graph:
@@ -97,7 +101,7 @@ def _measure(step, params, warmup, iters, graph=False):
 
         step, _ = capture_step(step, params)
     ms = time_fn(step, warmup, iters)
-    return ms, peak_memory_gib()
+    return ms, peak_memory_gib(since_gib=base_gib)
 
 
 GRAPH_TAG = " [CUDA graph]"
@@ -106,6 +110,7 @@ GRAPH_TAG = " [CUDA graph]"
 def bench_ours(mixer, s, seq, batch, warmup, iters, flags="", graph=False):
     from linear_moe.model_provider import build_standalone
 
+    base_gib = allocated_gib()
     model, config, _ = build_standalone(our_argv(mixer, s, seq, batch, flags), device=device())
     flops_per_token = training_flops_per_token(model, config, seq)
     params = sum(p.numel() for p in model.parameters())
@@ -119,7 +124,7 @@ def bench_ours(mixer, s, seq, batch, warmup, iters, flags="", graph=False):
         loss.backward()
         return loss
 
-    ms, peak = _measure(step, model.parameters(), warmup, iters, graph)
+    ms, peak = _measure(step, model.parameters(), warmup, iters, graph, base_gib)
     del model
     name = (f"linear_moe llama3 'L' {mixer}" + (f" {flags.strip()}" if flags.strip() else "")
             + (GRAPH_TAG if graph else ""))
@@ -128,6 +133,7 @@ def bench_ours(mixer, s, seq, batch, warmup, iters, flags="", graph=False):
 
 
 def bench_fla(mixer, s, seq, batch, warmup, iters, graph=False):
+    base_gib = allocated_gib()
     model = fla_model(mixer, s)
     params = sum(p.numel() for p in model.parameters())
     row = {"model": f"fla {type(model).__name__}" + (GRAPH_TAG if graph else ""), "params": params}
@@ -141,7 +147,7 @@ def bench_fla(mixer, s, seq, batch, warmup, iters, graph=False):
         loss.backward()
         return loss
 
-    ms, peak = _measure(step, model.parameters(), warmup, iters, graph)
+    ms, peak = _measure(step, model.parameters(), warmup, iters, graph, base_gib)
     del model
     return {**row, "ms": ms, "peak_GiB": peak}
 

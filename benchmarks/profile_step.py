@@ -7,6 +7,10 @@ into GEMMs, fla/Triton kernels, attention, communication and the rest, and the p
     python benchmarks/profile_step.py --toy     # CPU smoke run
 
 Writes <out>.txt (the profiler's table and the grouped totals) and <out>.json (the groups).
+
+`--saved-tensors` adds a census of what one forward keeps for its backward, by the module that
+saved it (layer indices folded into '*'), counted once per storage, parameters left out: the two
+models' censuses side by side say where a peak-memory gap comes from.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -48,21 +53,88 @@ def group_of(name: str) -> str:
 
 
 def build_step(which: str, mixer: str, shape: dict, seq: int, batch: int, flags: str = ""):
-    """A fwd+bwd step of the chosen model on random tokens."""
+    """(model, forward, step): forward returns the LM loss of random tokens, step runs it and its
+    backward."""
     tokens = torch.randint(0, shape["vocab"], (batch, seq), device=device())
     if which == "fla":
         if not torch.cuda.is_available():
             raise SystemExit("fla's models are Triton-only: --model fla needs CUDA")
         model = fla_model(mixer, shape).to(device(), torch.bfloat16)
-        return lambda: model(input_ids=tokens, labels=tokens).loss.backward()
-    from linear_moe.model_provider import build_standalone
 
-    model, _, _ = build_standalone(our_argv(mixer, shape, seq, batch, flags),
-                                  device=device())
-    if torch.cuda.is_available():
-        model = model.to(torch.bfloat16)
-    positions = torch.arange(seq, device=device()).expand(batch, seq)
-    return lambda: model(tokens, positions, None, labels=tokens).float().mean().backward()
+        def forward():
+            return model(input_ids=tokens, labels=tokens).loss
+    else:
+        from linear_moe.model_provider import build_standalone
+
+        model, _, _ = build_standalone(our_argv(mixer, shape, seq, batch, flags),
+                                      device=device())
+        if torch.cuda.is_available():
+            model = model.to(torch.bfloat16)
+        positions = torch.arange(seq, device=device()).expand(batch, seq)
+
+        def forward():
+            return model(tokens, positions, None, labels=tokens).float().mean()
+    return model, forward, lambda: forward().backward()
+
+
+def saved_tensor_census(model, forward) -> dict:
+    """What one forward keeps for backward, by the innermost module running when it was saved
+    (layer indices folded into '*', so a row sums over the layers), one count per storage:
+    fla's and megatron-core's custom Functions save through the same hooks. Parameters (weights
+    kept for the input gradient) are left out: both models hold them anyway."""
+    names = {id(m): re.sub(r"\.\d+(?=\.|$)", ".*", n) or "<model>"
+             for n, m in model.named_modules()}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    stack: list[str] = []
+    seen: dict[int, tuple[str, int, str]] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen[ptr] = (stack[-1] if stack else "<outside modules>", storage.nbytes(),
+                         f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}")
+        return t
+
+    def enter(module, args):
+        stack.append(names.get(id(module), type(module).__name__))
+
+    def leave(module, args, output):  # returns None: a value would replace the module's output
+        if stack:
+            stack.pop()
+
+    mm = torch.nn.modules.module
+    hooks = [mm.register_module_forward_pre_hook(enter), mm.register_module_forward_hook(leave)]
+    before = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    after = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
+    by_module: dict[str, dict] = {}
+    for module, nbytes, example in seen.values():
+        row = by_module.setdefault(module, {"MiB": 0.0, "tensors": 0, "examples": []})
+        row["MiB"] += nbytes / 2**20
+        row["tensors"] += 1
+        if example not in row["examples"] and len(row["examples"]) < 4:
+            row["examples"].append(example)
+    loss.backward()  # frees the graph (and checks it was a real forward)
+    census = {"saved_MiB": sum(r["MiB"] for r in by_module.values()),
+              "by_module": dict(sorted(by_module.items(), key=lambda kv: -kv[1]["MiB"]))}
+    if before is not None:
+        census["forward_growth_MiB"] = (after - before) / 2**20
+    return census
+
+
+def census_text(census: dict) -> str:
+    lines = [f"saved for backward: {census['saved_MiB']:.1f} MiB"
+             + (f"; allocated during the forward: {census['forward_growth_MiB']:.1f} MiB"
+                if "forward_growth_MiB" in census else "")]
+    lines += [f"{row['MiB']:10.1f} MiB {row['tensors']:5d}  {module}  {'; '.join(row['examples'])}"
+              for module, row in census["by_module"].items()]
+    return "\n".join(lines) + "\n"
 
 
 def profile(step, warmup: int, iters: int):
@@ -110,6 +182,8 @@ def main(argv=None):
     parser.add_argument("--ours-flags", default="",
                         help="extra flags for our model, e.g. ' --fused-cross-entropy' (a leading "
                              "space keeps argparse from reading it as an option)")
+    parser.add_argument("--saved-tensors", action="store_true",
+                        help="add the census of tensors one forward saves for backward")
     add_run_args(parser, tokens=16384, warmup=3, iters=3, out_help="write <out>.txt and <out>.json")
     args = parser.parse_args(argv)
     shape = SHAPE
@@ -117,12 +191,16 @@ def main(argv=None):
         shape, args.seq, args.tokens, args.warmup, args.iters = TOY, 64, 128, 1, 1
     setup_single_process()
     batch = max(1, args.tokens // args.seq)
-    step = build_step(args.model, args.mixer, shape, args.seq, batch, args.ours_flags)
+    model, forward, step = build_step(args.model, args.mixer, shape, args.seq, batch,
+                                      args.ours_flags)
     prof = profile(step, args.warmup, args.iters)
     text, groups = summarise(prof, args.iters)
     result = {"environment": environment(), "model": args.model, "mixer": args.mixer,
               "ours_flags": args.ours_flags.strip(), "T": args.seq, "B": batch,
               "peak_GiB": peak_memory_gib(), **groups}
+    if args.saved_tensors:
+        result["saved_tensors"] = saved_tensor_census(model, forward)
+        text += census_text(result["saved_tensors"])
     text += json.dumps(result) + "\n"
     print(text)
     if args.out:

@@ -99,12 +99,19 @@ def test_native_gdn_comparator_has_our_gdn_shapes():
 def test_profile_step_smoke(tmp_path):
     out = tmp_path / "prof"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--toy",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+                           "--saved-tensors", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "prof.json").read_text())
     groups = result["ms_per_step_by_group"]
     assert groups["gemm"] > 0 and result["total_ms_per_step"] >= groups["gemm"]
     assert "gemm" in (tmp_path / "prof.txt").read_text()
+    census = result["saved_tensors"]["by_module"]
+    # every layer's MLP saved its fc1 input, folded into one row over the layers
+    fc1 = [row for module, row in census.items() if module.endswith("layers.*.mlp.linear_fc1")]
+    assert fc1 and fc1[0]["tensors"] >= 2 and fc1[0]["MiB"] > 0, census
+    assert result["saved_tensors"]["saved_MiB"] == pytest.approx(
+        sum(row["MiB"] for row in census.values()))
 
 
 def test_bf16_storage_floor_separates_the_two_open_failures():

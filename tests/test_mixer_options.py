@@ -267,7 +267,16 @@ def _options_worker(rank, world_size):
     for fused in (True, False):
         xi = xb.clone().requires_grad_()
         m.zero_grad()
-        outs = m.project(xi, *projections) if fused else [p(xi)[0] for p in projections]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                      lambda t: t):
+            outs = m.project(xi, *projections) if fused else [p(xi)[0] for p in projections]
+        if fused:  # what autograd keeps: x and the weights themselves, no concatenated copy
+            params = {p.weight.data_ptr() for p in projections}
+            concat = (sum(p.weight.shape[0] for p in projections), H)
+            r["project_saved_copies"] = [tuple(t.shape) for t in saved
+                                         if t.data_ptr() not in params
+                                         and tuple(t.shape) in (concat, concat[::-1])]
         sum((o * torch.randn_like(o, generator=torch.Generator().manual_seed(i))).sum()
             for i, o in enumerate(outs)).backward()
         grads.append([*outs, xi.grad] + [t.grad.clone() for p in projections
@@ -306,6 +315,7 @@ def test_project_is_the_separate_projections_in_one_gemm(results):
     count, diff = results["project"]
     assert count == 3 + 1 + 4  # outputs, x's gradient, three weights and one bias
     assert diff < 1e-5
+    assert results["project_saved_copies"] == []  # the per-step weight concat is not kept
 
 
 def test_conv_bias_shards_by_channels_like_the_weight():

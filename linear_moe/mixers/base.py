@@ -87,6 +87,31 @@ def check_head_sharing(la_module: str, head_sharing: str | None, num_heads: int,
                              "a smaller TP size")
 
 
+
+class _ConcatenatedLinear(torch.autograd.Function):
+    """x @ cat(weights).T + bias, saving the weights rather than their concatenation, which
+    F.linear would keep until backward: hidden x (sum of widths) per layer, 72 MiB over the
+    peer's 12 GDN layers, the whole of its forward-memory gap to fla's model (H200 census,
+    session 8). Backward concatenates again (a copy of the same size) and splits the weight
+    gradient into one view per weight."""
+
+    @staticmethod
+    def forward(ctx, x, bias, *weights):
+        ctx.save_for_backward(x, *weights)
+        ctx.has_bias = bias is not None
+        return F.linear(x, torch.cat(weights), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, *weights = ctx.saved_tensors
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_2d @ torch.cat(weights)).view(x.shape)
+        grad_w = grad_2d.t() @ x.reshape(-1, x.shape[-1])
+        grad_bias = grad_2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return grad_x, grad_bias, *grad_w.split([w.shape[0] for w in weights])
+
 class LinearMixer(MegatronModule):
     #: Head sharing the mixer supports: "kv" (--la-num-kv-heads), "v" (--la-num-v-heads) or None.
     head_sharing: str | None = None
@@ -175,8 +200,8 @@ class LinearMixer(MegatronModule):
         """x [b, s, h] through several of this mixer's in-projections (``column`` modules) as
         one GEMM, split back into their outputs ([b, s, out] views). x is read once and its
         gradient is one GEMM, instead of one per projection summed up (GDN has five). The
-        weights stay separate parameters, so checkpoints and TP sharding are unchanged;
-        concatenating them copies hidden x their widths per step, small next to activations.
+        weights stay separate parameters, so checkpoints and TP sharding are unchanged; their
+        concatenation is a per-step copy that is not kept for backward (_ConcatenatedLinear).
 
         Only for outputs read in place (fla's short conv reads strided slices): a kernel that
         copies its slice costs a copy forward and the split's concatenation backward, more
@@ -187,12 +212,12 @@ class LinearMixer(MegatronModule):
             return (projections[0](x)[0],)
         if self.tp_size > 1:  # what each ColumnParallelLinear does: all-reduce x's gradient
             x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
-        weight = torch.cat([p.weight for p in projections])
         bias = None
         if any(p.bias is not None for p in projections):
             bias = torch.cat([p.weight.new_zeros(p.weight.shape[0]) if p.bias is None
                               else p.bias for p in projections])
-        return F.linear(x, weight, bias).split([p.weight.shape[0] for p in projections], -1)
+        out = _ConcatenatedLinear.apply(x, bias, *(p.weight for p in projections))
+        return out.split([p.weight.shape[0] for p in projections], -1)
 
     def qkv(self, x, *extra):
         """x [b, s, h] -> q, k [b, s, H_local, Dk] and v [b, s, H_local, Dv], convolved over
