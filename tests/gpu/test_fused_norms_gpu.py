@@ -1,5 +1,6 @@
 """The CUDA fast paths of the norms equal their fp32 torch path: GatedRMSNorm through fla's
-rms_norm_gated (bf16 in, fp32 inside) and RMSNorm in the input's dtype, fwd and bwd."""
+rms_norm_gated (bf16 in, fp32 inside), GatedRMSNorm without a gate and RMSNorm in the input's
+dtype, fwd and bwd."""
 
 from __future__ import annotations
 
@@ -53,6 +54,27 @@ def test_fused_gated_rmsnorm_matches_fp32_torch(gate_fn, world_group):
     y_ref, grads_ref = _grads(ref, [o.float(), g.float()], dy.float())
     assert y.dtype == torch.bfloat16
     for name, a, b in zip(["y", "do", "dg", "dweight"], [y, *grads], [y_ref, *grads_ref]):
+        assert rel_err(a, b) <= REL_TOL, (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_gateless_output_norm_in_bf16_matches_fp32_torch(affine, world_group):
+    """deltanet's output norm (no gate): torch's rms_norm on the bf16 input."""
+    torch.manual_seed(0)
+    o = torch.randn(2, 300, 4, 128, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn_like(o)
+    fused = GatedRMSNorm(128, 1e-6, "swish", torch.bfloat16, world_group, fused=True,
+                         elementwise_affine=affine).cuda()
+    ref = GatedRMSNorm(128, 1e-6, "swish", torch.float32, world_group, fused=False,
+                       elementwise_affine=affine).cuda()
+    if affine:
+        with torch.no_grad():
+            fused.weight.copy_(torch.rand(128) + 0.5)
+            ref.weight.copy_(fused.weight.float())
+    y, grads = _grads(fused, [o], dy)
+    y_ref, grads_ref = _grads(ref, [o.float()], dy.float())
+    assert y.dtype == torch.bfloat16
+    for name, a, b in zip(["y", "do", "dweight"], [y, *grads], [y_ref, *grads_ref]):
         assert rel_err(a, b) <= REL_TOL, (name, rel_err(a, b))
 
 
