@@ -81,7 +81,10 @@ def saved_tensor_census(model, forward) -> dict:
     """What one forward keeps for backward, by the innermost module running when it was saved
     (layer indices folded into '*', so a row sums over the layers), one count per storage:
     fla's and megatron-core's custom Functions save through the same hooks. Parameters (weights
-    kept for the input gradient) are left out: both models hold them anyway."""
+    kept for the input gradient) are left out: both models hold them anyway. A storage freed
+    during the forward (a recompute's discarded output) can be reused by a later tensor, which
+    then counts under the first saver: the memory allocated during the forward, reported beside
+    it, is the exact total."""
     names = {id(m): re.sub(r"\.\d+(?=\.|$)", ".*", n) or "<model>"
              for n, m in model.named_modules()}
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}

@@ -87,11 +87,10 @@ def check_head_sharing(la_module: str, head_sharing: str | None, num_heads: int,
                              "a smaller TP size")
 
 
-
 class _ConcatenatedLinear(torch.autograd.Function):
     """x @ cat(weights).T + bias, saving the weights rather than their concatenation, which
     F.linear would keep until backward: hidden x (sum of widths) per layer, 72 MiB over the
-    peer's 12 GDN layers, the whole of its forward-memory gap to fla's model (H200 census,
+    peer's 12 GDN layers, most of its 85 MiB forward-memory gap to fla's model (H200 census,
     session 8). Backward concatenates again (a copy of the same size) and splits the weight
     gradient into one view per weight."""
 
@@ -108,9 +107,13 @@ class _ConcatenatedLinear(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_2d @ torch.cat(weights)).view(x.shape)
-        grad_w = grad_2d.t() @ x.reshape(-1, x.shape[-1])
+        grad_weights = [None] * len(weights)
+        if any(ctx.needs_input_grad[2:]):  # frozen weights need none
+            grad_w = grad_2d.t() @ x.reshape(-1, x.shape[-1])
+            grad_weights = grad_w.split([w.shape[0] for w in weights])
         grad_bias = grad_2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
-        return grad_x, grad_bias, *grad_w.split([w.shape[0] for w in weights])
+        return grad_x, grad_bias, *grad_weights
+
 
 class LinearMixer(MegatronModule):
     #: Head sharing the mixer supports: "kv" (--la-num-kv-heads), "v" (--la-num-v-heads) or None.
