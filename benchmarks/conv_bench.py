@@ -1,8 +1,10 @@
 """Short-convolution benchmark: is a conv of ours needed? fla's Triton ``causal_conv1d`` (what
-``ShortConvolution`` runs on CUDA) against the same depthwise causal conv + SiLU written as W
-shifted multiply-adds and compiled by ``torch.compile`` (Inductor fuses them into one kernel each
-way), fwd+bwd, bf16, on the GDN layer bench's channel counts, for a contiguous input and for the
-strided slice of a fused in-projection (``LinearMixer.project``).
+``ShortConvolution`` runs on CUDA) against our Triton kernel (``linear_moe.ops.causal_conv``,
+whose backward recomputes the pre-activation in registers) and the same depthwise causal conv
++ SiLU written as W shifted multiply-adds and compiled by ``torch.compile`` (Inductor fuses them
+into one kernel each way), fwd+bwd, bf16, on the GDN layer bench's channel counts, for a
+contiguous input and for the strided slice of a fused in-projection (``LinearMixer.project``).
+Fifth H200 session: compiled 0.84-1.05x fla, so fla stayed; ours is not measured yet.
 
 The fourth H200 session's GDN layer profile put 4.2 of its 6.2 ms overhead in fla's conv, its
 backward at ~1 ms per 200 MB tensor (about 5x the bandwidth bound). This measures the
@@ -42,11 +44,13 @@ def _input(batch, seq, channels, strided, dtype):
 
 
 def bench(impl, batch, seq, channels, strided, dtype, warmup, iters, width=4):
-    """fla = the model's ShortConvolution on CUDA (fla's kernel); torch_conv1d = its CPU path."""
+    """fla = the model's ShortConvolution on CUDA (fla's kernel); ours = the same module with
+    linear_moe.ops.causal_conv; torch_conv1d = its CPU path."""
     from linear_moe.layers import ShortConvolution
 
     torch.manual_seed(0)  # the same x, weight and dy for every impl
-    conv = ShortConvolution(channels, width, 0, 1, dtype, fused=impl == "fla").to(device())
+    conv = ShortConvolution(channels, width, 0, 1, dtype, fused=impl in ("fla", "ours"),
+                            kernel="ours" if impl == "ours" else "fla").to(device())
     x = _input(batch, seq, channels, strided, dtype).requires_grad_()
     weight = conv.weight
     if impl == "compiled":  # on the CPU eager: the smoke run checks the math, not Inductor
@@ -80,7 +84,8 @@ def main(argv=None):
         args.channels, args.seq, args.tokens, args.warmup, args.iters = [8], 16, 32, 1, 1
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
-    impls = ["fla", "compiled", "torch_conv1d"] if cuda else ["compiled", "torch_conv1d"]
+    impls = (["fla", "ours", "compiled", "torch_conv1d"] if cuda
+             else ["compiled", "torch_conv1d"])
     batch = max(1, args.tokens // args.seq)
     rows = []
     for channels in args.channels:

@@ -17,9 +17,14 @@ from linear_moe.layers.tp_init import init_tp_sharded_
 class ShortConvolution(torch.nn.Module):
     def __init__(self, channels: int, kernel_size: int, tp_rank: int, tp_size: int,
                  params_dtype, activation: str | None = "silu", bias: bool = False,
-                 fused: bool = True):
+                 fused: bool = True, kernel: str = "fla"):
         super().__init__()
+        if kernel not in ("fla", "ours"):
+            raise ValueError(f"unknown short-conv kernel '{kernel}'; choose fla or ours")
         self.fused = fused
+        # "ours": linear_moe.ops.causal_conv, a candidate measured against fla's in
+        # benchmarks/conv_bench.py; the mixers keep fla's until it wins there.
+        self.kernel = kernel
         if channels % tp_size:
             raise ValueError(f"short-conv channels {channels} not divisible by TP {tp_size}")
         self.kernel_size = kernel_size
@@ -38,6 +43,10 @@ class ShortConvolution(torch.nn.Module):
     def forward(self, x):
         """x: [b, s, c_local] -> [b, s, c_local]; position t sees t-kernel_size+1 .. t."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.fused and x.is_cuda and self.kernel == "ours":
+            from linear_moe.ops.causal_conv import causal_conv
+
+            return causal_conv(x, self.weight.squeeze(1).to(x.dtype), bias, self.activation)
         if self.fused and x.is_cuda:
             from fla.modules.causal_conv1d import causal_conv1d
 

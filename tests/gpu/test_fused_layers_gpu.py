@@ -1,5 +1,5 @@
-"""The CUDA paths of the short convolution (fla's Triton causal_conv1d, SiLU fused) and of the
-rotary embedding (fla's Triton rotary_embedding) equal their torch paths: in fp32 to rounding,
+"""The CUDA paths of the short convolution (fla's Triton causal_conv1d, SiLU fused, and our
+candidate kernel linear_moe.ops.causal_conv) and of the rotary embedding (fla's Triton rotary_embedding) equal their torch paths: in fp32 to rounding,
 in bf16 within the GPU suite's bound, fwd and bwd."""
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ def _run(conv, x, dy):
     return [y, x.grad, conv.weight.grad] + ([conv.bias.grad] if conv.bias is not None else [])
 
 
+@pytest.mark.parametrize("kernel", ["fla", "ours"])
 @pytest.mark.parametrize("activation", ["silu", None])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)],
                          ids=["fp32", "bf16"])
-def test_fla_short_conv_matches_torch_conv1d(dtype, tol, activation):
+def test_fla_short_conv_matches_torch_conv1d(dtype, tol, activation, kernel):
     torch.manual_seed(0)
     channels, size = 384, 4
     fused = ShortConvolution(channels, size, 0, 1, dtype, activation=activation, bias=True,
-                             fused=True).cuda()
+                             fused=True, kernel=kernel).cuda()
     ref = ShortConvolution(channels, size, 0, 1, torch.float32, activation=activation,
                            bias=True, fused=False).cuda()
     with torch.no_grad():
@@ -44,7 +45,7 @@ def test_fla_short_conv_matches_torch_conv1d(dtype, tol, activation):
     assert out[0].dtype == dtype
     for name, a, b in zip(["y", "dx", "dweight", "dbias"], out, out_ref):
         err = rel_err(a.float(), b)
-        _record("short_conv", f"{activation}/{str(dtype)[6:]}", size, name, err)
+        _record(f"short_conv/{kernel}", f"{activation}/{str(dtype)[6:]}", size, name, err)
         assert err <= tol, (name, err)
 
 

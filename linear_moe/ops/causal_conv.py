@@ -1,0 +1,174 @@
+"""Depthwise causal short convolution (+ SiLU) over [b, s, c], our Triton kernels: a candidate
+for ShortConvolution's CUDA path (``ShortConvolution(..., kernel="ours")``), measured against
+fla's causal_conv1d in ``benchmarks/conv_bench.py`` before the model takes it.
+
+Why a kernel of ours: the fifth H200 session's layer profiles put most of the gated_deltanet,
+deltanet and kda layer overheads in fla's conv, whose backward first reruns the forward as a
+separate kernel (writing the whole pre-activation to memory) and then reads x, that
+pre-activation and dy: ~1.2 GB of traffic per 200 MB tensor, measured at ~1/3 of the HBM
+bandwidth. Here the backward recomputes the pre-activation from x tile by tile in registers
+(the taps are re-read from L1/L2, not from HBM): it reads x and dy once and writes dx, half
+the traffic. The forward is the same shifted multiply-add as fla's.
+
+    y[t, c] = act(bias[c] + sum_j w[c, j] x[t - (W-1) + j, c])        (x before t = 0 is zero)
+    g[t]    = dy[t] * act'(pre[t])
+    dx[t]   = sum_j w[j] g[t + (W-1) - j],  dw[j] = sum_t g[t] x[t - (W-1) + j],  db = sum_t g[t]
+
+x may be a strided slice of a wider tensor (the fused in-projection's output) as long as its
+channels are contiguous; y and dx are contiguous. The weight and bias gradients are summed
+over per-tile partials in fp32 (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The backward's time tile is fixed: the partial weight-gradient buffer is sized by it.
+_BWD_BT = 64
+# Triton's CPU interpreter (the CI tests) cannot time configs: one config each there.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(params_and_warps):
+    configs = [triton.Config(params, num_warps=warps) for params, warps in params_and_warps]
+    return configs[:1] if _INTERPRETED else configs
+
+
+@triton.jit
+def _tap(x_base, stride_xt, src, o_d, m_d, T):
+    """x[src, o_d] as fp32, zero outside [0, T)."""
+    m = ((src >= 0) & (src < T))[:, None] & m_d[None, :]
+    return tl.load(x_base + src.to(tl.int64)[:, None] * stride_xt + o_d[None, :], mask=m,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _pre_activation(x_base, stride_xt, w, b, u, o_d, m_d, T, W: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """bias + sum_j w[:, j] x[u - (W-1) + j] for the rows u, fp32 [BT, BD]."""
+    acc = tl.zeros((BT, BD), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+    for j in tl.static_range(W):
+        w_j = tl.load(w + o_d * W + j, mask=m_d, other=0.0).to(tl.float32)
+        acc += _tap(x_base, stride_xt, u - (W - 1) + j, o_d, m_d, T) * w_j[None, :]
+    return acc
+
+
+@triton.autotune(
+    configs=_configs([({"BT": bt, "BD": bd}, nw)
+                      for bt, bd, nw in [(64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8),
+                                         (32, 128, 4), (256, 64, 8)]]),
+    key=["D", "W"],
+)
+@triton.jit
+def _fwd_kernel(x, w, b, y, T, D, stride_xb, stride_xt, W: tl.constexpr,
+                HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    x_base = x + i_b.to(tl.int64) * stride_xb
+    out = _pre_activation(x_base, stride_xt, w, b, o_t, o_d, m_d, T, W, HAS_BIAS, BT, BD)
+    if SILU:
+        out = out * tl.sigmoid(out)
+    p_y = y + (i_b.to(tl.int64) * T + o_t.to(tl.int64))[:, None] * D + o_d[None, :]
+    tl.store(p_y, out.to(y.dtype.element_ty), mask=(o_t < T)[:, None] & m_d[None, :])
+
+
+@triton.autotune(
+    configs=_configs([({"BD": bd}, nw) for bd, nw in [(32, 4), (64, 4), (128, 4), (128, 8)]]),
+    key=["D", "W"],
+)
+@triton.jit
+def _bwd_kernel(x, w, b, dy, dx, dw_part, db_part, T, D, NT, stride_xb, stride_xt,
+                stride_dyb, stride_dyt, W: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SILU: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    x_base = x + i_b.to(tl.int64) * stride_xb
+    dy_base = dy + i_b.to(tl.int64) * stride_dyb
+    grad_x = tl.zeros((BT, BD), dtype=tl.float32)
+    g_own = tl.zeros((BT, BD), dtype=tl.float32)  # g at this tile's own rows (for dw, db)
+    for s in tl.static_range(W):
+        u = o_t + s  # g[t + s] feeds dx[t] through tap W-1-s
+        m_u = (u < T)[:, None] & m_d[None, :]
+        g = tl.load(dy_base + u.to(tl.int64)[:, None] * stride_dyt + o_d[None, :], mask=m_u,
+                    other=0.0).to(tl.float32)
+        if SILU:  # the pre-activation at u, recomputed from x (taps from L1/L2, not HBM)
+            pre = _pre_activation(x_base, stride_xt, w, b, u, o_d, m_d, T, W, HAS_BIAS, BT, BD)
+            sig = tl.sigmoid(pre)
+            g = g * sig * (1 + pre * (1 - sig))
+        w_tap = tl.load(w + o_d * W + (W - 1 - s), mask=m_d, other=0.0).to(tl.float32)
+        grad_x += g * w_tap[None, :]
+        if s == 0:
+            g_own = g
+    p_dx = dx + (i_b.to(tl.int64) * T + o_t.to(tl.int64))[:, None] * D + o_d[None, :]
+    tl.store(p_dx, grad_x.to(dx.dtype.element_ty), mask=(o_t < T)[:, None] & m_d[None, :])
+    tile = i_b * NT + i_t
+    for j in tl.static_range(W):  # rows past T hold g = 0, so they add nothing
+        part = tl.sum(g_own * _tap(x_base, stride_xt, o_t - (W - 1) + j, o_d, m_d, T), 0)
+        tl.store(dw_part + (tile.to(tl.int64) * D + o_d) * W + j, part, mask=m_d)
+    if HAS_BIAS:
+        tl.store(db_part + tile.to(tl.int64) * D + o_d, tl.sum(g_own, 0), mask=m_d)
+
+
+def _channels_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _CausalConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu):
+        x = _channels_contiguous(x)
+        batch, seq, channels = x.shape
+        width = weight.shape[-1]
+        weight = weight.contiguous()
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+        def grid(meta):
+            return (triton.cdiv(seq, meta["BT"]), triton.cdiv(channels, meta["BD"]), batch)
+
+        _fwd_kernel[grid](x, weight, bias, y, seq, channels, x.stride(0), x.stride(1), W=width,
+                          HAS_BIAS=bias is not None, SILU=silu)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.silu = silu
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bias = ctx.saved_tensors
+        grad_y = _channels_contiguous(grad_y)
+        batch, seq, channels = x.shape
+        width = weight.shape[-1]
+        tiles = triton.cdiv(seq, _BWD_BT)
+        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dw_part = torch.empty(batch * tiles, channels, width, dtype=torch.float32,
+                              device=x.device)
+        db_part = (torch.empty(batch * tiles, channels, dtype=torch.float32, device=x.device)
+                   if bias is not None else None)
+
+        def grid(meta):
+            return (tiles, triton.cdiv(channels, meta["BD"]), batch)
+
+        _bwd_kernel[grid](x, weight, bias, grad_y, grad_x, dw_part, db_part, seq, channels, tiles,
+                          x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1), W=width,
+                          HAS_BIAS=bias is not None, SILU=ctx.silu, BT=_BWD_BT)
+        grad_w = dw_part.sum(0).to(weight.dtype)
+        grad_b = db_part.sum(0).to(bias.dtype) if bias is not None else None
+        return grad_x, grad_w, grad_b, None
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                activation: str | None = "silu") -> torch.Tensor:
+    """x [b, s, c] (channels contiguous), weight [c, W], bias [c] or None -> [b, s, c]."""
+    if activation not in ("silu", None):
+        raise ValueError(f"causal_conv: activation '{activation}' not supported; use 'silu' or "
+                         "None")
+    return _CausalConv.apply(x, weight, bias, activation == "silu")
