@@ -20,13 +20,8 @@ REL_TOL = 1e-2
 @pytest.fixture(scope="module")
 def world_group():
     """A one-rank process group: the shared norm weight's TP all-reduce is then the identity."""
-    import socket
-
-    if not torch.distributed.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+    if not torch.distributed.is_initialized():  # an in-process store: no port to pick
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(),
                                              rank=0, world_size=1)
     return torch.distributed.group.WORLD
 
