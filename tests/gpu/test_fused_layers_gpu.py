@@ -18,17 +18,18 @@ pytestmark = [
 
 
 def _run(conv, x, dy):
-    x = x.detach().clone().requires_grad_()
+    x = x.detach().requires_grad_()  # a new leaf with x's strides (a strided slice stays one)
     y = conv(x)
     y.backward(dy.to(y.dtype))
     return [y, x.grad, conv.weight.grad] + ([conv.bias.grad] if conv.bias is not None else [])
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "slice"])
 @pytest.mark.parametrize("kernel", ["fla", "ours"])
 @pytest.mark.parametrize("activation", ["silu", None])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)],
                          ids=["fp32", "bf16"])
-def test_fla_short_conv_matches_torch_conv1d(dtype, tol, activation, kernel):
+def test_fla_short_conv_matches_torch_conv1d(dtype, tol, activation, kernel, strided):
     torch.manual_seed(0)
     channels, size = 384, 4
     fused = ShortConvolution(channels, size, 0, 1, dtype, activation=activation, bias=True,
@@ -38,14 +39,16 @@ def test_fla_short_conv_matches_torch_conv1d(dtype, tol, activation, kernel):
     with torch.no_grad():
         ref.weight.copy_(fused.weight.float())
         ref.bias.copy_(fused.bias.float())
-    x = torch.randn(2, 301, channels, device="cuda")  # T not a multiple of any block
-    dy = torch.randn_like(x)
-    out = _run(fused, x.to(dtype), dy.to(dtype))
-    out_ref = _run(ref, x, dy)
+    # T not a multiple of any block; "slice": q's part of a fused in-projection's output
+    wide = torch.randn(2, 301, 2 * channels if strided else channels, device="cuda")
+    dy = torch.randn(2, 301, channels, device="cuda")
+    out = _run(fused, wide.to(dtype)[..., :channels], dy.to(dtype))
+    out_ref = _run(ref, wide[..., :channels], dy)
     assert out[0].dtype == dtype
+    case = f"{activation}/{str(dtype)[6:]}/{'slice' if strided else 'contiguous'}"
     for name, a, b in zip(["y", "dx", "dweight", "dbias"], out, out_ref):
         err = rel_err(a.float(), b)
-        _record(f"short_conv/{kernel}", f"{activation}/{str(dtype)[6:]}", size, name, err)
+        _record(f"short_conv/{kernel}", case, size, name, err)
         assert err <= tol, (name, err)
 
 
