@@ -1,6 +1,7 @@
 """The CUDA paths of the short convolution (fla's Triton causal_conv1d, SiLU fused, and our
-candidate kernel linear_moe.ops.causal_conv) and of the rotary embedding (fla's Triton rotary_embedding) equal their torch paths: in fp32 to rounding,
-in bf16 within the GPU suite's bound, fwd and bwd."""
+candidate kernel linear_moe.ops.causal_conv) and of the rotary embedding (fla's Triton
+rotary_embedding) equal their torch paths: in fp32 to rounding, in bf16 within the GPU suite's
+bound, fwd and bwd."""
 
 from __future__ import annotations
 
