@@ -59,33 +59,30 @@ class GatedRMSNorm(torch.nn.Module):
         if use_norm and elementwise_affine:
             self.weight = torch.nn.Parameter(torch.ones(head_dim, dtype=params_dtype))
 
+    def _tp_weight(self, dtype):
+        """The shared weight in `dtype`, its gradient all-reduced over TP (None without one)."""
+        if self.weight is None:
+            return None
+        return copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group).to(dtype)
+
     def forward(self, o, gate=None):
         """o: [..., H, D]; gate: same shape or None."""
         if (self.fused_activation and o.is_cuda and self.weight is not None
                 and gate is not None):
             from fla.modules.fused_norm_gate import rms_norm_gated
 
-            weight = copy_to_tensor_model_parallel_region(self.weight, group=self.tp_group)
             d = o.shape[-1]
-            y = rms_norm_gated(o.reshape(-1, d), gate.reshape(-1, d), weight.to(o.dtype), None,
-                               activation=self.fused_activation, eps=self.eps)
+            y = rms_norm_gated(o.reshape(-1, d), gate.reshape(-1, d), self._tp_weight(o.dtype),
+                               None, activation=self.fused_activation, eps=self.eps)
             return y.view_as(o)
         if self.fused and o.is_cuda and gate is None and self.use_norm:
             # No gate: torch's CUDA rms_norm in the input's dtype (fp32 inside), as RMSNorm.
             # The fp32 path's casts cost two more passes each way (deltanet's layer, whose
             # output norm has no gate: 2.3 ms of its 6.2 ms overhead, H200 session 8).
-            weight = self.weight
-            if weight is not None:
-                weight = copy_to_tensor_model_parallel_region(weight, group=self.tp_group)
-                weight = weight.to(o.dtype)
-            return F.rms_norm(o, (o.shape[-1],), weight, self.eps)
+            return F.rms_norm(o, (o.shape[-1],), self._tp_weight(o.dtype), self.eps)
         y = o.float()
         if self.use_norm:
-            weight = None
-            if self.weight is not None:
-                weight = copy_to_tensor_model_parallel_region(self.weight,
-                                                              group=self.tp_group).float()
-            y = F.rms_norm(y, (y.shape[-1],), weight, self.eps)
+            y = F.rms_norm(y, (y.shape[-1],), self._tp_weight(torch.float32), self.eps)
         if gate is not None:
             y = y * self.gate_fn(gate.float())
         return y.to(o.dtype)

@@ -43,17 +43,17 @@ class ShortConvolution(torch.nn.Module):
     def forward(self, x):
         """x: [b, s, c_local] -> [b, s, c_local]; position t sees t-kernel_size+1 .. t."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.fused and x.is_cuda and self.kernel == "ours":
-            from linear_moe.ops.causal_conv import causal_conv
-
-            return causal_conv(x, self.weight.squeeze(1).to(x.dtype), bias, self.activation)
         if self.fused and x.is_cuda:
+            # out[t] = sum_j w[j] x[t - (k-1) + j]: the same taps as the conv1d below
+            weight = self.weight.squeeze(1).to(x.dtype)
+            if self.kernel == "ours":
+                from linear_moe.ops.causal_conv import causal_conv
+
+                return causal_conv(x, weight, bias, self.activation)
             from fla.modules.causal_conv1d import causal_conv1d
 
-            # out[t] = sum_j w[j] x[t - (k-1) + j]: the same taps as the conv1d below
-            y, _ = causal_conv1d(x, self.weight.squeeze(1).to(x.dtype), bias,
-                                 activation=self.activation, backend="triton")
-            return y
+            return causal_conv1d(x, weight, bias, activation=self.activation,
+                                 backend="triton")[0]
         s = x.shape[1]
         y = F.conv1d(x.transpose(1, 2), self.weight.to(x.dtype), bias,
                      padding=self.kernel_size - 1, groups=x.shape[-1])[..., :s]
