@@ -22,7 +22,7 @@ from common import (  # noqa: E402
 )
 
 
-def build_mixer(name, hidden, heads, dtype):
+def build_mixer(name, hidden, heads, dtype, conv_kernel="fla"):
     from megatron.core.transformer.enums import AttnMaskType
 
     from linear_moe.config import LinearMoEConfig, resolve_mixer_defaults
@@ -32,7 +32,8 @@ def build_mixer(name, hidden, heads, dtype):
                              params_dtype=dtype, bf16=dtype == torch.bfloat16,
                              normalization="RMSNorm", add_bias_linear=False,
                              gradient_accumulation_fusion=False, la_module=name,
-                             la_num_heads=heads, use_cpu_initialization=True)
+                             la_num_heads=heads, la_conv_kernel=conv_kernel,
+                             use_cpu_initialization=True)
     resolve_mixer_defaults(config)
     mixer = get_mixer(name).builder(config, layer_number=1, attn_mask_type=AttnMaskType.causal)
     return mixer.to(device())
@@ -63,10 +64,11 @@ def record_op_calls(mixer, x):
     return calls
 
 
-def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_to=None):
+def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_to=None,
+                conv_kernel="fla"):
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
-    mixer = build_mixer(name, hidden, heads, dtype)
+    mixer = build_mixer(name, hidden, heads, dtype, conv_kernel)
     x = torch.randn(seq, batch, hidden, device=device(), dtype=dtype, requires_grad=True)
 
     def layer_step():
@@ -116,6 +118,8 @@ def main(argv=None):
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--profile", metavar="PREFIX",
                         help="also write <PREFIX>_<mixer>_<T>_{layer,bare}.txt profiler tables")
+    parser.add_argument("--conv-kernel", choices=["fla", "ours"], default="fla",
+                        help="CUDA kernel of the mixers' short convolutions (--la-conv-kernel)")
     add_run_args(parser, tokens=65536, warmup=3, iters=10)
     args = parser.parse_args(argv)
     if args.toy:
@@ -131,7 +135,7 @@ def main(argv=None):
             batch = max(1, args.tokens // seq)
             try:
                 row = bench_mixer(name, args.hidden, args.heads, seq, batch, dtype,
-                                  args.warmup, args.iters, args.profile)
+                                  args.warmup, args.iters, args.profile, args.conv_kernel)
             except ValueError as refused:  # e.g. mamba2's chunk path on Hopper: note it, go on
                 row = {"mixer": name, "T": seq, "B": batch, "note": f"refused: {refused}"}
             rows.append(emit(row))

@@ -187,7 +187,8 @@ class LinearMixer(MegatronModule):
         return ShortConvolution(channels, self.config.la_conv_size, self.tp_rank, self.tp_size,
                                 self.config.params_dtype,
                                 bias=getattr(self.config, "la_conv_bias", False),
-                                fused=self.config.la_backend != "reference")
+                                fused=self.config.la_backend != "reference",
+                                kernel=getattr(self.config, "la_conv_kernel", "fla"))
 
     def build_qkv(self):
         """q/k/v projections split by heads (num_q/k/v_heads each), plus SiLU short
