@@ -1,7 +1,8 @@
 """Our Triton short-conv kernels (linear_moe.ops.causal_conv, the candidate for ShortConvolution's
 CUDA path) equal the module's torch path, forward and every gradient, run on the CPU through
 Triton's interpreter: strided (fused in-projection slice) and contiguous inputs, with and
-without bias and SiLU, a length and a width that are not multiples of the tiles."""
+without bias and SiLU, a length and channels that are not multiples of the tiles, and a
+width below the backward's 4."""
 
 import os
 import subprocess
@@ -16,9 +17,11 @@ from linear_moe.layers import ShortConvolution
 from linear_moe.ops.causal_conv import causal_conv
 
 worst = 0.0
-for strided, bias, silu in itertools.product((False, True), repeat=3):
+cases = [(*flags, 4) for flags in itertools.product((False, True), repeat=3)]
+cases.append((True, True, True, 3))  # narrower than the kernel's width 4: zero-padded taps
+for strided, bias, silu, width in cases:
     torch.manual_seed(0)
-    batch, seq, channels, width = 2, 70, 40, 4  # 2 time tiles of 64, channels not a tile multiple
+    batch, seq, channels = 2, 70, 40  # 2 time tiles of 64, channels not a tile multiple
     conv = ShortConvolution(channels, width, 0, 1, torch.float32, bias=bias, fused=False,
                             activation="silu" if silu else None)
     wide = torch.randn(batch, seq, 2 * channels if strided else channels)
@@ -58,3 +61,7 @@ def test_unknown_kernel_and_activation_are_refused():
 
     with pytest.raises(ValueError, match="use 'silu' or None"):
         causal_conv(torch.zeros(1, 4, 8), torch.zeros(8, 4), activation="gelu")
+    with pytest.raises(ValueError, match="widths up to 4.*use kernel 'fla'"):
+        ShortConvolution(8, 5, 0, 1, None, kernel="ours")
+    with pytest.raises(ValueError, match="use ShortConvolution\\(kernel='fla'\\)"):
+        causal_conv(torch.zeros(1, 4, 8), torch.zeros(8, 5))

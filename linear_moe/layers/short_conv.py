@@ -21,6 +21,9 @@ class ShortConvolution(torch.nn.Module):
         super().__init__()
         if kernel not in ("fla", "ours"):
             raise ValueError(f"unknown short-conv kernel '{kernel}'; choose fla or ours")
+        if kernel == "ours" and kernel_size > 4:
+            raise ValueError(f"short-conv kernel 'ours' takes widths up to 4, not {kernel_size}; "
+                             "use kernel 'fla' (--la-conv-kernel fla)")
         self.fused = fused
         # "ours": linear_moe.ops.causal_conv, a candidate measured against fla's in
         # benchmarks/conv_bench.py; the mixers keep fla's until it wins there.

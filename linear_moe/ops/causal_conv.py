@@ -29,6 +29,9 @@ import triton.language as tl
 
 # The backward's time tile is fixed: the partial weight-gradient buffer is sized by it.
 _BWD_BT = 64
+# The backward is written out for width 4 (fla's and the mixers' default), narrower weights
+# zero-padded; wider convolutions are refused (fla's kernel takes them).
+_BWD_WIDTH = 4
 # Triton's CPU interpreter (the CI tests) cannot time configs: one config each there.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -80,43 +83,84 @@ def _fwd_kernel(x, w, b, y, T, D, stride_xb, stride_xt, W: tl.constexpr,
     tl.store(p_y, out.to(y.dtype.element_ty), mask=(o_t < T)[:, None] & m_d[None, :])
 
 
+@triton.jit
+def _rows(p, k: tl.constexpr, stride_t, o_t, m_d, T):
+    """The tile at p shifted by k rows, as fp32, zero outside [0, T)."""
+    r = o_t + k
+    return tl.load(p + k * stride_t, mask=((r >= 0) & (r < T))[:, None] & m_d[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _grad_pre(p_dy, s: tl.constexpr, stride_dyt, o_t, m_d, T, pre, SILU: tl.constexpr):
+    """g at rows o_t + s: dy times the activation's derivative at the pre-activation."""
+    g = _rows(p_dy, s, stride_dyt, o_t, m_d, T)
+    if SILU:
+        sig = tl.sigmoid(pre)
+        g = g * sig * (1 + pre * (1 - sig))
+    return g
+
+
 @triton.autotune(
-    configs=_configs([({"BD": bd}, nw) for bd, nw in [(32, 4), (64, 4), (128, 4), (128, 8)]]),
-    key=["D", "W"],
+    configs=_configs([({"BD": bd}, nw)
+                      for bd, nw in [(32, 4), (16, 2), (32, 2), (64, 4), (64, 8), (128, 8)]]),
+    key=["D"],
 )
 @triton.jit
 def _bwd_kernel(x, w, b, dy, dx, dw_part, db_part, T, D, NT, stride_xb, stride_xt,
-                stride_dyb, stride_dyt, W: tl.constexpr, HAS_BIAS: tl.constexpr,
-                SILU: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+                stride_dyb, stride_dyt, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                BT: tl.constexpr, BD: tl.constexpr):
+    """Width 4 (narrower weights come zero-padded in front). Every x row the tile needs,
+    o_t - 3 .. o_t + 3, is loaded once into registers (X_k below) and reused by the four
+    recomputed pre-activations and the weight gradient: 7 x loads and 4 dy loads per tile."""
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_t = i_t * BT + tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
-    x_base = x + i_b.to(tl.int64) * stride_xb
-    dy_base = dy + i_b.to(tl.int64) * stride_dyb
-    grad_x = tl.zeros((BT, BD), dtype=tl.float32)
-    g_own = tl.zeros((BT, BD), dtype=tl.float32)  # g at this tile's own rows (for dw, db)
-    for s in tl.static_range(W):
-        u = o_t + s  # g[t + s] feeds dx[t] through tap W-1-s
-        m_u = (u < T)[:, None] & m_d[None, :]
-        g = tl.load(dy_base + u.to(tl.int64)[:, None] * stride_dyt + o_d[None, :], mask=m_u,
-                    other=0.0).to(tl.float32)
-        if SILU:  # the pre-activation at u, recomputed from x (taps from L1/L2, not HBM)
-            pre = _pre_activation(x_base, stride_xt, w, b, u, o_d, m_d, T, W, HAS_BIAS, BT, BD)
-            sig = tl.sigmoid(pre)
-            g = g * sig * (1 + pre * (1 - sig))
-        w_tap = tl.load(w + o_d * W + (W - 1 - s), mask=m_d, other=0.0).to(tl.float32)
-        grad_x += g * w_tap[None, :]
-        if s == 0:
-            g_own = g
-    p_dx = dx + (i_b.to(tl.int64) * T + o_t.to(tl.int64))[:, None] * D + o_d[None, :]
+    rows = o_t.to(tl.int64)[:, None]
+    p_x = x + i_b.to(tl.int64) * stride_xb + rows * stride_xt + o_d[None, :]
+    p_dy = dy + i_b.to(tl.int64) * stride_dyb + rows * stride_dyt + o_d[None, :]
+    w0 = tl.load(w + o_d * 4 + 0, mask=m_d, other=0.0).to(tl.float32)[None, :]
+    w1 = tl.load(w + o_d * 4 + 1, mask=m_d, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(w + o_d * 4 + 2, mask=m_d, other=0.0).to(tl.float32)[None, :]
+    w3 = tl.load(w + o_d * 4 + 3, mask=m_d, other=0.0).to(tl.float32)[None, :]
+    xm3 = _rows(p_x, -3, stride_xt, o_t, m_d, T)
+    xm2 = _rows(p_x, -2, stride_xt, o_t, m_d, T)
+    xm1 = _rows(p_x, -1, stride_xt, o_t, m_d, T)
+    x0 = _rows(p_x, 0, stride_xt, o_t, m_d, T)
+    pre0 = w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0  # pre-activation at row t + s: pre<s>
+    pre1 = pre0  # placeholders without SILU, where g = dy
+    pre2 = pre0
+    pre3 = pre0
+    if SILU:
+        xp1 = _rows(p_x, 1, stride_xt, o_t, m_d, T)
+        xp2 = _rows(p_x, 2, stride_xt, o_t, m_d, T)
+        xp3 = _rows(p_x, 3, stride_xt, o_t, m_d, T)
+        pre1 = w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1
+        pre2 = w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2
+        pre3 = w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3
+        if HAS_BIAS:
+            bias = tl.load(b + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+            pre0 += bias
+            pre1 += bias
+            pre2 += bias
+            pre3 += bias
+    g0 = _grad_pre(p_dy, 0, stride_dyt, o_t, m_d, T, pre0, SILU)
+    g1 = _grad_pre(p_dy, 1, stride_dyt, o_t, m_d, T, pre1, SILU)
+    g2 = _grad_pre(p_dy, 2, stride_dyt, o_t, m_d, T, pre2, SILU)
+    g3 = _grad_pre(p_dy, 3, stride_dyt, o_t, m_d, T, pre3, SILU)
+    # dx[t] = sum_s w[3 - s] g[t + s]
+    grad_x = w3 * g0 + w2 * g1 + w1 * g2 + w0 * g3
+    p_dx = dx + (i_b.to(tl.int64) * T + rows) * D + o_d[None, :]
     tl.store(p_dx, grad_x.to(dx.dtype.element_ty), mask=(o_t < T)[:, None] & m_d[None, :])
-    tile = i_b * NT + i_t
-    for j in tl.static_range(W):  # rows past T hold g = 0, so they add nothing
-        part = tl.sum(g_own * _tap(x_base, stride_xt, o_t - (W - 1) + j, o_d, m_d, T), 0)
-        tl.store(dw_part + (tile.to(tl.int64) * D + o_d) * W + j, part, mask=m_d)
+    # dw[j] = sum_t g[t] x[t - 3 + j] over this tile's rows (rows past T hold g = 0)
+    p_dw = dw_part + ((i_b * NT + i_t).to(tl.int64) * D + o_d) * 4
+    tl.store(p_dw + 0, tl.sum(g0 * xm3, 0), mask=m_d)
+    tl.store(p_dw + 1, tl.sum(g0 * xm2, 0), mask=m_d)
+    tl.store(p_dw + 2, tl.sum(g0 * xm1, 0), mask=m_d)
+    tl.store(p_dw + 3, tl.sum(g0 * x0, 0), mask=m_d)
     if HAS_BIAS:
-        tl.store(db_part + tile.to(tl.int64) * D + o_d, tl.sum(g_own, 0), mask=m_d)
+        tl.store(db_part + (i_b * NT + i_t).to(tl.int64) * D + o_d, tl.sum(g0, 0), mask=m_d)
 
 
 def _channels_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -147,9 +191,11 @@ class _CausalConv(torch.autograd.Function):
         grad_y = _channels_contiguous(grad_y)
         batch, seq, channels = x.shape
         width = weight.shape[-1]
+        # zero taps in front: the same conv at width 4, the kernel's
+        weight4 = torch.nn.functional.pad(weight, (_BWD_WIDTH - width, 0)).contiguous()
         tiles = triton.cdiv(seq, _BWD_BT)
         grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        dw_part = torch.empty(batch * tiles, channels, width, dtype=torch.float32,
+        dw_part = torch.empty(batch * tiles, channels, _BWD_WIDTH, dtype=torch.float32,
                               device=x.device)
         db_part = (torch.empty(batch * tiles, channels, dtype=torch.float32, device=x.device)
                    if bias is not None else None)
@@ -157,10 +203,10 @@ class _CausalConv(torch.autograd.Function):
         def grid(meta):
             return (tiles, triton.cdiv(channels, meta["BD"]), batch)
 
-        _bwd_kernel[grid](x, weight, bias, grad_y, grad_x, dw_part, db_part, seq, channels, tiles,
-                          x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1), W=width,
+        _bwd_kernel[grid](x, weight4, bias, grad_y, grad_x, dw_part, db_part, seq, channels,
+                          tiles, x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1),
                           HAS_BIAS=bias is not None, SILU=ctx.silu, BT=_BWD_BT)
-        grad_w = dw_part.sum(0).to(weight.dtype)
+        grad_w = dw_part.sum(0)[:, _BWD_WIDTH - width:].to(weight.dtype)
         grad_b = db_part.sum(0).to(bias.dtype) if bias is not None else None
         return grad_x, grad_w, grad_b, None
 
@@ -168,6 +214,9 @@ class _CausalConv(torch.autograd.Function):
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 activation: str | None = "silu") -> torch.Tensor:
     """x [b, s, c] (channels contiguous), weight [c, W], bias [c] or None -> [b, s, c]."""
+    if weight.shape[-1] > _BWD_WIDTH:
+        raise ValueError(f"causal_conv: width {weight.shape[-1]} > {_BWD_WIDTH} not supported by "
+                         "our kernel; use ShortConvolution(kernel='fla') (--la-conv-kernel fla)")
     if activation not in ("silu", None):
         raise ValueError(f"causal_conv: activation '{activation}' not supported; use 'silu' or "
                          "None")
