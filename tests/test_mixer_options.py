@@ -399,6 +399,8 @@ def test_mamba2_dt_limit_and_norm_before_gate(results):
     (["--la-module", "gla", "--la-ssm-dt-limit", "0", "1"], "does not use --la-ssm-dt-limit"),
     (["--la-module", "kda", "--la-gsa-num-slots", "8"], "does not use --la-gsa-num-slots"),
     (["--la-module", "gla", "--la-conv-bias"], "--la-conv-bias needs a short convolution"),
+    (["--la-module", "gla", "--la-conv-kernel", "ours"],
+     "--la-conv-kernel ours needs a short convolution"),
     (["--la-module", "based", "--no-la-norm-elementwise-affine"],
      "needs an output norm.*--la-output-norm identity"),
 ])
