@@ -6,9 +6,10 @@ Why a kernel of ours: the fifth H200 session's layer profiles put most of the ga
 deltanet and kda layer overheads in fla's conv, whose backward first reruns the forward as a
 separate kernel (writing the whole pre-activation to memory) and then reads x, that
 pre-activation and dy: ~1.2 GB of traffic per 200 MB tensor, measured at ~1/3 of the HBM
-bandwidth. Here the backward recomputes the pre-activation from x tile by tile in registers
-(the taps are re-read from L1/L2, not from HBM): it reads x and dy once and writes dx, half
-the traffic. The forward is the same shifted multiply-add as fla's.
+bandwidth. Here the backward recomputes the pre-activation in registers from the 7 x rows a
+width-4 tile needs, each loaded once: it reads x and dy once and writes dx, half the traffic
+(a first version re-read every tap per shift and was load-bound, no faster than fla's in the
+layer). The forward is the same shifted multiply-add as fla's.
 
     y[t, c] = act(bias[c] + sum_j w[c, j] x[t - (W-1) + j, c])        (x before t = 0 is zero)
     g[t]    = dy[t] * act'(pre[t])
