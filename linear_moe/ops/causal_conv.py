@@ -28,10 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-# The backward's rows per program (the partial weight-gradient buffer is sized by it) and the
-# sub-tile it walks them in.
-_BWD_ROWS = 128
-_BWD_BT = 32
+# The backward's time tile is fixed: the partial weight-gradient buffer is sized by it.
+_BWD_BT = 64
 # The backward is written out for width 4 (fla's and the mixers' default), narrower weights
 # zero-padded; wider convolutions are refused (fla's kernel takes them).
 _BWD_WIDTH = 4
@@ -106,75 +104,64 @@ def _grad_pre(p_dy, s: tl.constexpr, stride_dyt, o_t, m_d, T, pre, SILU: tl.cons
 
 @triton.autotune(
     configs=_configs([({"BD": bd}, nw)
-                      for bd, nw in [(32, 8), (16, 4), (64, 16), (64, 8)]]),
+                      for bd, nw in [(32, 4), (16, 2), (32, 2), (64, 4), (64, 8), (128, 8)]]),
     key=["D"],
 )
 @triton.jit
-def _bwd_kernel(x, w, b, dy, dx, dw_part, db_part, T, D, NT, NSUB, stride_xb, stride_xt,
+def _bwd_kernel(x, w, b, dy, dx, dw_part, db_part, T, D, NT, stride_xb, stride_xt,
                 stride_dyb, stride_dyt, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                 BT: tl.constexpr, BD: tl.constexpr):
-    """Width 4 (narrower weights come zero-padded in front). A program takes NSUB sub-tiles of
-    BT rows, summing the weight gradient over them in registers. Every x row a sub-tile
-    needs, t - 3 .. t + 3, is loaded once and reused by the four recomputed pre-activations and
-    the weight gradient: 7 x loads and 4 dy loads per sub-tile. The sub-tile is small (4 values a
-    thread at the default configs) because those 11 tiles are live together: at 16 values a
-    thread the first version of this kernel used 245-255 registers, two blocks an SM."""
+    """Width 4 (narrower weights come zero-padded in front). Every x row the tile needs,
+    o_t - 3 .. o_t + 3, is loaded once into registers (X_k below) and reused by the four
+    recomputed pre-activations and the weight gradient: 7 x loads and 4 dy loads per tile."""
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_t = i_t * BT + tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
+    rows = o_t.to(tl.int64)[:, None]
+    p_x = x + i_b.to(tl.int64) * stride_xb + rows * stride_xt + o_d[None, :]
+    p_dy = dy + i_b.to(tl.int64) * stride_dyb + rows * stride_dyt + o_d[None, :]
     w0 = tl.load(w + o_d * 4 + 0, mask=m_d, other=0.0).to(tl.float32)[None, :]
     w1 = tl.load(w + o_d * 4 + 1, mask=m_d, other=0.0).to(tl.float32)[None, :]
     w2 = tl.load(w + o_d * 4 + 2, mask=m_d, other=0.0).to(tl.float32)[None, :]
     w3 = tl.load(w + o_d * 4 + 3, mask=m_d, other=0.0).to(tl.float32)[None, :]
-    bias = tl.zeros((1, BD), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
-    dw0 = tl.zeros((BD,), dtype=tl.float32)
-    dw1 = tl.zeros((BD,), dtype=tl.float32)
-    dw2 = tl.zeros((BD,), dtype=tl.float32)
-    dw3 = tl.zeros((BD,), dtype=tl.float32)
-    db = tl.zeros((BD,), dtype=tl.float32)
-    # NSUB a run-time value: a constant trip count gets unrolled and its loads hoisted, which
-    # brings the register pressure back (ptxas: 176 registers against 80)
-    for k in range(0, NSUB):
-        o_t = (i_t * NSUB + k) * BT + tl.arange(0, BT)
-        rows = o_t.to(tl.int64)[:, None]
-        p_x = x + i_b.to(tl.int64) * stride_xb + rows * stride_xt + o_d[None, :]
-        p_dy = dy + i_b.to(tl.int64) * stride_dyb + rows * stride_dyt + o_d[None, :]
-        xm3 = _rows(p_x, -3, stride_xt, o_t, m_d, T)
-        xm2 = _rows(p_x, -2, stride_xt, o_t, m_d, T)
-        xm1 = _rows(p_x, -1, stride_xt, o_t, m_d, T)
-        x0 = _rows(p_x, 0, stride_xt, o_t, m_d, T)
-        # g<s>: the gradient at the pre-activation of row t + s, pre<s>
-        g0 = _grad_pre(p_dy, 0, stride_dyt, o_t, m_d, T,
-                       bias + w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0, SILU)
-        # dw[j] = sum_t g[t] x[t - 3 + j] (rows past T hold g = 0)
-        dw0 += tl.sum(g0 * xm3, 0)
-        dw1 += tl.sum(g0 * xm2, 0)
-        dw2 += tl.sum(g0 * xm1, 0)
-        dw3 += tl.sum(g0 * x0, 0)
+    xm3 = _rows(p_x, -3, stride_xt, o_t, m_d, T)
+    xm2 = _rows(p_x, -2, stride_xt, o_t, m_d, T)
+    xm1 = _rows(p_x, -1, stride_xt, o_t, m_d, T)
+    x0 = _rows(p_x, 0, stride_xt, o_t, m_d, T)
+    pre0 = w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0  # pre-activation at row t + s: pre<s>
+    pre1 = pre0  # placeholders without SILU, where g = dy
+    pre2 = pre0
+    pre3 = pre0
+    if SILU:
+        xp1 = _rows(p_x, 1, stride_xt, o_t, m_d, T)
+        xp2 = _rows(p_x, 2, stride_xt, o_t, m_d, T)
+        xp3 = _rows(p_x, 3, stride_xt, o_t, m_d, T)
+        pre1 = w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1
+        pre2 = w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2
+        pre3 = w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3
         if HAS_BIAS:
-            db += tl.sum(g0, 0)
-        # dx[t] = sum_s w[3 - s] g[t + s]; without SILU g = dy and the pre-activations go unused
-        xp1 = _rows(p_x, 1, stride_xt, o_t, m_d, T) if SILU else x0
-        xp2 = _rows(p_x, 2, stride_xt, o_t, m_d, T) if SILU else x0
-        xp3 = _rows(p_x, 3, stride_xt, o_t, m_d, T) if SILU else x0
-        g1 = _grad_pre(p_dy, 1, stride_dyt, o_t, m_d, T,
-                       bias + w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1, SILU)
-        g2 = _grad_pre(p_dy, 2, stride_dyt, o_t, m_d, T,
-                       bias + w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2, SILU)
-        g3 = _grad_pre(p_dy, 3, stride_dyt, o_t, m_d, T,
-                       bias + w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3, SILU)
-        grad_x = w3 * g0 + w2 * g1 + w1 * g2 + w0 * g3
-        p_dx = dx + (i_b.to(tl.int64) * T + rows) * D + o_d[None, :]
-        tl.store(p_dx, grad_x.to(dx.dtype.element_ty), mask=(o_t < T)[:, None] & m_d[None, :])
+            bias = tl.load(b + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+            pre0 += bias
+            pre1 += bias
+            pre2 += bias
+            pre3 += bias
+    g0 = _grad_pre(p_dy, 0, stride_dyt, o_t, m_d, T, pre0, SILU)
+    g1 = _grad_pre(p_dy, 1, stride_dyt, o_t, m_d, T, pre1, SILU)
+    g2 = _grad_pre(p_dy, 2, stride_dyt, o_t, m_d, T, pre2, SILU)
+    g3 = _grad_pre(p_dy, 3, stride_dyt, o_t, m_d, T, pre3, SILU)
+    # dx[t] = sum_s w[3 - s] g[t + s]
+    grad_x = w3 * g0 + w2 * g1 + w1 * g2 + w0 * g3
+    p_dx = dx + (i_b.to(tl.int64) * T + rows) * D + o_d[None, :]
+    tl.store(p_dx, grad_x.to(dx.dtype.element_ty), mask=(o_t < T)[:, None] & m_d[None, :])
+    # dw[j] = sum_t g[t] x[t - 3 + j] over this tile's rows (rows past T hold g = 0)
     p_dw = dw_part + ((i_b * NT + i_t).to(tl.int64) * D + o_d) * 4
-    tl.store(p_dw + 0, dw0, mask=m_d)
-    tl.store(p_dw + 1, dw1, mask=m_d)
-    tl.store(p_dw + 2, dw2, mask=m_d)
-    tl.store(p_dw + 3, dw3, mask=m_d)
+    tl.store(p_dw + 0, tl.sum(g0 * xm3, 0), mask=m_d)
+    tl.store(p_dw + 1, tl.sum(g0 * xm2, 0), mask=m_d)
+    tl.store(p_dw + 2, tl.sum(g0 * xm1, 0), mask=m_d)
+    tl.store(p_dw + 3, tl.sum(g0 * x0, 0), mask=m_d)
     if HAS_BIAS:
-        tl.store(db_part + (i_b * NT + i_t).to(tl.int64) * D + o_d, db, mask=m_d)
+        tl.store(db_part + (i_b * NT + i_t).to(tl.int64) * D + o_d, tl.sum(g0, 0), mask=m_d)
 
 
 def _channels_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -207,7 +194,7 @@ class _CausalConv(torch.autograd.Function):
         width = weight.shape[-1]
         # zero taps in front: the same conv at width 4, the kernel's
         weight4 = torch.nn.functional.pad(weight, (_BWD_WIDTH - width, 0)).contiguous()
-        tiles = triton.cdiv(seq, _BWD_ROWS)
+        tiles = triton.cdiv(seq, _BWD_BT)
         grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         dw_part = torch.empty(batch * tiles, channels, _BWD_WIDTH, dtype=torch.float32,
                               device=x.device)
@@ -218,8 +205,7 @@ class _CausalConv(torch.autograd.Function):
             return (tiles, triton.cdiv(channels, meta["BD"]), batch)
 
         _bwd_kernel[grid](x, weight4, bias, grad_y, grad_x, dw_part, db_part, seq, channels,
-                          tiles, _BWD_ROWS // _BWD_BT, x.stride(0), x.stride(1), grad_y.stride(0),
-                          grad_y.stride(1),
+                          tiles, x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1),
                           HAS_BIAS=bias is not None, SILU=ctx.silu, BT=_BWD_BT)
         grad_w = dw_part.sum(0)[:, _BWD_WIDTH - width:].to(weight.dtype)
         grad_b = db_part.sum(0).to(bias.dtype) if bias is not None else None
