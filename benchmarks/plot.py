@@ -42,24 +42,30 @@ def plot(path: str, out: str | None = None) -> str:
     data = series(result["rows"])
     if not data:
         raise ValueError(f"{path} has no measured rows (tokens_per_s) to plot")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label, points in data.items():
+    legend_in = 0.2 * ((len(data) + 1) // 2) + 0.15  # two columns of legend below the panels
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5 + legend_in))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, points) in enumerate(data.items()):
+        # one colour per series on both axes: the ratio panel has fewer series than the left one
+        style = dict(marker="o", color=colors[i % len(colors)],
+                     linestyle="-" if i < len(colors) else "--")
         ts = [p[0] for p in points]
-        left.plot(ts, [p[1] for p in points], marker="o", label=label)
+        left.plot(ts, [p[1] for p in points], label=label, **style)
         ratios = [(t, p[2]) for t, p in zip(ts, points) if p[2] is not None]
         if ratios:
-            right.plot(*zip(*ratios), marker="o", label=label)
+            right.plot(*zip(*ratios), **style)
     for ax, ylabel in ((left, "tokens/s"), (right, "ratio to the baseline")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length T")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    left.legend(fontsize=7)
+    # below both panels, where it hides no point
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7)
     env = result.get("environment", {})
     fig.suptitle(f"{os.path.basename(path)} - {env.get('device', '?')}, torch "
                  f"{env.get('torch', '?')}, fla {env.get('fla', '?')}, {env.get('date', '')}",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_in / (4.5 + legend_in), 1, 1))
     out = out or os.path.splitext(path)[0] + ".png"
     fig.savefig(out, dpi=120)
     plt.close(fig)
