@@ -4,7 +4,8 @@ whose backward recomputes the pre-activation in registers) and the same depthwis
 + SiLU written as W shifted multiply-adds and compiled by ``torch.compile`` (Inductor fuses them
 into one kernel each way), fwd+bwd, bf16, on the GDN layer bench's channel counts, for a
 contiguous input and for the strided slice of a fused in-projection (``LinearMixer.project``).
-Fifth H200 session: compiled 0.84-1.05x fla, so fla stayed; ours is not measured yet.
+Measured: compiled 0.84-1.05x fla (H200); ours 1.13-1.35x fla alone (H100, 2026-12-05), but
+no gain in the layer, so fla's stays the default (benchmarks/NOTES.md, seventh session).
 
 The fourth H200 session's GDN layer profile put 4.2 of its 6.2 ms overhead in fla's conv, its
 backward at ~1 ms per 200 MB tensor (about 5x the bandwidth bound). This measures the

@@ -25,8 +25,8 @@ class ShortConvolution(torch.nn.Module):
             raise ValueError(f"short-conv kernel 'ours' takes widths up to 4, not {kernel_size}; "
                              "use kernel 'fla' (--la-conv-kernel fla)")
         self.fused = fused
-        # "ours": linear_moe.ops.causal_conv, a candidate measured against fla's in
-        # benchmarks/conv_bench.py; the mixers keep fla's until it wins there.
+        # "ours": linear_moe.ops.causal_conv. 1.13-1.35x fla's alone (benchmarks/conv_bench.py,
+        # H100) but no measurable gain in the GDN / deltanet / kda layers, so fla's is the default.
         self.kernel = kernel
         if channels % tp_size:
             raise ValueError(f"short-conv channels {channels} not divisible by TP {tp_size}")
