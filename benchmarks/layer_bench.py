@@ -71,30 +71,42 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
     mixer = build_mixer(name, hidden, heads, dtype, conv_kernel)
     x = torch.randn(seq, batch, hidden, device=device(), dtype=dtype, requires_grad=True)
 
+    # Gradients that arrive from outside are ones made once: a fill or a reduction inside a
+    # timed step would be work the layer does not do.
+    grad_out = torch.ones(seq, batch, hidden, device=device(), dtype=dtype)
+
     def layer_step():
         out, _ = mixer(x)
-        out.backward(torch.ones_like(out))
+        out.backward(grad_out)
 
-    leaf = lambda a: (a.detach().clone().requires_grad_(a.is_floating_point())
-                      if torch.is_tensor(a) else a)
-    calls = [(fn, [leaf(a) for a in args], {k: leaf(v) for k, v in kwargs.items()})
+    # The op's inputs as the layer passed them, kept once; each bare step takes new leaves over
+    # them (no copy), so their gradients are assigned as the layer's intermediates' are, not
+    # accumulated (which would add a pass over every input per step).
+    kept = lambda a: a.detach().clone() if torch.is_tensor(a) else a
+    fresh = lambda a: (a.detach().requires_grad_(a.is_floating_point())
+                       if torch.is_tensor(a) else a)
+    calls = [(fn, [kept(a) for a in args], {k: kept(v) for k, v in kwargs.items()})
              for fn, args, kwargs in record_op_calls(mixer, x)]
     in_features = sum(m.weight.shape[0] for m in mixer.modules()
                       if isinstance(m, ColumnParallelLinear))
     w_in = torch.randn(in_features, hidden, device=device(), dtype=dtype, requires_grad=True)
     w_out = torch.randn(hidden, mixer.value_dim, device=device(), dtype=dtype,
                         requires_grad=True)
+    # The output GEMM's input, a leaf so that its input gradient is computed, as in a layer
+    # (where it feeds the op's backward): a constant input would skip that GEMM.
+    o_kept = torch.zeros(seq * batch, mixer.value_dim, device=device(), dtype=dtype)
+    ones = {}
 
     def bare_step():
         proj = x @ w_in.t()  # all in-projections as one GEMM
-        total = proj.sum()
-        for fn, args, kwargs in calls:
-            total = total + fn(*args, **kwargs)[0].float().sum()
-        # The output GEMM, with its input gradient as in a layer (where it feeds the op's
-        # backward): a constant input would skip that GEMM and flatter the bare path.
-        o_in = proj.new_zeros(seq * batch, mixer.value_dim).requires_grad_()
-        out = o_in @ w_out.t()
-        (total + out.sum()).backward()
+        outs = [fn(*[fresh(a) for a in args], **{k: fresh(v) for k, v in kwargs.items()})[0]
+                for fn, args, kwargs in calls]
+        out = o_kept.detach().requires_grad_() @ w_out.t()
+        tensors = [proj, *outs, out]
+        for i, t in enumerate(tensors):
+            if i not in ones:  # the first (warm-up) step makes them
+                ones[i] = torch.ones_like(t)
+        torch.autograd.backward(tensors, [ones[i] for i in range(len(tensors))])
 
     layer_ms = time_fn(layer_step, warmup, iters)
     bare_ms = time_fn(bare_step, warmup, iters)
