@@ -95,7 +95,7 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
     # The output GEMM's input, a leaf so that its input gradient is computed, as in a layer
     # (where it feeds the op's backward): a constant input would skip that GEMM.
     o_kept = torch.zeros(seq * batch, mixer.value_dim, device=device(), dtype=dtype)
-    ones = {}
+    ones = []
 
     def bare_step():
         proj = x @ w_in.t()  # all in-projections as one GEMM
@@ -103,10 +103,9 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
                 for fn, args, kwargs in calls]
         out = o_kept.detach().requires_grad_() @ w_out.t()
         tensors = [proj, *outs, out]
-        for i, t in enumerate(tensors):
-            if i not in ones:  # the first (warm-up) step makes them
-                ones[i] = torch.ones_like(t)
-        torch.autograd.backward(tensors, [ones[i] for i in range(len(tensors))])
+        if not ones:  # the first (warm-up) step makes them
+            ones.extend(torch.ones_like(t) for t in tensors)
+        torch.autograd.backward(tensors, ones)
 
     layer_ms = time_fn(layer_step, warmup, iters)
     bare_ms = time_fn(bare_step, warmup, iters)
