@@ -13,6 +13,11 @@ alternative before anything changes in the model.
 
     python benchmarks/conv_bench.py --out $OUT/conv        # GPU
     python benchmarks/conv_bench.py --toy                  # CPU: checks the math, no timing claim
+    python benchmarks/conv_bench.py --kernels --out $OUT/conv_kernels
+        # each conv kernel's device time (profiler) and bandwidth against a plain copy's
+
+The default timing is wall time per synchronised step, which for a ~0.5 ms op includes the
+host's launch latency; ``--kernels`` reports device time per kernel instead.
 """
 
 from __future__ import annotations
@@ -73,14 +78,64 @@ def bench(impl, batch, seq, channels, strided, dtype, warmup, iters, width=4):
     return ms, out
 
 
+def kernel_times(fn, iters: int) -> dict[str, float]:
+    """Device microseconds per call of each CUDA kernel fn() launches (profiler, iters calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: e.self_device_time_total / iters for e in prof.key_averages()
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0}
+
+
+def kernel_rows(batch, seq, channels, strided, dtype, iters, width=4):
+    """Per-kernel device time of fla's and our conv fwd+bwd, with the bandwidth each conv kernel
+    reaches on its compulsory traffic (forward: read x, write y; backward: read x and dy, write
+    dx), beside a plain copy of the same tensor (the bandwidth a kernel can reach here)."""
+    from linear_moe.layers import ShortConvolution
+
+    x = _input(batch, seq, channels, strided, dtype).requires_grad_()
+    dy = torch.randn(batch, seq, channels, device=device(), dtype=dtype)
+    nbytes = x.numel() * x.element_size()
+    src = x.detach().contiguous()
+    copy_us = sum(kernel_times(lambda: src.clone(), iters).values())
+    rows = [{"impl": "copy", "channels": channels, "strided": strided, "kernel": "clone",
+             "us": copy_us, "GB_per_s": 2 * nbytes / copy_us / 1e3}]
+    for impl in ("fla", "ours"):
+        conv = ShortConvolution(channels, width, 0, 1, dtype, kernel=impl).to(device())
+        times = kernel_times(lambda: torch.autograd.grad(conv(x), (x, conv.weight), dy), iters)
+        for name, us in sorted(times.items(), key=lambda kv: -kv[1]):
+            low = name.lower()
+            moved = 2 if "fwd" in low else 3 if "bwd" in low else None
+            rows.append({"impl": impl, "channels": channels, "strided": strided,
+                         "kernel": name[:60], "us": us,
+                         "GB_per_s": moved * nbytes / us / 1e3 if moved else None})
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--channels", type=int, nargs="+", default=[1536, 3072],
                         help="GDN layer bench: q/k 1536, v 3072 (hidden 2048)")
     parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--kernels", action="store_true",
+                        help="device time and bandwidth per kernel instead (CUDA only)")
     add_run_args(parser, tokens=65536, warmup=3, iters=20)
     args = parser.parse_args(argv)
+    if args.kernels:
+        if not torch.cuda.is_available():
+            raise SystemExit("--kernels profiles CUDA kernels: run it on the GPU")
+        batch = max(1, args.tokens // args.seq)
+        rows = [emit(r) for c in args.channels for strided in (False, True)
+                for r in kernel_rows(batch, args.seq, c, strided, torch.bfloat16, args.iters)]
+        write_results(rows, args.out, "Short conv kernels: device time and bandwidth",
+                      ["impl", "channels", "strided", "kernel", "us", "GB_per_s"])
+        return rows
     if args.toy:
         args.channels, args.seq, args.tokens, args.warmup, args.iters = [8], 16, 32, 1, 1
     cuda = torch.cuda.is_available()
