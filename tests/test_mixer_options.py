@@ -258,30 +258,41 @@ def _options_worker(rank, world_size):
         ref = F.linear(o.flatten(-2), m.o_proj.weight).transpose(0, 1)
         r[f"mamba2/norm_before_gate={before}"] = (out - ref).abs().max().item()
 
-    # project(): one GEMM over several in-projections (one with a bias) equals each projection
-    # on its own, outputs and gradients (x, weights, bias) alike.
+    # project() (one GEMM over several in-projections, one with a bias) and project_each()
+    # (a GEMM each, x's gradient accumulated in the backward GEMMs) equal each projection on its
+    # own, outputs and gradients (x, weights, bias) alike; project_each also with an output
+    # that does not reach the loss.
     m = _build("simple_gla")
     xb = torch.randn(BATCH, SEQ, H)
     projections = (m.q_proj, m.v_proj, m.g_decay_proj)
-    grads = []
-    for fused in (True, False):
-        xi = xb.clone().requires_grad_()
-        m.zero_grad()
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
-                                                      lambda t: t):
-            outs = m.project(xi, *projections) if fused else [p(xi)[0] for p in projections]
-        if fused:  # what autograd keeps: x and the weights themselves, no concatenated copy
-            params = {p.weight.data_ptr() for p in projections}
-            concat = (sum(p.weight.shape[0] for p in projections), H)
-            r["project_saved_copies"] = [tuple(t.shape) for t in saved
-                                         if t.data_ptr() not in params
-                                         and tuple(t.shape) in (concat, concat[::-1])]
-        sum((o * torch.randn_like(o, generator=torch.Generator().manual_seed(i))).sum()
-            for i, o in enumerate(outs)).backward()
-        grads.append([*outs, xi.grad] + [t.grad.clone() for p in projections
-                                          for t in (p.weight, p.bias) if t is not None])
-    r["project"] = (len(grads[0]), max((a - b).abs().max().item() for a, b in zip(*grads)))
+    for used in ((0, 1, 2), (0, 2)):
+        grads = {}
+        for how in ("project", "project_each", "separate"):
+            if how == "project" and used != (0, 1, 2):
+                continue
+            xi = xb.clone().requires_grad_()
+            m.zero_grad()
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                          lambda t: t):
+                outs = (m.project(xi, *projections) if how == "project"
+                        else m.project_each(xi, *projections) if how == "project_each"
+                        else [p(xi)[0] for p in projections])
+            if how == "project":  # what autograd keeps: x and the weights, no concatenated copy
+                params = {p.weight.data_ptr() for p in projections}
+                concat = (sum(p.weight.shape[0] for p in projections), H)
+                r["project_saved_copies"] = [tuple(t.shape) for t in saved
+                                             if t.data_ptr() not in params
+                                             and tuple(t.shape) in (concat, concat[::-1])]
+            sum((outs[i] * torch.randn_like(outs[i], generator=torch.Generator().manual_seed(i)))
+                .sum() for i in used).backward()
+            grads[how] = [*outs, xi.grad] + [
+                t.grad.clone() if t.grad is not None else torch.zeros_like(t)
+                for p in projections for t in (p.weight, p.bias) if t is not None]
+        for how in grads:
+            if how != "separate":
+                r[f"{how}/{len(used)}"] = (len(grads[how]), max(
+                    (a - b).abs().max().item() for a, b in zip(grads[how], grads["separate"])))
     return r
 
 
@@ -312,10 +323,17 @@ def test_conv_bias_on_every_short_conv_and_used(results, name):
 
 
 def test_project_is_the_separate_projections_in_one_gemm(results):
-    count, diff = results["project"]
+    count, diff = results["project/3"]
     assert count == 3 + 1 + 4  # outputs, x's gradient, three weights and one bias
     assert diff < 1e-5
     assert results["project_saved_copies"] == []  # the per-step weight concat is not kept
+
+
+@pytest.mark.parametrize("used", [3, 2])
+def test_project_each_is_the_separate_projections(results, used):
+    count, diff = results[f"project_each/{used}"]
+    assert count == 3 + 1 + 4
+    assert diff < 1e-5
 
 
 def test_conv_bias_shards_by_channels_like_the_weight():

@@ -52,6 +52,7 @@ from megatron.core.transformer.utils import (
 )
 
 from linear_moe.layers import GatedRMSNorm, ShortConvolution, init_tp_sharded_
+from linear_moe.layers.layout import swap_leading_dims
 
 
 def check_head_sharing(la_module: str, head_sharing: str | None, num_heads: int,
@@ -113,6 +114,42 @@ class _ConcatenatedLinear(torch.autograd.Function):
             grad_weights = grad_w.split([w.shape[0] for w in weights])
         grad_bias = grad_2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
         return grad_x, grad_bias, *grad_weights
+
+
+class _SharedInputLinears(torch.autograd.Function):
+    """Several linears of one input, x @ w_i.T + b_i, each output written whole. Backward
+    accumulates x's gradient inside the GEMMs (addmm_ with beta 1) instead of one gradient per
+    linear summed by autograd's adds (three passes over [tokens, hidden] per extra linear)."""
+
+    @staticmethod
+    def forward(ctx, x, num, *weights_and_biases):
+        weights, biases = weights_and_biases[:num], weights_and_biases[num:]
+        ctx.save_for_backward(x, *weights)
+        ctx.has_bias = [b is not None for b in biases]
+        return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        x_2d = x.reshape(-1, x.shape[-1])
+        grad_x = None
+        grad_weights, grad_biases = [None] * len(weights), [None] * len(weights)
+        for i, (grad, weight) in enumerate(zip(grads, weights)):
+            if grad is None:  # an output that did not reach the loss
+                continue
+            grad_2d = grad.reshape(-1, grad.shape[-1])
+            if ctx.needs_input_grad[0]:
+                if grad_x is None:
+                    grad_x = grad_2d @ weight
+                else:
+                    grad_x.addmm_(grad_2d, weight)
+            if ctx.needs_input_grad[2 + i]:
+                grad_weights[i] = grad_2d.t() @ x_2d
+            if ctx.has_bias[i] and ctx.needs_input_grad[2 + len(weights) + i]:
+                grad_biases[i] = grad_2d.sum(0)
+        if grad_x is not None:
+            grad_x = grad_x.view(x.shape)
+        return grad_x, None, *grad_weights, *grad_biases
 
 
 class LinearMixer(MegatronModule):
@@ -223,6 +260,17 @@ class LinearMixer(MegatronModule):
         out = _ConcatenatedLinear.apply(x, bias, *(p.weight for p in projections))
         return out.split([p.weight.shape[0] for p in projections], -1)
 
+    def project_each(self, x, *projections):
+        """x [b, s, h] through several of this mixer's in-projections (``column`` modules), each
+        output its own tensor (for kernels that would copy a slice of one fused output), with
+        x's gradient accumulated inside the backward GEMMs (_SharedInputLinears)."""
+        if len(projections) == 1:
+            return (projections[0](x)[0],)
+        if self.tp_size > 1:  # what each ColumnParallelLinear does: all-reduce x's gradient
+            x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        return _SharedInputLinears.apply(x, len(projections), *(p.weight for p in projections),
+                                         *(p.bias for p in projections))
+
     def qkv(self, x, *extra):
         """x [b, s, h] -> q, k [b, s, H_local, Dk] and v [b, s, H_local, Dv], convolved over
         the sequence where enabled (shared heads repeated to H_local by expand_heads), followed
@@ -233,7 +281,7 @@ class LinearMixer(MegatronModule):
             q, k, v, *rest = self.project(x, *projections)
             q, k, v = self.q_conv(q), self.k_conv(k), self.v_conv(v)
         else:  # the kernels would copy slices of one output: separate GEMMs write them whole
-            q, k, v, *rest = (p(x)[0] for p in projections)
+            q, k, v, *rest = self.project_each(x, *projections)
         return (self.expand_heads(self.heads(q, self.head_k_dim)),
                 self.expand_heads(self.heads(k, self.head_k_dim)),
                 self.expand_heads(self.heads(v, self.head_v_dim)), *rest)
@@ -300,7 +348,7 @@ class LinearMixer(MegatronModule):
         """[b, s, H, D] -> [s, b, H*D] for o_proj: the mixer's one transpose out, made
         contiguous here once: o_proj's matmul would copy the strided view anyway and its weight
         gradient would copy the saved view again."""
-        return x.flatten(2).transpose(0, 1).contiguous()
+        return swap_leading_dims(x.flatten(2))
 
     # -- Megatron interface ----------------------------------------------------------------
     def mix(self, x: torch.Tensor) -> torch.Tensor:
@@ -323,7 +371,7 @@ class LinearMixer(MegatronModule):
             x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False,
                                                      group=self.tp_group)
         # The one transpose in (contiguous: every projection reads it); see the module docstring.
-        o = self.mix(x.transpose(0, 1).contiguous())
+        o = self.mix(swap_leading_dims(x))
         return self.o_proj(o)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

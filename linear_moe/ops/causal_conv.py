@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-# The backward's time tile is fixed: the partial weight-gradient buffer is sized by it.
-_BWD_BT = 64
+# The backward's rows per program are fixed: the partial weight-gradient buffer is sized by them.
+_BWD_ROWS = 128
 # The backward is written out for width 4 (fla's and the mixers' default), narrower weights
 # zero-padded; wider convolutions are refused (fla's kernel takes them).
 _BWD_WIDTH = 4
@@ -90,83 +90,85 @@ def _fwd_kernel(x, w, b, y, T, D, stride_xb, stride_xt, W: tl.constexpr,
 
 
 @triton.jit
-def _rows(p, k: tl.constexpr, stride_t, o_t, m_d, T):
-    """The tile at p shifted by k rows, as fp32, zero outside [0, T)."""
-    r = o_t + k
-    return tl.load(p + k * stride_t, mask=((r >= 0) & (r < T))[:, None] & m_d[None, :],
+def _row(p, r, stride_t, m_d, T):
+    """Row r of the [T, BD] block at p as fp32, zero outside [0, T)."""
+    rows = tl.zeros_like(m_d.to(tl.int32)) + r  # r as a block: the interpreter's masks want one
+    return tl.load(p + r.to(tl.int64) * stride_t, mask=m_d & (rows >= 0) & (rows < T),
                    other=0.0).to(tl.float32)
 
 
-@triton.jit
-def _grad_pre(p_dy, s: tl.constexpr, stride_dyt, o_t, m_d, T, pre, SILU: tl.constexpr):
-    """g at rows o_t + s: dy times the activation's derivative at the pre-activation."""
-    g = _rows(p_dy, s, stride_dyt, o_t, m_d, T)
-    if SILU:
-        sig = tl.sigmoid(pre)
-        g = g * sig * (1 + pre * (1 - sig))
-    return g
-
-
 @triton.autotune(
-    configs=_configs([({"BD": bd}, nw)
-                      for bd, nw in [(32, 4), (16, 2), (32, 2), (64, 4), (64, 8), (128, 8)]]),
+    configs=_configs([({"BD": bd, "R": r}, nw)
+                      for bd, r, nw in [(256, 4, 1), (256, 4, 2), (512, 4, 2), (512, 4, 4),
+                                        (1024, 4, 4), (512, 8, 4), (256, 8, 2)]]),
     key=["D"],
 )
 @triton.jit
 def _bwd_kernel(x, w, b, dy, dx, dw_part, db_part, T, D, NT, stride_xb, stride_xt,
                 stride_dyb, stride_dyt, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                BT: tl.constexpr, BD: tl.constexpr):
-    """Width 4 (narrower weights come zero-padded in front). Every x row the tile needs,
-    o_t - 3 .. o_t + 3, is loaded once into registers (X_k below) and reused by the four
-    recomputed pre-activations and the weight gradient: 7 x loads and 4 dy loads per tile."""
+                L: tl.constexpr, BD: tl.constexpr, R: tl.constexpr):
+    """Width 4 (narrower weights come zero-padded in front). The program owns dx rows
+    [t0, t0 + L) of BD channels and walks rows r = t0 .. t0 + L + 2 one at a time, R rows per
+    loop step (their loads issued together), keeping the last three x rows and the last three
+    g = dy * act'(pre) rows in registers: each x and dy element is loaded once and each g
+    computed once (the tiled version recomputed g at four shifts: issue-bound at ~1/4 of the
+    HBM bandwidth). Row r gives g[r] (from x[r-3..r], dy[r]), completes dx[r-3] =
+    w3 g[r-3] + w2 g[r-2] + w1 g[r-1] + w0 g[r], and adds g[r] x[r-3+j] to dw[j] for owned r."""
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_t = i_t * BT + tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
-    rows = o_t.to(tl.int64)[:, None]
-    p_x = x + i_b.to(tl.int64) * stride_xb + rows * stride_xt + o_d[None, :]
-    p_dy = dy + i_b.to(tl.int64) * stride_dyb + rows * stride_dyt + o_d[None, :]
-    w0 = tl.load(w + o_d * 4 + 0, mask=m_d, other=0.0).to(tl.float32)[None, :]
-    w1 = tl.load(w + o_d * 4 + 1, mask=m_d, other=0.0).to(tl.float32)[None, :]
-    w2 = tl.load(w + o_d * 4 + 2, mask=m_d, other=0.0).to(tl.float32)[None, :]
-    w3 = tl.load(w + o_d * 4 + 3, mask=m_d, other=0.0).to(tl.float32)[None, :]
-    xm3 = _rows(p_x, -3, stride_xt, o_t, m_d, T)
-    xm2 = _rows(p_x, -2, stride_xt, o_t, m_d, T)
-    xm1 = _rows(p_x, -1, stride_xt, o_t, m_d, T)
-    x0 = _rows(p_x, 0, stride_xt, o_t, m_d, T)
-    pre0 = w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x0  # pre-activation at row t + s: pre<s>
-    pre1 = pre0  # placeholders without SILU, where g = dy
-    pre2 = pre0
-    pre3 = pre0
-    if SILU:
-        xp1 = _rows(p_x, 1, stride_xt, o_t, m_d, T)
-        xp2 = _rows(p_x, 2, stride_xt, o_t, m_d, T)
-        xp3 = _rows(p_x, 3, stride_xt, o_t, m_d, T)
-        pre1 = w0 * xm2 + w1 * xm1 + w2 * x0 + w3 * xp1
-        pre2 = w0 * xm1 + w1 * x0 + w2 * xp1 + w3 * xp2
-        pre3 = w0 * x0 + w1 * xp1 + w2 * xp2 + w3 * xp3
-        if HAS_BIAS:
-            bias = tl.load(b + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
-            pre0 += bias
-            pre1 += bias
-            pre2 += bias
-            pre3 += bias
-    g0 = _grad_pre(p_dy, 0, stride_dyt, o_t, m_d, T, pre0, SILU)
-    g1 = _grad_pre(p_dy, 1, stride_dyt, o_t, m_d, T, pre1, SILU)
-    g2 = _grad_pre(p_dy, 2, stride_dyt, o_t, m_d, T, pre2, SILU)
-    g3 = _grad_pre(p_dy, 3, stride_dyt, o_t, m_d, T, pre3, SILU)
-    # dx[t] = sum_s w[3 - s] g[t + s]
-    grad_x = w3 * g0 + w2 * g1 + w1 * g2 + w0 * g3
-    p_dx = dx + (i_b.to(tl.int64) * T + rows) * D + o_d[None, :]
-    tl.store(p_dx, grad_x.to(dx.dtype.element_ty), mask=(o_t < T)[:, None] & m_d[None, :])
-    # dw[j] = sum_t g[t] x[t - 3 + j] over this tile's rows (rows past T hold g = 0)
-    p_dw = dw_part + ((i_b * NT + i_t).to(tl.int64) * D + o_d) * 4
-    tl.store(p_dw + 0, tl.sum(g0 * xm3, 0), mask=m_d)
-    tl.store(p_dw + 1, tl.sum(g0 * xm2, 0), mask=m_d)
-    tl.store(p_dw + 2, tl.sum(g0 * xm1, 0), mask=m_d)
-    tl.store(p_dw + 3, tl.sum(g0 * x0, 0), mask=m_d)
+    t0 = i_t * L
+    p_x = x + i_b.to(tl.int64) * stride_xb + o_d
+    p_dy = dy + i_b.to(tl.int64) * stride_dyb + o_d
+    p_dx = dx + i_b.to(tl.int64) * T * D + o_d
+    w0 = tl.load(w + o_d * 4 + 0, mask=m_d, other=0.0).to(tl.float32)
+    w1 = tl.load(w + o_d * 4 + 1, mask=m_d, other=0.0).to(tl.float32)
+    w2 = tl.load(w + o_d * 4 + 2, mask=m_d, other=0.0).to(tl.float32)
+    w3 = tl.load(w + o_d * 4 + 3, mask=m_d, other=0.0).to(tl.float32)
+    bias = tl.zeros((BD,), dtype=tl.float32)
     if HAS_BIAS:
-        tl.store(db_part + (i_b * NT + i_t).to(tl.int64) * D + o_d, tl.sum(g0, 0), mask=m_d)
+        bias = tl.load(b + o_d, mask=m_d, other=0.0).to(tl.float32)
+    xm3 = _row(p_x, t0 - 3, stride_xt, m_d, T)
+    xm2 = _row(p_x, t0 - 2, stride_xt, m_d, T)
+    xm1 = _row(p_x, t0 - 1, stride_xt, m_d, T)
+    gm3 = tl.zeros((BD,), dtype=tl.float32)
+    gm2 = tl.zeros((BD,), dtype=tl.float32)
+    gm1 = tl.zeros((BD,), dtype=tl.float32)
+    dw0 = tl.zeros((BD,), dtype=tl.float32)
+    dw1 = tl.zeros((BD,), dtype=tl.float32)
+    dw2 = tl.zeros((BD,), dtype=tl.float32)
+    dw3 = tl.zeros((BD,), dtype=tl.float32)
+    db = tl.zeros((BD,), dtype=tl.float32)
+    t1 = tl.minimum(t0 + L, T)
+    for step in range(0, L + 3, R):
+        for i in tl.static_range(R):
+            r = t0 + step + i
+            x_r = _row(p_x, r, stride_xt, m_d, T)
+            g = _row(p_dy, r, stride_dyt, m_d, T)  # zero past T, so g is too
+            pre = w0 * xm3 + w1 * xm2 + w2 * xm1 + w3 * x_r + bias
+            if SILU:
+                sig = tl.sigmoid(pre)
+                g = g * sig * (1 + pre * (1 - sig))
+            own = (r < t1).to(tl.float32)  # rows past the block belong to the next program
+            g_own = g * own
+            dw0 += g_own * xm3
+            dw1 += g_own * xm2
+            dw2 += g_own * xm1
+            dw3 += g_own * x_r
+            db += g_own
+            grad_x = w3 * gm3 + w2 * gm2 + w1 * gm1 + w0 * g
+            rows = tl.zeros_like(o_d) + (r - 3)
+            tl.store(p_dx + (r - 3).to(tl.int64) * D, grad_x.to(dx.dtype.element_ty),
+                     mask=m_d & (rows >= t0) & (rows < t1))
+            xm3, xm2, xm1 = xm2, xm1, x_r
+            gm3, gm2, gm1 = gm2, gm1, g
+    p_dw = dw_part + (i_b * NT + i_t).to(tl.int64) * 4 * D + o_d
+    tl.store(p_dw, dw0, mask=m_d)
+    tl.store(p_dw + D, dw1, mask=m_d)
+    tl.store(p_dw + 2 * D, dw2, mask=m_d)
+    tl.store(p_dw + 3 * D, dw3, mask=m_d)
+    if HAS_BIAS:
+        tl.store(db_part + (i_b * NT + i_t).to(tl.int64) * D + o_d, db, mask=m_d)
 
 
 def _channels_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -199,9 +201,9 @@ class _CausalConv(torch.autograd.Function):
         width = weight.shape[-1]
         # zero taps in front: the same conv at width 4, the kernel's
         weight4 = torch.nn.functional.pad(weight, (_BWD_WIDTH - width, 0)).contiguous()
-        tiles = triton.cdiv(seq, _BWD_BT)
+        tiles = triton.cdiv(seq, _BWD_ROWS)
         grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        dw_part = torch.empty(batch * tiles, channels, _BWD_WIDTH, dtype=torch.float32,
+        dw_part = torch.empty(batch * tiles, _BWD_WIDTH, channels, dtype=torch.float32,
                               device=x.device)
         db_part = (torch.empty(batch * tiles, channels, dtype=torch.float32, device=x.device)
                    if bias is not None else None)
@@ -211,8 +213,8 @@ class _CausalConv(torch.autograd.Function):
 
         _bwd_kernel[grid](x, weight4, bias, grad_y, grad_x, dw_part, db_part, seq, channels,
                           tiles, x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1),
-                          HAS_BIAS=bias is not None, SILU=ctx.silu, BT=_BWD_BT)
-        grad_w = dw_part.sum(0)[:, _BWD_WIDTH - width:].to(weight.dtype)
+                          HAS_BIAS=bias is not None, SILU=ctx.silu, L=_BWD_ROWS)
+        grad_w = dw_part.sum(0).t()[:, _BWD_WIDTH - width:].to(weight.dtype)
         grad_b = db_part.sum(0).to(bias.dtype) if bias is not None else None
         return grad_x, grad_w, grad_b, None
 

@@ -70,3 +70,15 @@ def test_fla_rotary_matches_torch(dtype, tol):
         err = rel_err(a.float(), b)
         _record("rotary", str(dtype)[6:], 128, name, err)
         assert err <= tol, (name, err)
+
+
+def test_swap_leading_dims_on_cuda():
+    """The mixers' [s, b, h] <-> [b, s, h] copy on CUDA (rows moved as 16-byte elements)."""
+    from linear_moe.layers.layout import swap_leading_dims
+
+    x = torch.randn(257, 3, 1536, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = swap_leading_dims(x)
+    assert y.is_contiguous() and torch.equal(y, x.transpose(0, 1).contiguous())
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    assert torch.equal(x.grad, grad.transpose(0, 1))
