@@ -22,7 +22,7 @@ from common import (  # noqa: E402
 )
 
 
-def build_mixer(name, hidden, heads, dtype, conv_kernel="fla"):
+def build_mixer(name, hidden, heads, dtype, conv_kernel="auto"):
     from megatron.core.transformer.enums import AttnMaskType
 
     from linear_moe.config import LinearMoEConfig, resolve_mixer_defaults
@@ -65,7 +65,7 @@ def record_op_calls(mixer, x):
 
 
 def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_to=None,
-                conv_kernel="fla"):
+                conv_kernel="auto"):
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
     mixer = build_mixer(name, hidden, heads, dtype, conv_kernel)
@@ -129,7 +129,7 @@ def main(argv=None):
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--profile", metavar="PREFIX",
                         help="also write <PREFIX>_<mixer>_<T>_{layer,bare}.txt profiler tables")
-    parser.add_argument("--conv-kernel", choices=["fla", "ours"], default="fla",
+    parser.add_argument("--conv-kernel", choices=["auto", "fla", "ours"], default="auto",
                         help="CUDA kernel of the mixers' short convolutions (--la-conv-kernel)")
     add_run_args(parser, tokens=65536, warmup=3, iters=10)
     args = parser.parse_args(argv)

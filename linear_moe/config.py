@@ -33,7 +33,7 @@ class LinearMixerFields:
     la_use_short_conv: Optional[bool] = None
     la_conv_size: int = 4
     la_conv_bias: bool = False  # bias of the short convolutions (fla's conv_bias / use_conv_bias)
-    la_conv_kernel: str = "fla"  # CUDA kernel of the short convolutions: fla | ours
+    la_conv_kernel: str = "auto"  # CUDA kernel of the short convolutions: auto | fla | ours
     la_output_norm: Optional[str] = None  # rmsnorm | identity (rwkv6/rwkv7: groupnorm | identity)
     la_use_output_gate: Optional[bool] = None  # gate the normed output with a projection
     la_gate_fn: Optional[str] = None  # activation of the output gate (swish|sigmoid|identity)

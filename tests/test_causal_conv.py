@@ -55,7 +55,7 @@ def test_our_conv_kernels_equal_the_torch_path_in_triton_interpreter():
 def test_unknown_kernel_and_activation_are_refused():
     from linear_moe.layers import ShortConvolution
 
-    with pytest.raises(ValueError, match="choose fla or ours"):
+    with pytest.raises(ValueError, match="choose auto, fla or ours"):
         ShortConvolution(8, 4, 0, 1, None, kernel="cuda")
     from linear_moe.ops.causal_conv import causal_conv
     import torch

@@ -1,8 +1,9 @@
 """Depthwise causal short convolution over the sequence, channels sharded over TP by heads
 (the weight and the optional bias alike).
 
-On CUDA (unless the mixer runs the reference backend) it is fla's Triton causal_conv1d, which
-reads and writes [b, s, c] and fuses the SiLU: torch's depthwise conv1d wants [b, c, s], so it
+On CUDA (unless the mixer runs the reference backend) it is a Triton kernel that reads and
+writes [b, s, c] and fuses the SiLU: ours (linear_moe.ops.causal_conv) for widths up to 4, else
+fla's causal_conv1d (--la-conv-kernel picks one). torch's depthwise conv1d wants [b, c, s], so it
 costs two transposes, a slice and an unfused activation per conv (with three of them the GDN
 layer measured 1.9x its bare op + projections on the H200)."""
 
@@ -17,16 +18,18 @@ from linear_moe.layers.tp_init import init_tp_sharded_
 class ShortConvolution(torch.nn.Module):
     def __init__(self, channels: int, kernel_size: int, tp_rank: int, tp_size: int,
                  params_dtype, activation: str | None = "silu", bias: bool = False,
-                 fused: bool = True, kernel: str = "fla"):
+                 fused: bool = True, kernel: str = "auto"):
         super().__init__()
-        if kernel not in ("fla", "ours"):
-            raise ValueError(f"unknown short-conv kernel '{kernel}'; choose fla or ours")
+        if kernel not in ("auto", "fla", "ours"):
+            raise ValueError(f"unknown short-conv kernel '{kernel}'; choose auto, fla or ours")
+        if kernel == "auto":  # ours where it applies (widths up to 4), fla's otherwise
+            kernel = "ours" if kernel_size <= 4 else "fla"
         if kernel == "ours" and kernel_size > 4:
             raise ValueError(f"short-conv kernel 'ours' takes widths up to 4, not {kernel_size}; "
                              "use kernel 'fla' (--la-conv-kernel fla)")
         self.fused = fused
-        # "ours": linear_moe.ops.causal_conv. 1.13-1.35x fla's alone (benchmarks/conv_bench.py,
-        # H100) but no measurable gain in the GDN / deltanet / kda layers, so fla's is the default.
+        # "ours": linear_moe.ops.causal_conv, 2x fla's device time fwd+bwd on the H100
+        # (conv_bench --kernels, 2026-12-05); GDN layer bench 1.35x -> 1.27x with it.
         self.kernel = kernel
         if channels % tp_size:
             raise ValueError(f"short-conv channels {channels} not divisible by TP {tp_size}")

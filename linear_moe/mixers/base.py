@@ -225,7 +225,7 @@ class LinearMixer(MegatronModule):
                                 self.config.params_dtype,
                                 bias=getattr(self.config, "la_conv_bias", False),
                                 fused=self.config.la_backend != "reference",
-                                kernel=getattr(self.config, "la_conv_kernel", "fla"))
+                                kernel=getattr(self.config, "la_conv_kernel", "auto"))
 
     def build_qkv(self):
         """q/k/v projections split by heads (num_q/k/v_heads each), plus SiLU short
