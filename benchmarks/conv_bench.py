@@ -1,11 +1,11 @@
-"""Short-convolution benchmark: is a conv of ours needed? fla's Triton ``causal_conv1d`` (what
-``ShortConvolution`` runs on CUDA) against our Triton kernel (``linear_moe.ops.causal_conv``,
-whose backward recomputes the pre-activation in registers) and the same depthwise causal conv
+"""Short-convolution benchmark: fla's Triton ``causal_conv1d`` against our Triton kernel
+(``linear_moe.ops.causal_conv``, ShortConvolution's default on CUDA for widths up to 4, whose
+backward walks the rows once with the last rows in registers) and the same depthwise causal conv
 + SiLU written as W shifted multiply-adds and compiled by ``torch.compile`` (Inductor fuses them
 into one kernel each way), fwd+bwd, bf16, on the GDN layer bench's channel counts, for a
 contiguous input and for the strided slice of a fused in-projection (``LinearMixer.project``).
-Measured: compiled 0.84-1.05x fla (H200); ours 1.13-1.35x fla alone (H100, 2026-12-05), but
-no gain in the layer, so fla's stays the default (benchmarks/NOTES.md, seventh session).
+Measured: compiled 0.84-1.05x fla (H200); ours (backward v4) half fla's device time fwd+bwd
+(H100, 2026-12-05, --kernels), so the mixers take it (benchmarks/NOTES.md, eighth session).
 
 The fourth H200 session's GDN layer profile put 4.2 of its 6.2 ms overhead in fla's conv, its
 backward at ~1 ms per 200 MB tensor (about 5x the bandwidth bound). This measures the
@@ -50,8 +50,8 @@ def _input(batch, seq, channels, strided, dtype):
 
 
 def bench(impl, batch, seq, channels, strided, dtype, warmup, iters, width=4):
-    """fla = the model's ShortConvolution on CUDA (fla's kernel); ours = the same module with
-    linear_moe.ops.causal_conv; torch_conv1d = its CPU path."""
+    """fla = ShortConvolution with fla's kernel; ours = the same module with
+    linear_moe.ops.causal_conv (the default); torch_conv1d = its CPU path."""
     from linear_moe.layers import ShortConvolution
 
     torch.manual_seed(0)  # the same x, weight and dy for every impl
