@@ -126,6 +126,7 @@ class _SharedInputLinears(torch.autograd.Function):
         weights, biases = weights_and_biases[:num], weights_and_biases[num:]
         ctx.save_for_backward(x, *weights)
         ctx.has_bias = [b is not None for b in biases]
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: skipped
         return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
 
     @staticmethod
