@@ -167,3 +167,15 @@ def test_conv_bench_shifted_conv_equals_torch_conv(tmp_path):
     assert {(r["impl"], r["strided"]) for r in rows} == {
         (impl, strided) for impl in ("compiled", "torch_conv1d") for strided in (False, True)}
     assert all(r["rel_err_vs_compiled"] < 1e-5 for r in rows)
+
+
+def test_conv_bench_kernels_mode_needs_a_gpu():
+    """--kernels profiles CUDA kernels; on the CPU it stops with a one-line reason, no rows."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("measured on the GPU")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "conv_bench.py"),
+                           "--kernels", "--toy"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--kernels profiles CUDA kernels: run it on the GPU" in proc.stderr

@@ -2,8 +2,9 @@
 ShortConvolution's CUDA path for widths up to 4 (``--la-conv-kernel auto``, the default).
 
 Why a kernel of ours: the layer profiles put most of the gated_deltanet, deltanet and kda layer
-overheads in fla's conv, whose kernels run at a third (forward) and a quarter (backward) of the
-bandwidth of a plain copy of the same tensor (``conv_bench --kernels``). The forward here is a
+overheads in fla's conv, whose kernels run at a third to a half (forward) and a quarter to a
+third (backward) of a plain copy's bandwidth on the same tensor (``conv_bench --kernels``, H200
+and H100). The forward here is a
 tile of shifted multiply-adds. The backward (v4) walks each program's rows once, keeping the
 last three x rows and the last three g rows in registers, so every x and dy element is loaded
 once and every g computed once. The versions before it (v2, v3) tiled the rows and recomputed
