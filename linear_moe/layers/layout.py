@@ -23,7 +23,9 @@ def _swap_copy(t: torch.Tensor) -> torch.Tensor:
         row_bytes = rows.shape[-1] * t.element_size()
         for wide in _WIDE_DTYPES:
             size = wide.itemsize
-            if size > t.element_size() and row_bytes % size == 0 and t.data_ptr() % size == 0:
+            offset_bytes = t.storage_offset() * t.element_size()  # view(dtype) checks this
+            if (size > t.element_size() and row_bytes % size == 0 and offset_bytes % size == 0
+                    and t.data_ptr() % size == 0):
                 swapped = rows.view(wide).transpose(0, 1).contiguous().view(t.dtype)
                 return swapped.view(t.shape[1], t.shape[0], *t.shape[2:])
     return t.transpose(0, 1).contiguous()
