@@ -21,7 +21,8 @@ cases = [(*flags, 4) for flags in itertools.product((False, True), repeat=3)]
 cases.append((True, True, True, 3))  # narrower than the kernel's width 4: zero-padded taps
 for strided, bias, silu, width in cases:
     torch.manual_seed(0)
-    # 5 backward tiles of 64 rows (the last one partly past T), channels not a tile multiple
+    # 3 backward programs of 128 rows (the last one partly past T), channels not a block
+    # multiple
     batch, seq, channels = 2, 300, 40
     conv = ShortConvolution(channels, width, 0, 1, torch.float32, bias=bias, fused=False,
                             activation="silu" if silu else None)
