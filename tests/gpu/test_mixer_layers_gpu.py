@@ -26,6 +26,8 @@ from linear_moe.ops import fla_compat
 from linear_moe.registry import registered_mixers
 
 SEQ, BATCH, VOCAB = 300, 2, 512  # 300: not a multiple of the 64-token chunk
+# Weights and tokens; another seed tells a tensor's error near its bound from a systematic one.
+SEED = int(os.environ.get("LINEAR_MOE_TEST_SEED", "0"))
 FLOOR_FACTOR, ABS_TOL = 2.0, 2e-2
 
 
@@ -73,7 +75,7 @@ def test_fla_model_matches_fp32_reference(la_module, head_dim):
             and fla_compat.guard_policy() != "lift_all"):
         pytest.skip("mamba2's chunk backward is refused on this GPU (see linear_moe/mixers/"
                     "mamba2.py); LINEAR_MOE_FLA_HOPPER_GUARD=lift_all measures it")
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     ref = _model(la_module, head_dim, "reference", torch.float32)
     weights_bf16 = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
                     for k, v in ref.state_dict().items()}  # megatron's _extra_state is None
@@ -111,5 +113,5 @@ def _record(la_module, head_dim, fla_err, floor_err):
                             "head_dim": head_dim, "max_rel_err": max(fla_err.values()),
                             "max_floor_err": max(floor_err.values()),
                             "closest_to_bound": [(n, fla_err[n], floor_err[n]) for n in ranked[:5]],
-                            "guard_policy": fla_compat.guard_policy(),
+                            "guard_policy": fla_compat.guard_policy(), "seed": SEED,
                             "device": torch.cuda.get_device_name()}) + "\n")
