@@ -15,8 +15,15 @@ import time
 import torch
 
 
-def setup_single_process():
-    """Megatron's model-parallel state for one process (CPU: gloo + cpu_support)."""
+_AUTOTUNE_KEYS = {"mode": "fla"}  # what environment() reports
+
+
+def setup_single_process(autotune_keys: str = "shape"):
+    """Megatron's model-parallel state for one process (CPU: gloo + cpu_support).
+
+    autotune_keys "shape" (on the GPU): fla's state-passing kernels are autotuned per sequence
+    length and head count (linear_moe.ops.fla_autotune), so every model in a comparison runs
+    picks made at the measured shape; "fla" keeps fla's keys (rows before session 12)."""
     import megatron_patch  # noqa: F401
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
@@ -35,15 +42,26 @@ def setup_single_process():
     if not mpu.model_parallel_is_initialized():
         mpu.initialize_model_parallel(1)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    if autotune_keys == "shape" and torch.cuda.is_available():
+        from linear_moe.ops.fla_autotune import key_state_kernels_on_shape
+
+        key_state_kernels_on_shape()
+    _AUTOTUNE_KEYS["mode"] = autotune_keys
 
 
-def add_run_args(parser, *, tokens: int, warmup: int, iters: int, out_help: str | None = None):
-    """The arguments every benchmark takes: tokens per step, timing, the toy switch, output."""
+def add_run_args(parser, *, tokens: int, warmup: int, iters: int, out_help: str | None = None,
+                 fla_kernels: bool = True):
+    """The arguments every benchmark takes: tokens per step, timing, the toy switch, output,
+    and (where fla's kernels run) how they are autotuned."""
     parser.add_argument("--tokens", type=int, default=tokens, help="tokens per step (B = tokens/T)")
     parser.add_argument("--warmup", type=int, default=warmup)
     parser.add_argument("--iters", type=int, default=iters)
     parser.add_argument("--toy", action="store_true", help="tiny CPU-sized smoke run")
     parser.add_argument("--out", default=None, help=out_help or "write <out>.json and <out>.md")
+    if fla_kernels:
+        parser.add_argument("--fla-autotune-keys", choices=["shape", "fla"], default="shape",
+                            help="shape: fla's state kernels autotuned per (T, heads) "
+                                 "(default); fla: fla's own keys, one pick for every shape")
     return parser
 
 
@@ -90,6 +108,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "megatron_core": megatron.core.__version__,
         "fla": getattr(fla, "__version__", "?"),
+        "fla_autotune_keys": _AUTOTUNE_KEYS["mode"],
     }
     try:
         import triton

@@ -125,7 +125,7 @@ def main(argv=None):
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--kernels", action="store_true",
                         help="device time and bandwidth per kernel instead (CUDA only)")
-    add_run_args(parser, tokens=65536, warmup=3, iters=20)
+    add_run_args(parser, tokens=65536, warmup=3, iters=20, fla_kernels=False)
     args = parser.parse_args(argv)
     if args.kernels:
         if not torch.cuda.is_available():

@@ -95,7 +95,7 @@ def main(argv=None):
     if args.toy:
         args.model_size, args.seq_lens, args.tokens = "tiny", [64, 128], 256
         args.warmup, args.iters = 1, 1
-    setup_single_process()
+    setup_single_process(args.fla_autotune_keys)
     rows = []
     for seq in args.seq_lens:
         batch = max(1, args.tokens // seq)

@@ -136,7 +136,7 @@ def main(argv=None):
     if args.toy:
         args.hidden, args.heads, args.seq_lens, args.tokens = 64, 2, [64], 128
         args.warmup, args.iters = 1, 2
-    setup_single_process()
+    setup_single_process(args.fla_autotune_keys)
     from linear_moe.registry import registered_mixers
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32

@@ -207,7 +207,7 @@ def main(argv=None):
     shape = SHAPE
     if args.toy:
         shape, args.seq_lens, args.tokens, args.warmup, args.iters = TOY, [64], 128, 1, 1
-    setup_single_process()
+    setup_single_process(args.fla_autotune_keys)
     graph_modes = [False, True] if args.cuda_graph and torch.cuda.is_available() else [False]
     rows = []
     for seq in args.seq_lens:

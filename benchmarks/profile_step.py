@@ -192,7 +192,7 @@ def main(argv=None):
     shape = SHAPE
     if args.toy:
         shape, args.seq, args.tokens, args.warmup, args.iters = TOY, 64, 128, 1, 1
-    setup_single_process()
+    setup_single_process(args.fla_autotune_keys)
     batch = max(1, args.tokens // args.seq)
     model, forward, step = build_step(args.model, args.mixer, shape, args.seq, batch,
                                       args.ours_flags)

@@ -29,6 +29,7 @@ def test_benchmark_smoke(script, expected_rows, extra, tmp_path):
     rows = result["rows"]
     assert len(rows) == (expected_rows or len(registered_mixers()))
     assert result["environment"]["device"].startswith("cpu")
+    assert result["environment"]["fla_autotune_keys"] == "shape"  # the default, recorded
     if script == "peer_bench.py":
         # fla's models are Triton-only: on the CPU only ours runs, at fla's parameter count
         ours = [r for r in rows if r["model"].startswith("linear_moe")]

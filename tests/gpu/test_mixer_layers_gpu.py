@@ -22,6 +22,8 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
               pytest.mark.usefixtures("megatron_single_gpu")]
 
+from megatron.core import tensor_parallel
+
 from linear_moe.ops import fla_compat
 from linear_moe.registry import registered_mixers
 
@@ -75,6 +77,10 @@ def test_fla_model_matches_fp32_reference(la_module, head_dim):
             and fla_compat.guard_policy() != "lift_all"):
         pytest.skip("mamba2's chunk backward is refused on this GPU (see linear_moe/mixers/"
                     "mamba2.py); LINEAR_MOE_FLA_HOPPER_GUARD=lift_all measures it")
+    # megatron-core draws TP-sharded weights from its own RNG tracker: reseed it too, or a
+    # test's weights depend on the tests run before it in the process (session 12: "seed 0"
+    # drew other weights in a batch than alone). The fixture's seed, so a lone run is unchanged.
+    tensor_parallel.model_parallel_cuda_manual_seed(1)
     torch.manual_seed(SEED)
     ref = _model(la_module, head_dim, "reference", torch.float32)
     weights_bf16 = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
