@@ -42,10 +42,9 @@ def setup_single_process(autotune_keys: str = "shape"):
     if not mpu.model_parallel_is_initialized():
         mpu.initialize_model_parallel(1)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    if autotune_keys == "shape" and torch.cuda.is_available():
-        from linear_moe.ops.fla_autotune import key_state_kernels_on_shape
+    from linear_moe.ops.fla_autotune import apply_autotune_keys
 
-        key_state_kernels_on_shape()
+    apply_autotune_keys(autotune_keys)
     _AUTOTUNE_KEYS["mode"] = autotune_keys
 
 

@@ -140,6 +140,11 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="CUDA kernel of the short convolutions: ours (linear_moe/ops/"
                         "causal_conv.py, ~2x fla's on the H100, widths up to 4) or fla's "
                         "causal_conv1d; the same math. auto = ours for widths up to 4, else fla's")
+    g.add_argument("--la-fla-autotune-keys", default=LinearMixerFields.la_fla_autotune_keys,
+                   choices=["shape", "fla"],
+                   help="shape: fla's state-passing kernels are autotuned per sequence length "
+                        "and head count (fla keys them on the head dims only and reuses one "
+                        "cached pick at every shape); fla: fla's own keys")
     g.add_argument("--la-mom-shared-memory", default=LinearMixerFields.la_mom_shared_memory,
                    action=argparse.BooleanOptionalAction,
                    help="MoM: a shared memory that every token writes to")

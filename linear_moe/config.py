@@ -34,6 +34,9 @@ class LinearMixerFields:
     la_conv_size: int = 4
     la_conv_bias: bool = False  # bias of the short convolutions (fla's conv_bias / use_conv_bias)
     la_conv_kernel: str = "auto"  # CUDA kernel of the short convolutions: auto | fla | ours
+    # fla's state kernels autotuned per (T, heads) ("shape") or on fla's keys ("fla"): see
+    # linear_moe/ops/fla_autotune.py. Process-wide, applied when the model is built.
+    la_fla_autotune_keys: str = "shape"
     la_output_norm: Optional[str] = None  # rmsnorm | identity (rwkv6/rwkv7: groupnorm | identity)
     la_use_output_gate: Optional[bool] = None  # gate the normed output with a projection
     la_gate_fn: Optional[str] = None  # activation of the output gate (swish|sigmoid|identity)

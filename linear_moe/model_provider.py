@@ -31,6 +31,7 @@ from linear_moe.config import LinearMixerFields, LinearMoEConfig, resolve_mixer_
 from linear_moe.layers import RMSNorm
 from linear_moe.layers.cross_entropy import fused_vocab_parallel_cross_entropy
 from linear_moe.models import get_preset
+from linear_moe.ops.fla_autotune import apply_autotune_keys
 from linear_moe.registry import LINEAR, get_mixer
 
 
@@ -101,6 +102,7 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     args = get_args()
     if config is None:
         config = build_config(args)
+    apply_autotune_keys(config.la_fla_autotune_keys)  # before any fla kernel's first call
     block = decoder_block_spec(config, args.base_model, vp_stage=vp_stage)
     model = LinearMoEGPTModel(
         config=config,

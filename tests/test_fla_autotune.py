@@ -31,3 +31,14 @@ def test_state_kernels_are_keyed_on_seq_len_and_heads():
     # Kernels parallel over chunks keep fla's keys; a second call changes nothing.
     assert _keys("fla.ops.gla.chunk", "chunk_gla_bwd_kernel_intra") == intra_before
     assert key_state_kernels_on_shape() == []
+
+
+def test_training_flag_reaches_the_config_and_is_checked():
+    from linear_moe.config import LinearMixerFields
+    from linear_moe.ops.fla_autotune import apply_autotune_keys
+
+    assert LinearMixerFields.la_fla_autotune_keys == "shape"
+    assert apply_autotune_keys("fla") == []  # fla's keys: nothing touched
+    assert apply_autotune_keys("shape") == []  # no CUDA here: fla's kernels do not run
+    with pytest.raises(ValueError, match="choose shape or fla"):
+        apply_autotune_keys("per-shape")

@@ -14,8 +14,10 @@ shape (BK=32: 64 programs).
 
 key_state_kernels_on_shape() adds 'T' and 'H' to those kernels' keys, so each (T, H) is tuned
 once and cached under its own key. At a fixed number of tokens per step (every benchmark here)
-T also fixes the batch. The benchmarks call it so that both models of a comparison are tuned
-at the measured shape; it must run before the kernels' first call in the process.
+T also fixes the batch. It must run before the kernels' first call in the process: training
+(--la-fla-autotune-keys, default shape) and the benchmarks (--fla-autotune-keys) call
+apply_autotune_keys() before they build a model, so both models of a comparison, and a training
+run, are tuned at the shape they run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from __future__ import annotations
 import importlib
 import re
 import sys
+
+import torch
 
 # Kernels whose grid is (sequences x heads x state tiles) and whose loop runs over the chunks.
 STATE_KERNEL = re.compile(r"(fwd_kernel_h|bwd_kernel_dh|_h_blockdim\d+|_dhu)")
@@ -57,3 +61,13 @@ def key_state_kernels_on_shape() -> list[str]:
                 tuner.keys.extend(added)
                 changed.append(f"{module_name}.{name}")
     return changed
+
+
+def apply_autotune_keys(mode: str) -> list[str]:
+    """mode 'shape': key_state_kernels_on_shape() where fla's kernels run (CUDA); 'fla': fla's
+    own keys. Returns what key_state_kernels_on_shape() changed."""
+    if mode not in ("shape", "fla"):
+        raise ValueError(f"fla autotune keys '{mode}': choose shape or fla")
+    if mode == "fla" or not torch.cuda.is_available():
+        return []
+    return key_state_kernels_on_shape()
