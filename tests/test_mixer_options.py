@@ -293,6 +293,27 @@ def _options_worker(rank, world_size):
             if how != "separate":
                 r[f"{how}/{len(used)}"] = (len(grads[how]), max(
                     (a - b).abs().max().item() for a, b in zip(grads[how], grads["separate"])))
+
+    # The output gate's projection: inside qkv's project_each without short convs (gla), its
+    # own GEMM with them (gated_deltanet); the output and x's gradient equal output() making
+    # the gate itself from x (qkv's gate dropped).
+    for name in ("gla", "gated_deltanet"):
+        m = _build(name)
+        runs = []
+        for drop_gate in (False, True):
+            calls = []
+            hook = m.g_proj.register_forward_hook(lambda *_: calls.append(1))
+            qkv = m.qkv
+            if drop_gate:
+                m.qkv = lambda xi, *extra: (*qkv(xi, *extra)[:-1], None)
+            xi = x.clone().requires_grad_()
+            out = m(xi)[0]
+            out.pow(2).sum().backward()
+            m.qkv = qkv
+            hook.remove()
+            runs.append((len(calls), out.detach(), xi.grad))
+        r[f"gate/{name}"] = (runs[0][0], runs[1][0], (runs[0][1] - runs[1][1]).abs().max().item(),
+                             (runs[0][2] - runs[1][2]).abs().max().item())
     return r
 
 
@@ -334,6 +355,14 @@ def test_project_each_is_the_separate_projections(results, used):
     count, diff = results[f"project_each/{used}"]
     assert count == 3 + 1 + 4
     assert diff < 1e-5
+
+
+@pytest.mark.parametrize("name,gate_gemms", [("gla", 0), ("gated_deltanet", 1)])
+def test_output_gate_joins_project_each_without_convs(results, name, gate_gemms):
+    in_qkv, in_output, out_diff, grad_diff = results[f"gate/{name}"]
+    # g_proj's own GEMM only beside convs; with qkv's gate dropped, output() adds one
+    assert in_qkv == gate_gemms and in_output == gate_gemms + 1
+    assert out_diff < 1e-5 and grad_diff < 1e-5
 
 
 def test_conv_bias_shards_by_channels_like_the_weight():

@@ -275,17 +275,24 @@ class LinearMixer(MegatronModule):
     def qkv(self, x, *extra):
         """x [b, s, h] -> q, k [b, s, H_local, Dk] and v [b, s, H_local, Dv], convolved over
         the sequence where enabled (shared heads repeated to H_local by expand_heads), followed
-        by the outputs of the ``extra`` in-projections. With the short convs, which read the
-        slices in place, all of them are one GEMM (``project``)."""
+        by the outputs of the ``extra`` in-projections and the output gate's projection [b, s,
+        value_dim / tp] (None without a gate), which ``output`` takes. With the short convs,
+        which read the slices in place, q, k, v and the extras are one GEMM (``project``); the
+        gate, which the gated norm keeps, has its own. Without, every projection writes its
+        own output and x's gradient is accumulated in their backward GEMMs (``project_each``)."""
         projections = (self.q_proj, self.k_proj, self.v_proj, *extra)
         if self.use_short_conv:
             q, k, v, *rest = self.project(x, *projections)
             q, k, v = self.q_conv(q), self.k_conv(k), self.v_conv(v)
+            gate = self.g_proj(x)[0] if self.use_output_gate else None
+        elif self.use_output_gate:
+            q, k, v, *rest, gate = self.project_each(x, *projections, self.g_proj)
         else:  # the kernels would copy slices of one output: separate GEMMs write them whole
             q, k, v, *rest = self.project_each(x, *projections)
+            gate = None
         return (self.expand_heads(self.heads(q, self.head_k_dim)),
                 self.expand_heads(self.heads(k, self.head_k_dim)),
-                self.expand_heads(self.heads(v, self.head_v_dim)), *rest)
+                self.expand_heads(self.heads(v, self.head_v_dim)), *rest, gate)
 
     def expand_heads(self, t: torch.Tensor) -> torch.Tensor:
         """[b, s, n, ...] with n local shared heads -> [b, s, H_local, ...]: each head repeated
@@ -323,10 +330,11 @@ class LinearMixer(MegatronModule):
                                    fused=self.config.la_backend != "reference",
                                    elementwise_affine=self.config.la_norm_elementwise_affine)
 
-    def output(self, o, x):
+    def output(self, o, x, gate=None):
         """o [b, s, H_local, Dv], x [b, s, h] -> [s, b, value_dim / tp], normed and gated by
-        x's gate."""
-        gate = self.heads(self.g_proj(x)[0], self.head_v_dim) if self.use_output_gate else None
+        the output gate: ``gate`` as ``qkv`` returned it, else projected from x here."""
+        if self.use_output_gate:
+            gate = self.heads(self.g_proj(x)[0] if gate is None else gate, self.head_v_dim)
         return self.unheads(self.o_norm(o, gate))
 
     def per_head_parameter(self, init_fn) -> torch.nn.Parameter:

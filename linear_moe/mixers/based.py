@@ -33,7 +33,7 @@ class BasedMixer(LinearMixer):
         self.build_output()
 
     def mix(self, x):
-        q, k, v = self.qkv(x)
+        q, k, v, gate = self.qkv(x)
         o = ops.based(q, k, v, backend=self.config.la_backend, mode=self.config.la_mode,
                       chunk_size=self.config.la_chunk_size)
-        return self.output(o, x)
+        return self.output(o, x, gate)

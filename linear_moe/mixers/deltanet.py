@@ -53,7 +53,7 @@ class DeltaNetMixer(LinearMixer):
         self.build_output()
 
     def mix(self, x):
-        q, k, v, *b = self.qkv(x, *([self.b_proj] if self.config.la_use_beta else []))
+        q, k, v, *b, gate = self.qkv(x, *([self.b_proj] if self.config.la_use_beta else []))
         act = self.config.la_qk_activation
         if not self.use_short_conv:  # fla: the convs' SiLU, applied without them
             v = F.silu(v)
@@ -73,4 +73,4 @@ class DeltaNetMixer(LinearMixer):
         o, _ = ops.delta_rule(q, k, v, beta, use_qk_l2norm=self.config.la_qk_norm == "l2",
                               backend=self.config.la_backend, mode=self.config.la_mode,
                               chunk_size=self.config.la_chunk_size)
-        return self.output(o, x)
+        return self.output(o, x, gate)

@@ -40,7 +40,7 @@ class GatedDeltaNetMixer(LinearMixer):
         self.build_output()
 
     def mix(self, x):
-        q, k, v, a, b = self.qkv(x, self.a_proj, self.b_proj)
+        q, k, v, a, b, gate = self.qkv(x, self.a_proj, self.b_proj)
         a, b = self.per_head(a), self.per_head(b)
         g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
         beta = b.sigmoid()
@@ -49,4 +49,4 @@ class GatedDeltaNetMixer(LinearMixer):
         o, _ = ops.gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True,
                                     backend=self.config.la_backend, mode=self.config.la_mode,
                                     chunk_size=self.config.la_chunk_size)
-        return self.output(o, x)
+        return self.output(o, x, gate)

@@ -43,7 +43,7 @@ class GLAMixer(LinearMixer):
         self.build_output()
 
     def mix(self, x):
-        q, k, v = self.qkv(x)
+        q, k, v, gate = self.qkv(x)
         gk = self.expand_heads(self.heads(self.gk_up(self.gk_down(x))[0], self.head_k_dim))
         # In the activation dtype, as fla's GatedLinearAttention: chunk_gla then keeps this bf16
         # gate for its backward and recomputes the fp32 cumsum. An fp32 gate made it keep the
@@ -55,4 +55,4 @@ class GLAMixer(LinearMixer):
             q, k = self.phi(q), self.phi(k)
         o, _ = ops.gla(q, k, v, gk, backend=self.config.la_backend, mode=self.config.la_mode,
                        chunk_size=self.config.la_chunk_size)
-        return self.output(o, x)
+        return self.output(o, x, gate)

@@ -56,7 +56,7 @@ class GSAMixer(LinearMixer):
                              torch.nn.init.ones_, self.tp_rank, self.tp_size)
 
     def mix(self, x):
-        q, k, v, f = self.qkv(x, self.f_proj)
+        q, k, v, f, gate = self.qkv(x, self.f_proj)
         q, k, v = F.silu(q), F.silu(k), F.silu(v)
         f = self.heads(f, self.num_slots).float()
         g = F.logsigmoid(f) / self.config.la_gsa_gate_logit_normalizer  # log alpha_t <= 0
@@ -68,4 +68,4 @@ class GSAMixer(LinearMixer):
             y = F.rms_norm(y, (self.head_v_dim,), eps=self.config.layernorm_epsilon)
         if self.norm_weight is not None:
             y = y * self.norm_weight.float()  # [H_local, Dv]: this rank's heads' channels
-        return self.output(y.to(o.dtype), x)
+        return self.output(y.to(o.dtype), x, gate)

@@ -45,7 +45,7 @@ class KDAMixer(LinearMixer):
         self.build_output()
 
     def mix(self, x):
-        q, k, v, b = self.qkv(x, self.b_proj)
+        q, k, v, b, gate = self.qkv(x, self.b_proj)
         f = self.heads(self.f_up(self.f_down(x))[0], self.head_k_dim).float()
         dt_bias = self.dt_bias.float().view(self.num_local_heads, self.head_k_dim)
         g = -self.A_log.float().exp()[:, None] * F.softplus(f + dt_bias)
@@ -54,4 +54,4 @@ class KDAMixer(LinearMixer):
             beta = beta * 2.0
         o, _ = ops.kda(q, k, v, g, beta, use_qk_l2norm=True, backend=self.config.la_backend,
                        mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
-        return self.output(o, x)
+        return self.output(o, x, gate)

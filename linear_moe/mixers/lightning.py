@@ -40,7 +40,8 @@ class LightningAttentionMixer(LinearMixer):
         self.register_buffer("log_decay", decays[self.local_heads()], persistent=False)
 
     def mix(self, x):
-        q, k, v = (F.silu(t) for t in self.qkv(x))
+        *qkv, gate = self.qkv(x)
+        q, k, v = (F.silu(t) for t in qkv)
         o, _ = ops.simple_gla(q, k, v, g_gamma=self.log_decay, backend=self.config.la_backend,
                               mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
-        return self.output(o, x)
+        return self.output(o, x, gate)

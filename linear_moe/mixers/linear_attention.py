@@ -43,7 +43,7 @@ class LinearAttentionMixer(LinearMixer):
         return x / (x.sum(-1, keepdim=True) + 1e-4)  # fla's norm_q / norm_k
 
     def mix(self, x):
-        q, k, v = self.qkv(x)
+        q, k, v, gate = self.qkv(x)
         q, k = self.phi_q(q), self.phi_k(k)
         if self.config.la_norm_q:
             q = self._sum_normalise(q)
@@ -52,4 +52,4 @@ class LinearAttentionMixer(LinearMixer):
         o = ops.linear_attn(q, k, v, normalize=self.config.la_feature_map_norm,
                             backend=self.config.la_backend, mode=self.config.la_mode,
                             chunk_size=self.config.la_chunk_size)
-        return self.output(o, x)
+        return self.output(o, x, gate)

@@ -51,10 +51,10 @@ class ReBasedMixer(LinearMixer):
         return y.to(x.dtype)
 
     def mix(self, x):
-        q, k, v = self.qkv(x)
+        q, k, v, gate = self.qkv(x)
         gamma = copy_to_tensor_model_parallel_region(self.gamma, group=self.tp_group)
         beta = copy_to_tensor_model_parallel_region(self.beta, group=self.tp_group)
         q, k = self.kernel_input(q, gamma, beta), self.kernel_input(k, gamma, beta)
         o = ops.rebased(q, k, v, backend=self.config.la_backend, mode=self.config.la_mode,
                         chunk_size=self.config.la_chunk_size)
-        return self.output(o, x)
+        return self.output(o, x, gate)

@@ -38,7 +38,7 @@ class RetentionMixer(LinearMixer):
             self.local_heads()], persistent=False)
 
     def mix(self, x):
-        q, k, v = self.qkv(x)
+        q, k, v, gate = self.qkv(x)
         if self.phi is not None:  # fla's feature_map on q/k, before RoPE as fla
             q, k = self.phi(q), self.phi(k)
         fused = self.config.la_backend != "reference"
@@ -46,4 +46,4 @@ class RetentionMixer(LinearMixer):
         k = apply_rotary(k, self.config.la_rope_theta, fused)
         o, _ = ops.simple_gla(q, k, v, g_gamma=self.log_decay, backend=self.config.la_backend,
                               mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
-        return self.output(o, x)
+        return self.output(o, x, gate)

@@ -28,11 +28,11 @@ class SimpleGLAMixer(LinearMixer):
         self.build_output()
 
     def mix(self, x):
-        q, k, v, g = self.qkv(x, self.g_decay_proj)
+        q, k, v, g, gate = self.qkv(x, self.g_decay_proj)
         if self.phi is not None:  # fla's feature_map on q/k (--la-feature-map)
             q, k = self.phi(q), self.phi(k)
         g = F.logsigmoid(self.per_head(g))
         g = g / self.config.la_gate_logit_normalizer
         o, _ = ops.simple_gla(q, k, v, g=g, backend=self.config.la_backend,
                               mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
-        return self.output(o, x)
+        return self.output(o, x, gate)
