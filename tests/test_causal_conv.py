@@ -53,6 +53,46 @@ def test_our_conv_kernels_equal_the_torch_path_in_triton_interpreter():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-1000:] + proc.stderr[-3000:]
 
 
+_INTERPRETED_INTO_BUFFER = r"""
+import torch
+from linear_moe.mixers.base import _GradientBuffer, _SplitSharingGradient
+from linear_moe.ops.causal_conv import causal_conv
+
+# A fused in-projection's output [b, s, 40 + 24 + 8 + 8]: two slices through our conv (their
+# gradients written into the shared buffer), one through a plain op, one unused.
+torch.manual_seed(0)
+widths = [40, 24, 8, 8]
+out0 = torch.randn(2, 300, sum(widths))
+w1, w2 = torch.randn(40, 4), torch.randn(24, 3)
+dys = [torch.randn(2, 300, 40), torch.randn(2, 300, 24), torch.randn(2, 300, 8)]
+grads = []
+for shared in (True, False):
+    out = out0.clone().requires_grad_()
+    if shared:
+        buffer = _GradientBuffer(out, widths)
+        a, b, c, _ = _SplitSharingGradient.apply(out, buffer, widths)
+        ya = causal_conv(a, w1, None, "silu", grad_x_into=buffer.writer(0))
+        yb = causal_conv(b, w2, None, None, grad_x_into=buffer.writer(1))
+    else:
+        a, b, c, _ = out.split(widths, -1)
+        ya, yb = causal_conv(a, w1, None, "silu"), causal_conv(b, w2, None, None)
+    loss = (ya * dys[0]).sum() + (yb * dys[1]).sum() + (c.tanh() * dys[2]).sum()
+    loss.backward()
+    grads.append(out.grad)
+assert grads[0].shape == grads[1].shape and grads[0].is_contiguous()
+err = ((grads[0] - grads[1]).abs().max() / grads[1].abs().max()).item()
+assert err < 1e-6 and (grads[0][..., -8:] == 0).all(), err
+print("ok", err)
+"""
+
+
+def test_conv_writes_its_gradient_into_the_in_projections_in_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED_INTO_BUFFER], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-1000:] + proc.stderr[-3000:]
+
+
 def test_unknown_kernel_and_activation_are_refused():
     from linear_moe.layers import ShortConvolution
 

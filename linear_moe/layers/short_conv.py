@@ -46,8 +46,10 @@ class ShortConvolution(torch.nn.Module):
             init_tp_sharded_(self.bias, (channels,), 0,
                              lambda t: torch.nn.init.uniform_(t, -bound, bound), tp_rank, tp_size)
 
-    def forward(self, x):
-        """x: [b, s, c_local] -> [b, s, c_local]; position t sees t-kernel_size+1 .. t."""
+    def forward(self, x, grad_x_into=None):
+        """x: [b, s, c_local] -> [b, s, c_local]; position t sees t-kernel_size+1 .. t.
+        grad_x_into: where our kernel's backward writes x's gradient (see causal_conv); the
+        other paths return their own, which the caller's split then copies."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.fused and x.is_cuda:
             # out[t] = sum_j w[j] x[t - (k-1) + j]: the same taps as the conv1d below
@@ -55,7 +57,7 @@ class ShortConvolution(torch.nn.Module):
             if self.kernel == "ours":
                 from linear_moe.ops.causal_conv import causal_conv
 
-                return causal_conv(x, weight, bias, self.activation)
+                return causal_conv(x, weight, bias, self.activation, grad_x_into)
             from fla.modules.causal_conv1d import causal_conv1d
 
             return causal_conv1d(x, weight, bias, activation=self.activation,

@@ -19,7 +19,8 @@ deltanet 1.45x -> 1.35x, kda 1.29x -> 1.24x.
     dx[t]   = sum_j w[j] g[t + (W-1) - j],  dw[j] = sum_t g[t] x[t - (W-1) + j],  db = sum_t g[t]
 
 x may be a strided slice of a wider tensor (the fused in-projection's output) as long as its
-channels are contiguous; y and dx are contiguous. The weight and bias gradients are summed
+channels are contiguous; y is contiguous, dx too unless the caller gives the slice of the
+in-projection's gradient to write it into (grad_x_into). The weight and bias gradients are summed
 over per-program partials in fp32 (deterministic, no atomics).
 """
 
@@ -103,7 +104,8 @@ def _row(p, r, stride_t, m_d, T):
 )
 @triton.jit
 def _bwd_kernel(x, w, b, dy, dx, dw_part, db_part, T, D, NT, stride_xb, stride_xt,
-                stride_dyb, stride_dyt, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                stride_dyb, stride_dyt, stride_dxb, stride_dxt, HAS_BIAS: tl.constexpr,
+                SILU: tl.constexpr,
                 L: tl.constexpr, BD: tl.constexpr, R: tl.constexpr):
     """Width 4 (narrower weights come zero-padded in front). The program owns dx rows
     [t0, t0 + L) of BD channels and walks rows r = t0 .. t0 + L + 2 one at a time, R rows per
@@ -118,7 +120,7 @@ def _bwd_kernel(x, w, b, dy, dx, dw_part, db_part, T, D, NT, stride_xb, stride_x
     t0 = i_t * L
     p_x = x + i_b.to(tl.int64) * stride_xb + o_d
     p_dy = dy + i_b.to(tl.int64) * stride_dyb + o_d
-    p_dx = dx + i_b.to(tl.int64) * T * D + o_d
+    p_dx = dx + i_b.to(tl.int64) * stride_dxb + o_d
     w0 = tl.load(w + o_d * 4 + 0, mask=m_d, other=0.0).to(tl.float32)
     w1 = tl.load(w + o_d * 4 + 1, mask=m_d, other=0.0).to(tl.float32)
     w2 = tl.load(w + o_d * 4 + 2, mask=m_d, other=0.0).to(tl.float32)
@@ -156,7 +158,7 @@ def _bwd_kernel(x, w, b, dy, dx, dw_part, db_part, T, D, NT, stride_xb, stride_x
             db += g_own
             grad_x = w3 * gm3 + w2 * gm2 + w1 * gm1 + w0 * g
             rows = tl.zeros_like(o_d) + (r - 3)
-            tl.store(p_dx + (r - 3).to(tl.int64) * D, grad_x.to(dx.dtype.element_ty),
+            tl.store(p_dx + (r - 3).to(tl.int64) * stride_dxt, grad_x.to(dx.dtype.element_ty),
                      mask=m_d & (rows >= t0) & (rows < t1))
             xm3, xm2, xm1 = xm2, xm1, x_r
             gm3, gm2, gm1 = gm2, gm1, g
@@ -175,7 +177,7 @@ def _channels_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 class _CausalConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, silu):
+    def forward(ctx, x, weight, bias, silu, grad_x_into):
         x = _channels_contiguous(x)
         batch, seq, channels = x.shape
         width = weight.shape[-1]
@@ -188,7 +190,7 @@ class _CausalConv(torch.autograd.Function):
         _fwd_kernel[grid](x, weight, bias, y, seq, channels, x.stride(0), x.stride(1), W=width,
                           HAS_BIAS=bias is not None, SILU=silu)
         ctx.save_for_backward(x, weight, bias)
-        ctx.silu = silu
+        ctx.silu, ctx.grad_x_into = silu, grad_x_into
         return y
 
     @staticmethod
@@ -200,7 +202,15 @@ class _CausalConv(torch.autograd.Function):
         # zero taps in front: the same conv at width 4, the kernel's
         weight4 = torch.nn.functional.pad(weight, (_BWD_WIDTH - width, 0)).contiguous()
         tiles = triton.cdiv(seq, _BWD_ROWS)
-        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if ctx.grad_x_into is not None:  # a slice of the fused in-projection's gradient
+            grad_x = ctx.grad_x_into()
+            if grad_x.shape != x.shape or grad_x.stride(-1) != 1 or grad_x.dtype != x.dtype:
+                raise ValueError(f"causal_conv: grad_x_into gave {tuple(grad_x.shape)} "
+                                 f"{grad_x.dtype} stride {grad_x.stride()} for x "
+                                 f"{tuple(x.shape)} {x.dtype}; it must match x, channels "
+                                 "contiguous")
+        else:
+            grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         dw_part = torch.empty(batch * tiles, _BWD_WIDTH, channels, dtype=torch.float32,
                               device=x.device)
         db_part = (torch.empty(batch * tiles, channels, dtype=torch.float32, device=x.device)
@@ -211,19 +221,23 @@ class _CausalConv(torch.autograd.Function):
 
         _bwd_kernel[grid](x, weight4, bias, grad_y, grad_x, dw_part, db_part, seq, channels,
                           tiles, x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1),
-                          HAS_BIAS=bias is not None, SILU=ctx.silu, L=_BWD_ROWS)
+                          grad_x.stride(0), grad_x.stride(1), HAS_BIAS=bias is not None, SILU=ctx.silu, L=_BWD_ROWS)
         grad_w = dw_part.sum(0).t()[:, _BWD_WIDTH - width:].to(weight.dtype)
         grad_b = db_part.sum(0).to(bias.dtype) if bias is not None else None
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                activation: str | None = "silu") -> torch.Tensor:
-    """x [b, s, c] (channels contiguous), weight [c, W], bias [c] or None -> [b, s, c]."""
+                activation: str | None = "silu", grad_x_into=None) -> torch.Tensor:
+    """x [b, s, c] (channels contiguous), weight [c, W], bias [c] or None -> [b, s, c].
+
+    grad_x_into: called once in backward, returns the tensor x's gradient is written to (x's
+    shape and dtype, channels contiguous; e.g. a slice of the fused in-projection's gradient,
+    which then needs no concatenation); None: a new tensor."""
     if weight.shape[-1] > _BWD_WIDTH:
         raise ValueError(f"causal_conv: width {weight.shape[-1]} > {_BWD_WIDTH} not supported by "
                          "our kernel; use ShortConvolution(kernel='fla') (--la-conv-kernel fla)")
     if activation not in ("silu", None):
         raise ValueError(f"causal_conv: activation '{activation}' not supported; use 'silu' or "
                          "None")
-    return _CausalConv.apply(x, weight, bias, activation == "silu")
+    return _CausalConv.apply(x, weight, bias, activation == "silu", grad_x_into)
