@@ -171,3 +171,32 @@ def test_kda_grads_match_oracle():
     kda_oracle(*leaves, 8 ** -0.5)[0].square().sum().backward()
     for a, x in zip(grads, leaves):
         assert (a.double() - x.grad.double()).abs().max() < 1e-4 * max(1.0, x.grad.abs().max())
+
+
+def test_kda_gate_inputs_equal_the_precomputed_log_decay():
+    """kda(f, A_log=, dt_bias=) forms Kimi Linear's log decay -exp(A_log) softplus(f + dt_bias)
+    itself (fla: inside its chunk kernel): the same outputs and gradients, through to A_log and
+    dt_bias, as that decay computed first; and the two gate tensors come together."""
+    from linear_moe.ops import kda
+
+    q, k, v, _, beta, h0 = _inputs(40)
+    gen = torch.Generator().manual_seed(6)
+    f, A_log, dt_bias = torch.randn(2, 40, 3, 8, generator=gen), torch.randn(3, generator=gen), \
+        torch.randn(24, generator=gen)
+    results = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, f, beta, A_log, dt_bias)]
+        lq, lk, lv, lf, lb, la, ld = leaves
+        if fused:
+            o, S = kda(lq, lk, lv, lf, lb, A_log=la, dt_bias=ld, initial_state=h0,
+                       output_final_state=True, chunk_size=16)
+        else:
+            g = -la.exp()[:, None] * F.softplus(lf + ld.view(3, 8))
+            o, S = kda(lq, lk, lv, g, lb, initial_state=h0, output_final_state=True,
+                       chunk_size=16)
+        (o.square().sum() + S.sum()).backward()
+        results.append([o, S] + [t.grad for t in leaves])
+    for a, b in zip(*results):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
+    with pytest.raises(ValueError, match="A_log \\[H\\] and dt_bias \\[H \\* K\\] together"):
+        kda(q, k, v, f, beta, A_log=A_log)

@@ -5,7 +5,6 @@ SiLU short convolutions, per-head RMSNorm and a sigmoid output gate. (fla's laye
 low-rank output gate; here it is the full-rank gate projection of every mixer.)"""
 
 import torch
-import torch.nn.functional as F
 
 from linear_moe import ops
 from linear_moe.layers import init_tp_sharded_
@@ -46,12 +45,14 @@ class KDAMixer(LinearMixer):
 
     def mix(self, x):
         q, k, v, b, gate = self.qkv(x, self.b_proj)
-        f = self.heads(self.f_up(self.f_down(x))[0], self.head_k_dim).float()
-        dt_bias = self.dt_bias.float().view(self.num_local_heads, self.head_k_dim)
-        g = -self.A_log.float().exp()[:, None] * F.softplus(f + dt_bias)
+        # The decay's input; the op forms the log decay -exp(A_log) softplus(f + dt_bias)
+        # (inside fla's chunk kernel, as fla's KimiDeltaAttention).
+        f = self.heads(self.f_up(self.f_down(x))[0], self.head_k_dim)
         beta = self.per_head(b).sigmoid()
         if self.config.la_allow_neg_eigval:  # fla's allow_neg_eigval: beta in (0, 2)
             beta = beta * 2.0
-        o, _ = ops.kda(q, k, v, g, beta, use_qk_l2norm=True, backend=self.config.la_backend,
-                       mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
+        o, _ = ops.kda(q, k, v, f, beta, A_log=self.A_log.float(),
+                       dt_bias=self.dt_bias.float(), use_qk_l2norm=True,
+                       backend=self.config.la_backend, mode=self.config.la_mode,
+                       chunk_size=self.config.la_chunk_size)
         return self.output(o, x, gate)

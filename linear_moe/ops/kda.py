@@ -13,6 +13,7 @@ with itself. Outputs and the outgoing state then follow GLA's chunk form with U 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._chunked import pad_time, suffix_sum, to_chunks
 from .dispatch import check_mode, resolve_backend
@@ -21,8 +22,14 @@ from .gla import _intra_chunk_scores
 
 
 def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-        cu_seqlens=None, use_qk_l2norm=True, backend="auto", mode="chunk", chunk_size=64):
+        cu_seqlens=None, use_qk_l2norm=True, backend="auto", mode="chunk", chunk_size=64,
+        A_log=None, dt_bias=None):
     """q, k, g [B, T, H, K] (g: log decay <= 0), v [B, T, H, V], beta [B, T, H].
+
+    With A_log [H] and dt_bias [H * K], g is the decay's input f instead, and the log decay is
+    Kimi Linear's gate -exp(A_log) * softplus(f + dt_bias): fla computes it inside its chunk
+    cumsum (use_gate_in_kernel, as fla's KimiDeltaAttention does), where computing it first
+    takes several passes over a [tokens, H * K] fp32 tensor each way.
 
     Returns (o [B, T, H, V] in q.dtype, final state [N, H, K, V] or None)."""
     check_mode(mode)
@@ -30,6 +37,13 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
         raise ValueError(f"kda expects q, k, g [B, T, H, K], beta [B, T, H]; got q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)}, g {tuple(g.shape)}, beta "
                          f"{tuple(beta.shape)}")
+    gate = A_log is not None
+    if gate != (dt_bias is not None) or (gate and (
+            A_log.shape != g.shape[2:3] or dt_bias.numel() != g.shape[2] * g.shape[3])):
+        raise ValueError("kda's gate takes A_log [H] and dt_bias [H * K] together; got "
+                         f"{None if A_log is None else tuple(A_log.shape)} and "
+                         f"{None if dt_bias is None else tuple(dt_bias.shape)} for g "
+                         f"{tuple(g.shape)}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if resolve_backend(backend, q) == "fla":
@@ -37,13 +51,24 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
 
         fn = chunk_kda if mode == "chunk" else fused_recurrent_kda
         h0 = None if initial_state is None else initial_state.float()
+        gate_args = dict(use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias) if gate else {}
         o, state = fn(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=h0,
                       output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                      use_qk_l2norm_in_kernel=use_qk_l2norm)
+                      use_qk_l2norm_in_kernel=use_qk_l2norm, **gate_args)
         return o, (state.float() if state is not None and output_final_state else None)
 
+    if gate:
+        g = kda_gate(g, A_log, dt_bias)
     return delta_reference(_kda_chunked, q, k, v, g, beta, scale, initial_state,
                            output_final_state, cu_seqlens, use_qk_l2norm, chunk_size)
+
+
+def kda_gate(f, A_log, dt_bias):
+    """Kimi Linear's log decay from its input f [B, T, H, K]: -exp(A_log) * softplus(f +
+    dt_bias), in fp32 (fp64 for fp64 inputs)."""
+    dtype = torch.promote_types(f.dtype, torch.float32)
+    H, K = f.shape[2:]
+    return -A_log.to(dtype).exp()[:, None] * F.softplus(f.to(dtype) + dt_bias.to(dtype).view(H, K))
 
 
 def _kda_chunked(q, k, v, g, beta, h0, *, chunk: int):

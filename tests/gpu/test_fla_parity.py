@@ -212,3 +212,24 @@ def test_kda_fla_matches_reference(head_dim):
     g = F.logsigmoid(torch.randn(B, T, H, head_dim, device="cuda")).to(torch.bfloat16)
     _compare("kda", "chunk", head_dim, ("q", "k", "v", "g", "beta", "initial_state"),
              run("fla"), run("reference"), [q, k, v, g, beta, h0])
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("mode", ["chunk", "fused_recurrent"])
+def test_kda_gate_in_kernel_matches_reference(mode, head_dim):
+    """The KDA mixer's path: the decay's input f with A_log / dt_bias, the gate formed inside
+    fla's kernel (use_gate_in_kernel), against the reference forming it in fp32 first."""
+    def run(backend):
+        return lambda q, k, v, f, beta, h0, A_log, dt_bias: kda(
+            q, k, v, f, beta, A_log=A_log, dt_bias=dt_bias, initial_state=h0,
+            output_final_state=True, backend=backend, mode=mode)
+
+    q, k, v, _, beta, h0 = _gdn_inputs(head_dim)
+    f = torch.randn(B, T, H, head_dim, device="cuda", dtype=torch.bfloat16)
+    A_log = torch.log(torch.empty(H, device="cuda").uniform_(1, 16))  # fla's KDA init
+    dt_bias = torch.randn(H * head_dim, device="cuda") * 0.5
+    # fla's fused_recurrent_kda has no backward: forward only there
+    _compare("kda[gate_in_kernel]", mode, head_dim,
+             ("q", "k", "v", "f", "beta", "initial_state", "A_log", "dt_bias"),
+             run("fla"), run("reference"), [q, k, v, f, beta, h0, A_log, dt_bias],
+             with_grads=(mode == "chunk"))
