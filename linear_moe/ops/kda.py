@@ -37,13 +37,7 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
         raise ValueError(f"kda expects q, k, g [B, T, H, K], beta [B, T, H]; got q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)}, g {tuple(g.shape)}, beta "
                          f"{tuple(beta.shape)}")
-    gate = A_log is not None
-    if gate != (dt_bias is not None) or (gate and (
-            A_log.shape != g.shape[2:3] or dt_bias.numel() != g.shape[2] * g.shape[3])):
-        raise ValueError("kda's gate takes A_log [H] and dt_bias [H * K] together; got "
-                         f"{None if A_log is None else tuple(A_log.shape)} and "
-                         f"{None if dt_bias is None else tuple(dt_bias.shape)} for g "
-                         f"{tuple(g.shape)}")
+    gate = _check_gate(g, A_log, dt_bias)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if resolve_backend(backend, q) == "fla":
@@ -61,6 +55,18 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
         g = kda_gate(g, A_log, dt_bias)
     return delta_reference(_kda_chunked, q, k, v, g, beta, scale, initial_state,
                            output_final_state, cu_seqlens, use_qk_l2norm, chunk_size)
+
+
+def _check_gate(g, A_log, dt_bias) -> bool:
+    """Whether kda gets the gate's inputs (A_log [H] and dt_bias [H * K], both or neither)."""
+    shapes = [None if t is None else tuple(t.shape) for t in (A_log, dt_bias)]
+    if shapes == [None, None]:
+        return False
+    H, K = g.shape[2:]
+    if None in shapes or shapes[0] != (H,) or dt_bias.numel() != H * K:
+        raise ValueError(f"kda's gate takes A_log [H] and dt_bias [H * K] together; got "
+                         f"{shapes[0]} and {shapes[1]} for g {tuple(g.shape)}")
+    return True
 
 
 def kda_gate(f, A_log, dt_bias):
