@@ -70,7 +70,7 @@ for shared in (True, False):
     out = out0.clone().requires_grad_()
     if shared:
         buffer = _GradientBuffer(out, widths)
-        a, b, c, _ = _SplitSharingGradient.apply(out, buffer, widths)
+        a, b, c, _ = _SplitSharingGradient.apply(out, buffer)
         ya = causal_conv(a, w1, None, "silu", grad_x_into=buffer.writer(0))
         yb = causal_conv(b, w2, None, None, grad_x_into=buffer.writer(1))
     else:

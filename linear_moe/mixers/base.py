@@ -123,14 +123,14 @@ class _GradientBuffer:
 
     def __init__(self, out: torch.Tensor, widths):
         self.shape, self.dtype, self.device = out.shape, out.dtype, out.device
-        self.bounds = [(sum(widths[:i]), w) for i, w in enumerate(widths)]
+        self.widths = widths
         self.buffer = None
 
     def slice(self, i: int) -> torch.Tensor:
         if self.buffer is None:
             self.buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        start, width = self.bounds[i]
-        return self.buffer[..., start:start + width]
+        start = sum(self.widths[:i])
+        return self.buffer[..., start:start + self.widths[i]]
 
     def writer(self, i: int):
         """For causal_conv's grad_x_into: slice i, allocated on first use."""
@@ -144,10 +144,10 @@ class _SplitSharingGradient(torch.autograd.Function):
     bench's shape (H200 profile, eighth session)."""
 
     @staticmethod
-    def forward(ctx, out, grads, widths):
+    def forward(ctx, out, grads):
         ctx.grads = grads
         ctx.set_materialize_grads(False)
-        return tuple(out.split(widths, -1))
+        return tuple(out.split(grads.widths, -1))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -159,7 +159,7 @@ class _SplitSharingGradient(torch.autograd.Function):
             elif grad.data_ptr() != view.data_ptr() or grad.stride() != view.stride():
                 view.copy_(grad)
         buffer, written.buffer = written.buffer, None
-        return buffer, None, None
+        return buffer, None
 
 
 class _SharedInputLinears(torch.autograd.Function):
@@ -302,8 +302,7 @@ class LinearMixer(MegatronModule):
         conv's backward), so the gradients need no concatenation."""
         if len(projections) == 1 and not gradient_buffer:
             return (projections[0](x)[0],)
-        if self.tp_size > 1:  # what each ColumnParallelLinear does: all-reduce x's gradient
-            x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        x = self._column_input(x)
         bias = None
         if any(p.bias is not None for p in projections):
             bias = torch.cat([p.weight.new_zeros(p.weight.shape[0]) if p.bias is None
@@ -312,7 +311,7 @@ class LinearMixer(MegatronModule):
         widths = [p.weight.shape[0] for p in projections]
         if gradient_buffer:
             grads = _GradientBuffer(out, widths)
-            return _SplitSharingGradient.apply(out, grads, widths), grads
+            return _SplitSharingGradient.apply(out, grads), grads
         return out.split(widths, -1)
 
     def project_each(self, x, *projections):
@@ -321,10 +320,16 @@ class LinearMixer(MegatronModule):
         x's gradient accumulated inside the backward GEMMs (_SharedInputLinears)."""
         if len(projections) == 1:
             return (projections[0](x)[0],)
-        if self.tp_size > 1:  # what each ColumnParallelLinear does: all-reduce x's gradient
-            x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
-        return _SharedInputLinears.apply(x, len(projections), *(p.weight for p in projections),
+        return _SharedInputLinears.apply(self._column_input(x), len(projections),
+                                         *(p.weight for p in projections),
                                          *(p.bias for p in projections))
+
+    def _column_input(self, x):
+        """x as the projections' own GEMMs take it: under TP, what each ColumnParallelLinear
+        does first (its backward all-reduces x's gradient)."""
+        if self.tp_size > 1:
+            x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        return x
 
     def qkv(self, x, *extra):
         """x [b, s, h] -> q, k [b, s, H_local, Dk] and v [b, s, H_local, Dv], convolved over
@@ -337,8 +342,9 @@ class LinearMixer(MegatronModule):
         projections = (self.q_proj, self.k_proj, self.v_proj, *extra)
         if self.use_short_conv:  # our conv writes its input gradient into the GEMM's
             (q, k, v, *rest), grads = self.project(x, *projections, gradient_buffer=True)
-            q, k, v = (conv(t, grad_x_into=grads.writer(i)) for i, (conv, t) in
-                       enumerate(((self.q_conv, q), (self.k_conv, k), (self.v_conv, v))))
+            convs = (self.q_conv, self.k_conv, self.v_conv)
+            q, k, v = (conv(t, grad_x_into=grads.writer(i))
+                       for i, (conv, t) in enumerate(zip(convs, (q, k, v))))
             gate = self.g_proj(x)[0] if self.use_output_gate else None
         elif self.use_output_gate:
             q, k, v, *rest, gate = self.project_each(x, *projections, self.g_proj)
