@@ -1,9 +1,20 @@
-"""swap_leading_dims: the mixers' [s, b, ...] <-> [b, s, ...] copy and its gradient."""
+"""The mixers' layout: swap_leading_dims ([s, b, ...] <-> [b, s, ...] copy and its gradient)
+and the GEMMs that read / write the transposed view instead (linear_rows, matmul_into,
+weight_grads, linear_to_seq_first), and a mixer's layer running without either copy."""
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from linear_moe.layers.layout import _swap_copy, swap_leading_dims
+from linear_moe.layers.layout import (
+    _swap_copy,
+    linear_rows,
+    linear_to_seq_first,
+    matmul_into,
+    swap_leading_dims,
+    weight_grads,
+)
 
 
 @pytest.mark.parametrize("shape,dtype", [
@@ -29,3 +40,141 @@ def test_swap_copy_of_strided_or_unaligned_tensors():
     unaligned = torch.randn(4 * 3 * 8 + 1).to(torch.bfloat16)[1:].view(4, 3, 8)  # 2-byte offset
     assert unaligned.data_ptr() % 4 != 0
     assert torch.equal(_swap_copy(unaligned), unaligned.transpose(0, 1).contiguous())
+
+
+def _seq_first_view(s, b, k, seed=0):
+    """[b, s, k]: the transposed view of a contiguous [s, b, k] tensor (fp64)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(s, b, k, generator=g, dtype=torch.float64).transpose(0, 1)
+
+
+def test_linear_rows_and_matmul_into_on_the_transposed_view():
+    x = _seq_first_view(7, 3, 16)
+    w, bias = torch.randn(12, 16, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    y = linear_rows(x, w, bias)
+    assert y.is_contiguous() and torch.allclose(y, F.linear(x.contiguous(), w, bias))
+    g = torch.randn(3, 7, 12, dtype=torch.float64)
+    gx = matmul_into(torch.empty_like(x), g, w)  # written in x's layout
+    assert gx.stride() == x.stride() and torch.allclose(gx, g @ w)
+    matmul_into(gx, g, 2 * w, accumulate=True)
+    assert torch.allclose(gx, 3 * (g @ w))
+    out = torch.empty(7, 3, 16, dtype=torch.float64)  # a transposed view as the output
+    matmul_into(out.transpose(0, 1), g, w)
+    assert torch.allclose(out, (g @ w).transpose(0, 1))
+
+
+# (s, b, k): which way weight_grads sums rows stored in two orders. Widths 12 and 5.
+@pytest.mark.parametrize("s,b,k,way", [
+    (7, 3, 16, "copy x"),      # one copy of x (7*3*16) below the grads' own (252 + 105)
+    (40, 3, 4, "partials"),    # per-sequence partials (3*12*4) below a copy of x or g
+    (2, 3, 64, "copy g"),      # copying each g (2*3*12) below partials and a copy of x
+])
+def test_weight_grads_equal_one_gemm_over_all_rows(s, b, k, way):
+    x = _seq_first_view(s, b, k)
+    grads = [torch.randn(b, s, n, dtype=torch.float64) for n in (12, 5)]
+    ref = [g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, k) for g in grads]
+    got = weight_grads([grads[0], None, grads[1]], x)
+    assert got[1] is None
+    for a, r in zip((got[0], got[2]), ref):
+        assert a.dtype == torch.float64 and torch.allclose(a, r, rtol=1e-12, atol=1e-12)
+    own = [min(b * g.shape[-1] * k, s * b * g.shape[-1]) for g in grads]
+    taken = ("copy x" if s * b * k < sum(own) else
+             "partials" if own[0] == b * 12 * k else "copy g")
+    assert taken == way
+    # rows in one order in both (x contiguous): one GEMM
+    xc = x.contiguous()
+    assert torch.allclose(weight_grads([grads[0]], xc)[0], ref[0], rtol=1e-12, atol=1e-12)
+
+
+def test_linear_to_seq_first_gradcheck():
+    o = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    out = linear_to_seq_first(o, w)
+    assert out.shape == (5, 3, 6) and out.is_contiguous()
+    assert torch.allclose(out, F.linear(o, w).transpose(0, 1))
+    assert torch.autograd.gradcheck(linear_to_seq_first, (o, w))
+
+
+class _LayoutCopies(TorchDispatchMode):
+    """Counts the copies that change the layout of a [s, b, w] / [b, s, w] tensor (w in widths):
+    layout's _swap_copy calls and copy ops reading the transposed view of one (a GEMM's input
+    made contiguous, say; not other strided tensors, such as the CPU conv's [b, c, s]
+    gradient)."""
+
+    COPIES = {"aten.copy_.default": 1, "aten.clone.default": 0, "aten._to_copy.default": 0}
+
+    def __init__(self, dims, widths):
+        super().__init__()
+        self.dims, self.widths, self.count = dims, widths, 0
+
+    def __enter__(self):
+        from linear_moe.layers import layout
+
+        self._swap_copy = layout._swap_copy
+        layout._swap_copy = lambda t: (self._count(t), self._swap_copy(t))[1]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        from linear_moe.layers import layout
+
+        layout._swap_copy = self._swap_copy
+        return super().__exit__(*exc)
+
+    def _count(self, t):
+        if t.dim() == 3 and set(t.shape[:2]) == self.dims and t.shape[2] in self.widths:
+            self.count += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        index = self.COPIES.get(str(func))
+        src = args[index] if index is not None else None
+        if isinstance(src, torch.Tensor) and src.dim() == 3 and src.stride(2) == 1 \
+                and src.stride(0) < src.stride(1):  # a transposed view
+            self._count(src)
+        return func(*args, **(kwargs or {}))
+
+
+_LAYER_MIXERS = ("gla", "gated_deltanet", "hgrn2")
+
+
+def _layer_copies_worker(rank, world_size):
+    from megatron.core import parallel_state as mpu
+    from test_mixer_options import SEQ, _build
+
+    mpu.initialize_model_parallel(1)
+    results = {}
+    for name in _LAYER_MIXERS:
+        m = _build(name)
+        x = torch.randn(SEQ, 3, m.hidden_size)
+        dims, widths = {SEQ, 3}, {m.hidden_size, m.value_dim}
+        runs = []
+        for strided in (True, False):
+            m.strided_input = strided
+            xi = x.clone().requires_grad_()
+            with _LayoutCopies(dims, widths) as fwd:
+                out = m(xi)[0]
+            with _LayoutCopies(dims, widths) as bwd:
+                out.pow(2).sum().backward()
+            runs.append((fwd.count, bwd.count, out.detach(), xi.grad))
+            m.zero_grad()
+        (fwd, bwd, out, grad), (fwd_swap, bwd_swap, out_swap, grad_swap) = runs
+        results[name] = (fwd, bwd, fwd_swap, bwd_swap, (out - out_swap).abs().max().item(),
+                         (grad - grad_swap).abs().max().item())
+    return results
+
+
+@pytest.fixture(scope="module")
+def layer_copies():
+    from dist_utils import run_distributed
+
+    return run_distributed(_layer_copies_worker, 1)[0]
+
+
+@pytest.mark.parametrize("name", _LAYER_MIXERS)
+def test_layer_forward_copies_neither_input_nor_output(layer_copies, name):
+    """A strided-input mixer's forward makes no [b, s] copy of its input or output (with
+    strided_input off: the input's swap; the output's is gone for every mixer); backward at most
+    one per side, for a weight gradient where that is cheaper than per-sequence partials. The
+    outputs and the input's gradient equal those with strided_input off."""
+    fwd, bwd, fwd_swap, bwd_swap, out_diff, grad_diff = layer_copies[name]
+    assert (fwd, fwd_swap) == (0, 1) and bwd <= 2 and bwd_swap >= 1
+    assert out_diff < 1e-6 and grad_diff < 1e-6

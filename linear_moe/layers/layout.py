@@ -11,6 +11,7 @@ the same copy runs on the rows viewed as 16-byte elements (complex128): 8 bf16 p
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Widest first; a row whose byte size (or start) does not divide by one tries the next.
 _WIDE_DTYPES = (torch.complex128, torch.float64, torch.float32)
@@ -47,3 +48,126 @@ def swap_leading_dims(x: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 1 or x.shape[1] == 1:  # the transposed view is contiguous: no copy
         return x.transpose(0, 1).contiguous()
     return _SwapLeadingDims.apply(x)
+
+
+# -- GEMMs on the transposed view, instead of the copies ------------------------------------
+# x.transpose(0, 1) of a contiguous [s, b, k] tensor is a [b, s, k] view whose rows of k are
+# contiguous at a stride of b*k: a batched GEMM over b reads or writes it in place (the row
+# stride is cuBLAS's leading dimension, the batch stride k; torch's bmm passes such operands and
+# outputs to cuBLAS uncopied). So the in-projections can read Megatron's [s, b, h] input and
+# o_proj can write its [s, b, h] output without the copies above. Only a weight gradient, a sum
+# over rows that sit in different orders in its two operands, needs partial products per
+# sequence (b * n * k elements) or a copy of one operand into the other's order (s * b * width);
+# it takes the smaller.
+
+def _rows(t: torch.Tensor):
+    """t [B, S, n] as ("bs" | "sb", [B*S, n] rows in that order) without a copy, or (None, None)."""
+    if t.is_contiguous():
+        return "bs", t.reshape(-1, t.shape[-1])
+    if t.transpose(0, 1).is_contiguous():
+        return "sb", t.transpose(0, 1).reshape(-1, t.shape[-1])
+    return None, None
+
+
+def _rows_in(t: torch.Tensor, order: str) -> torch.Tensor:
+    """t [B, S, n]'s rows as [B*S, n] in ``order``, copied into it where they are not."""
+    have, rows = _rows(t)
+    if have == order:
+        return rows
+    if have is None:
+        t = t.contiguous()
+    seq_first = t.transpose(0, 1) if order == "bs" else t  # its swap is in ``order``
+    return _swap_copy(seq_first).reshape(-1, t.shape[-1])
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """x [B, S, k] @ weight.T (+ bias) -> contiguous [B, S, n]; x contiguous or the transposed
+    view of a contiguous [S, B, k] tensor (read in place by one batched GEMM)."""
+    if x.is_contiguous():
+        return F.linear(x, weight, bias)
+    out = torch.bmm(x, weight.t().expand(x.shape[0], -1, -1))
+    return out if bias is None else out.add_(bias)
+
+
+def matmul_into(out: torch.Tensor, a: torch.Tensor, mat: torch.Tensor,
+                accumulate: bool = False) -> torch.Tensor:
+    """out (+)= a @ mat, in place: out [B, S, n] and a [B, S, k] each contiguous or a transposed
+    view as in ``linear_rows``, mat [k, n]."""
+    if out.is_contiguous() and a.is_contiguous():
+        out_2d, a_2d = out.view(-1, out.shape[-1]), a.reshape(-1, a.shape[-1])
+        if accumulate:
+            out_2d.addmm_(a_2d, mat)
+        else:
+            torch.mm(a_2d, mat, out=out_2d)
+    else:
+        batched = mat.expand(a.shape[0], -1, -1)
+        if accumulate:
+            out.baddbmm_(a, batched)
+        else:
+            torch.bmm(a, batched, out=out)
+    return out
+
+
+def weight_grads(grads, x: torch.Tensor) -> list:
+    """[g.T @ x summed over all rows, for g in grads] ([n_i, k] in g's dtype; None for None):
+    the weight gradients of linears of x [B, S, k] whose output gradients are grads [B, S, n_i],
+    any operand contiguous or a transposed view. Rows in one order in both: one GEMM. Otherwise
+    the cheapest of per-sequence partial products summed in fp32 (B * n_i * k elements), a copy
+    of g (S * B * n_i) or one copy of x shared by every g (S * B * k)."""
+    x_order, x_rows = _rows(x)
+    B, S, k = x.shape
+    out = [None] * len(grads)
+    mismatched = []
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        g_order, g_rows = _rows(g)
+        if g_order is not None and g_order == x_order:
+            out[i] = g_rows.t() @ x_rows
+        else:
+            mismatched.append(i)
+    if not mismatched:
+        return out
+    own = {i: min(B * grads[i].shape[-1] * k, S * B * grads[i].shape[-1]) for i in mismatched}
+    if x_order is None or S * B * k < sum(own.values()):  # one copy of x for all
+        order = _rows(grads[mismatched[0]])[0] or "bs"
+        x_rows = _rows_in(x, order)
+        for i in mismatched:
+            out[i] = _rows_in(grads[i], order).t() @ x_rows
+        return out
+    for i in mismatched:
+        g = grads[i]
+        if own[i] == B * g.shape[-1] * k:  # partials per sequence
+            partial = torch.bmm(g.transpose(1, 2), x)  # [B, n, k]
+            out[i] = partial.sum(0, dtype=torch.promote_types(g.dtype, torch.float32)).to(g.dtype)
+        else:
+            out[i] = _rows_in(g, x_order).t() @ x_rows
+    return out
+
+
+class _LinearToSeqFirst(torch.autograd.Function):
+    """o [B, S, v] @ weight.T -> contiguous [S, B, n]: the GEMM writes the transposed view."""
+
+    @staticmethod
+    def forward(ctx, o, weight):
+        ctx.save_for_backward(o, weight)
+        out = o.new_empty(o.shape[1], o.shape[0], weight.shape[0])
+        matmul_into(out.transpose(0, 1), o, weight.t())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        o, weight = ctx.saved_tensors
+        grad_bs = grad.transpose(0, 1)
+        grad_o = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_o = matmul_into(torch.empty_like(o), grad_bs, weight)
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grads([grad_bs], o)[0]
+        return grad_o, grad_w
+
+
+def linear_to_seq_first(o: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """o [B, S, v] @ weight.T -> [S, B, n], with no [b, s] -> [s, b] copy forward or backward
+    (the mixers' output projection)."""
+    return _LinearToSeqFirst.apply(o.contiguous(), weight)

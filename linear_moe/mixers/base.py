@@ -4,12 +4,14 @@ A mixer sits in a Megatron TransformerLayer's ``self_attention`` slot, so it tak
 that slot is built with and returns ``(output [s, b, h], bias)``. Subclasses build their
 projections with ``column``/``row`` and implement ``mix(x) -> o`` on the full sequence.
 
-Layout: Megatron's activations are [s, b, h] but the ops take [b, s, H, D], so ``forward``
-transposes the input once to [b, s, h] and everything in ``mix`` stays batch-first: the
-in-projections give [b, s, H*D], ``heads`` only views that as [b, s, H, D], short convolutions
-run on [b, s, c] and token shifts / routing act on dim 1. ``unheads`` does the single transpose
-back to [s, b, H*D] that o_proj needs (under sequence parallelism it reduce-scatters dim 0).
-One transpose of the hidden size in, one of the value width out, instead of one per projection.
+Layout: Megatron's activations are [s, b, h] but the ops take [b, s, H, D], so everything in
+``mix`` is batch-first: the in-projections give [b, s, H*D], ``heads`` only views that as
+[b, s, H, D], short convolutions run on [b, s, c] and token shifts / routing act on dim 1. The
+mixers with ``strided_input`` get x as the transposed view of the [s, b, h] input, which their
+in-projections' batched GEMMs read in place; the others get one [b, s, h] copy. ``unheads``
+gives [b, s, H*D] and ``project_out``'s GEMM writes o_proj's output in [s, b] order (under
+sequence parallelism it reduce-scatters dim 0). No copy of the layer's input or output, forward
+or backward, for the strided-input mixers (layout.py, "GEMMs on the transposed view").
 
 Tensor parallelism: every projection is split by heads (ColumnParallelLinear in,
 RowParallelLinear out); per-head parameters are sharded with ``init_tp_sharded_``. Under sequence
@@ -43,6 +45,8 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import (
@@ -52,7 +56,13 @@ from megatron.core.transformer.utils import (
 )
 
 from linear_moe.layers import GatedRMSNorm, ShortConvolution, init_tp_sharded_
-from linear_moe.layers.layout import swap_leading_dims
+from linear_moe.layers.layout import (
+    linear_rows,
+    linear_to_seq_first,
+    matmul_into,
+    swap_leading_dims,
+    weight_grads,
+)
 
 
 def check_head_sharing(la_module: str, head_sharing: str | None, num_heads: int,
@@ -86,34 +96,6 @@ def check_head_sharing(la_module: str, head_sharing: str | None, num_heads: int,
                              f"is not divisible by --tensor-model-parallel-size {tp} (each TP "
                              f"rank holds whole q/k heads); use a multiple of {tp} q/k heads or "
                              "a smaller TP size")
-
-
-class _ConcatenatedLinear(torch.autograd.Function):
-    """x @ cat(weights).T + bias, saving the weights rather than their concatenation, which
-    F.linear would keep until backward: hidden x (sum of widths) per layer, 72 MiB over the
-    peer's 12 GDN layers, most of its 85 MiB forward-memory gap to fla's model (H200 census,
-    session 8). Backward concatenates again (a copy of the same size) and splits the weight
-    gradient into one view per weight."""
-
-    @staticmethod
-    def forward(ctx, x, bias, *weights):
-        ctx.save_for_backward(x, *weights)
-        ctx.has_bias = bias is not None
-        return F.linear(x, torch.cat(weights), bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, *weights = ctx.saved_tensors
-        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_2d @ torch.cat(weights)).view(x.shape)
-        grad_weights = [None] * len(weights)
-        if any(ctx.needs_input_grad[2:]):  # frozen weights need none
-            grad_w = grad_2d.t() @ x.reshape(-1, x.shape[-1])
-            grad_weights = grad_w.split([w.shape[0] for w in weights])
-        grad_bias = grad_2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
-        return grad_x, grad_bias, *grad_weights
 
 
 class _GradientBuffer:
@@ -163,45 +145,85 @@ class _SplitSharingGradient(torch.autograd.Function):
 
 
 class _SharedInputLinears(torch.autograd.Function):
-    """Several linears of one input, x @ w_i.T + b_i, each output written whole. Backward
-    accumulates x's gradient inside the GEMMs (addmm_ with beta 1) instead of one gradient per
-    linear summed by autograd's adds (three passes over [tokens, hidden] per extra linear)."""
+    """Linears of one input x [b, s, h], in groups: output i = x @ cat(group i's weights).T
+    + their biases. A group of several is one GEMM, split by the caller; the concatenation is
+    a per-step copy, not kept for backward, where it is made again (kept, it was hidden x sum
+    of widths per layer: 72 MiB over the peer's 12 GDN layers, most of its 85 MiB forward-memory
+    gap to fla's model, H200 census, session 8). Backward accumulates x's gradient inside the
+    GEMMs (beta 1) instead of autograd summing one gradient per output (three passes over
+    [tokens, hidden] each), and forms every weight gradient in one weight_grads call, so at
+    most one copy of x. x may be the transposed view of [s, b, h] (layout's GEMMs)."""
 
     @staticmethod
-    def forward(ctx, x, num, *weights_and_biases):
+    def forward(ctx, x, group_sizes, *weights_and_biases):
+        num = len(weights_and_biases) // 2
         weights, biases = weights_and_biases[:num], weights_and_biases[num:]
         ctx.save_for_backward(x, *weights)
-        ctx.has_bias = [b is not None for b in biases]
+        ctx.group_sizes = group_sizes
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: skipped
-        return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
+        outs = []
+        for ws, bs in zip(_grouped(group_sizes, weights), _grouped(group_sizes, biases)):
+            bias = None
+            if any(b is not None for b in bs):
+                bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b
+                                  for w, b in zip(ws, bs)])
+            outs.append(linear_rows(x, _concat(ws), bias))
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         x, *weights = ctx.saved_tensors
-        x_2d = x.reshape(-1, x.shape[-1])
+        num, sizes = len(weights), ctx.group_sizes
+        groups = _grouped(sizes, weights)
+        firsts = [sum(sizes[:i]) for i in range(len(sizes))]  # each group's first weight
         grad_x = None
-        grad_weights, grad_biases = [None] * len(weights), [None] * len(weights)
-        for i, (grad, weight) in enumerate(zip(grads, weights)):
-            if grad is None:  # an output that did not reach the loss
-                continue
-            grad_2d = grad.reshape(-1, grad.shape[-1])
-            if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:
+            for grad, ws in zip(grads, groups):
+                if grad is None:  # an output that did not reach the loss
+                    continue
                 if grad_x is None:
-                    grad_x = grad_2d @ weight
+                    grad_x = matmul_into(torch.empty_like(x), grad, _concat(ws))
                 else:
-                    grad_x.addmm_(grad_2d, weight)
-            if ctx.needs_input_grad[2 + i]:
-                grad_weights[i] = grad_2d.t() @ x_2d
-            if ctx.has_bias[i] and ctx.needs_input_grad[2 + len(weights) + i]:
-                grad_biases[i] = grad_2d.sum(0)
-        if grad_x is not None:
-            grad_x = grad_x.view(x.shape)
+                    matmul_into(grad_x, grad, _concat(ws), accumulate=True)
+        needs = ctx.needs_input_grad[2:]
+        wanted = [g if any(needs[f:f + n]) else None for g, f, n in zip(grads, firsts, sizes)]
+        grad_weights, grad_biases = [None] * num, [None] * num
+        for grad, grad_w, f, ws in zip(grads, weight_grads(wanted, x), firsts, groups):
+            if grad is None:
+                continue
+            widths = [w.shape[0] for w in ws]
+            if grad_w is not None:
+                grad_weights[f:f + len(ws)] = grad_w.split(widths)
+            if any(needs[num + f:num + f + len(ws)]):
+                grad_biases[f:f + len(ws)] = _sum_rows(grad).split(widths)
+        grad_weights = [g if need else None for g, need in zip(grad_weights, needs)]
+        grad_biases = [g if need else None for g, need in zip(grad_biases, needs[num:])]
         return grad_x, None, *grad_weights, *grad_biases
+
+
+def _grouped(sizes, items):
+    """items cut into consecutive groups of the given sizes."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [items[i:i + n] for i, n in zip(starts, sizes)]
+
+
+def _concat(weights):
+    return weights[0] if len(weights) == 1 else torch.cat(weights)
+
+
+def _sum_rows(grad: torch.Tensor) -> torch.Tensor:
+    """A bias gradient: grad summed over every dim but the last."""
+    return grad.sum(tuple(range(grad.dim() - 1)))
 
 
 class LinearMixer(MegatronModule):
     #: Head sharing the mixer supports: "kv" (--la-num-kv-heads), "v" (--la-num-v-heads) or None.
     head_sharing: str | None = None
+    #: ``mix`` gets x as the transposed view of Megatron's [s, b, h] input, which project /
+    #: project_each / qkv / output / project_replicated read in place. False for a mixer that
+    #: reads x otherwise (token shifts, routing, its modules' own GEMMs): it gets a [b, s, h]
+    #: copy, once, where each such read of the view would copy or run strided.
+    strided_input: bool = True
 
     def __init__(self, config, submodules=None, layer_number: int | None = None,
                  attn_mask_type=None, pg_collection=None, cp_comm_type=None, **unused):
@@ -284,51 +306,65 @@ class LinearMixer(MegatronModule):
         if self.use_short_conv:
             self.q_conv, self.k_conv, self.v_conv = (self.short_conv(d) for d in dims)
 
-    def project(self, x, *projections, gradient_buffer: bool = False):
+    def project(self, x, *projections, gradient_buffer: bool = False, separate=()):
         """x [b, s, h] through several of this mixer's in-projections (``column`` modules) as
         one GEMM, split back into their outputs ([b, s, out] views). x is read once and its
         gradient is one GEMM, instead of one per projection summed up (GDN has five). The
         weights stay separate parameters, so checkpoints and TP sharding are unchanged; their
-        concatenation is a per-step copy that is not kept for backward (_ConcatenatedLinear).
+        concatenation is a per-step copy that is not kept for backward (_SharedInputLinears).
 
         Only for outputs read in place (fla's short conv reads strided slices): a kernel that
         copies its slice costs a copy forward and the split's concatenation backward, more
         than the GEMMs save (retention's layer measured 1.13x -> 1.17x with it). A consumer
         that keeps a slice for backward keeps the whole output alive, so output gates, which
-        the gated norm keeps, get their own GEMM.
+        the gated norm keeps, go in ``separate``: their own GEMMs, outputs returned after the
+        split ones, x's gradient still accumulated in the same backward.
 
         gradient_buffer: returns (outputs, _GradientBuffer) instead, whose ``writer(i)`` gives
         output i's consumer the slice of the output's gradient to write in place (our short
         conv's backward), so the gradients need no concatenation."""
         if len(projections) == 1 and not gradient_buffer:
-            return (projections[0](x)[0],)
-        x = self._column_input(x)
-        bias = None
-        if any(p.bias is not None for p in projections):
-            bias = torch.cat([p.weight.new_zeros(p.weight.shape[0]) if p.bias is None
-                              else p.bias for p in projections])
-        out = _ConcatenatedLinear.apply(x, bias, *(p.weight for p in projections))
+            return self.project_each(x, *projections, *separate)
+        out, *separate_outs = self._linears(self._column_input(x),
+                                            [projections, *((p,) for p in separate)])
         widths = [p.weight.shape[0] for p in projections]
         if gradient_buffer:
             grads = _GradientBuffer(out, widths)
-            return _SplitSharingGradient.apply(out, grads), grads
-        return out.split(widths, -1)
+            return (*_SplitSharingGradient.apply(out, grads), *separate_outs), grads
+        return (*out.split(widths, -1), *separate_outs)
 
     def project_each(self, x, *projections):
         """x [b, s, h] through several of this mixer's in-projections (``column`` modules), each
         output its own tensor (for kernels that would copy a slice of one fused output), with
         x's gradient accumulated inside the backward GEMMs (_SharedInputLinears)."""
-        if len(projections) == 1:
+        if len(projections) == 1 and x.is_contiguous():  # the module's own GEMM
             return (projections[0](x)[0],)
-        return _SharedInputLinears.apply(self._column_input(x), len(projections),
-                                         *(p.weight for p in projections),
-                                         *(p.bias for p in projections))
+        return self._linears(self._column_input(x), [(p,) for p in projections])
+
+    @staticmethod
+    def _linears(x, groups):
+        """_SharedInputLinears over groups of linears (modules with .weight / .bias)."""
+        linears = [p for group in groups for p in group]
+        return _SharedInputLinears.apply(x, tuple(len(g) for g in groups),
+                                         *(p.weight for p in linears),
+                                         *(p.bias for p in linears))
+
+    @staticmethod
+    def project_replicated(x, linear: torch.nn.Linear) -> torch.Tensor:
+        """x [b, s, h] through a linear replicated over TP (a low-rank gate's down projection),
+        x read in place when it is the transposed view."""
+        return LinearMixer._linears(x, [(linear,)])[0]
 
     def _column_input(self, x):
         """x as the projections' own GEMMs take it: under TP, what each ColumnParallelLinear
-        does first (its backward all-reduces x's gradient)."""
+        does first (its backward all-reduces x's gradient). On the transposed view, to the
+        [s, b, h] tensor beneath, so the all-reduce gets its gradient contiguous."""
         if self.tp_size > 1:
-            x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+            if x.is_contiguous():
+                x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+            else:
+                x = copy_to_tensor_model_parallel_region(
+                    x.transpose(0, 1), group=self.tp_group).transpose(0, 1)
         return x
 
     def qkv(self, x, *extra):
@@ -336,16 +372,19 @@ class LinearMixer(MegatronModule):
         the sequence where enabled (shared heads repeated to H_local by expand_heads), followed
         by the outputs of the ``extra`` in-projections and the output gate's projection [b, s,
         value_dim / tp] (None without a gate), which ``output`` takes. With the short convs,
-        which read the slices in place, q, k, v and the extras are one GEMM (``project``); the
-        gate, which the gated norm keeps, has its own. Without, every projection writes its
-        own output and x's gradient is accumulated in their backward GEMMs (``project_each``)."""
+        which read the slices in place, q, k, v and the extras are one GEMM (``project``) and
+        the gate, which the gated norm keeps, its own beside it; without, every projection
+        writes its own output (``project_each``). Either way x's gradient is accumulated in
+        their backward GEMMs."""
         projections = (self.q_proj, self.k_proj, self.v_proj, *extra)
         if self.use_short_conv:  # our conv writes its input gradient into the GEMM's
-            (q, k, v, *rest), grads = self.project(x, *projections, gradient_buffer=True)
+            gates = (self.g_proj,) if self.use_output_gate else ()
+            (q, k, v, *rest), grads = self.project(x, *projections, gradient_buffer=True,
+                                                   separate=gates)
+            gate = rest.pop() if gates else None
             convs = (self.q_conv, self.k_conv, self.v_conv)
             q, k, v = (conv(t, grad_x_into=grads.writer(i))
                        for i, (conv, t) in enumerate(zip(convs, (q, k, v))))
-            gate = self.g_proj(x)[0] if self.use_output_gate else None
         elif self.use_output_gate:
             q, k, v, *rest, gate = self.project_each(x, *projections, self.g_proj)
         else:  # the kernels would copy slices of one output: separate GEMMs write them whole
@@ -392,10 +431,12 @@ class LinearMixer(MegatronModule):
                                    elementwise_affine=self.config.la_norm_elementwise_affine)
 
     def output(self, o, x, gate=None):
-        """o [b, s, H_local, Dv], x [b, s, h] -> [s, b, value_dim / tp], normed and gated by
+        """o [b, s, H_local, Dv], x [b, s, h] -> [b, s, value_dim / tp], normed and gated by
         the output gate: ``gate`` as ``qkv`` returned it, else projected from x here."""
         if self.use_output_gate:
-            gate = self.heads(self.g_proj(x)[0] if gate is None else gate, self.head_v_dim)
+            if gate is None:
+                gate = self.project_each(x, self.g_proj)[0]
+            gate = self.heads(gate, self.head_v_dim)
         return self.unheads(self.o_norm(o, gate))
 
     def per_head_parameter(self, init_fn) -> torch.nn.Parameter:
@@ -415,14 +456,13 @@ class LinearMixer(MegatronModule):
 
     @staticmethod
     def unheads(x: torch.Tensor) -> torch.Tensor:
-        """[b, s, H, D] -> [s, b, H*D] for o_proj: the mixer's one transpose out, made
-        contiguous here once: o_proj's matmul would copy the strided view anyway and its weight
-        gradient would copy the saved view again."""
-        return swap_leading_dims(x.flatten(2))
+        """[b, s, H, D] -> [b, s, H*D], what ``mix`` returns (``forward``'s output projection
+        writes it in [s, b] order)."""
+        return x.flatten(2)
 
     # -- Megatron interface ----------------------------------------------------------------
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [b, s, h] full sequence -> o: [s, b, value_dim / tp] (via ``unheads``)."""
+        """x: [b, s, h] full sequence -> o: [b, s, value_dim / tp] (via ``unheads``)."""
         raise NotImplementedError
 
     def forward(self, hidden_states, attention_mask=None, inference_context=None,
@@ -440,9 +480,21 @@ class LinearMixer(MegatronModule):
             # in-projections all-reduce it), so backward only needs to split it.
             x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False,
                                                      group=self.tp_group)
-        # The one transpose in (contiguous: every projection reads it); see the module docstring.
-        o = self.mix(swap_leading_dims(x))
-        return self.o_proj(o)
+        # Batch-first for the ops; see the module docstring.
+        o = self.mix(x.transpose(0, 1) if self.strided_input else swap_leading_dims(x))
+        return self.project_out(o)
+
+    def project_out(self, o):
+        """o [b, s, value_dim / tp] -> (out [s, b, h], bias): o_proj's GEMM writes the [s, b]
+        order itself, then RowParallelLinear's reduction (all-reduce, or under sequence
+        parallelism reduce-scatter over s); the bias is returned, as o_proj skips adding it."""
+        out = linear_to_seq_first(o, self.o_proj.weight)
+        if self.tp_size > 1:
+            if self.config.sequence_parallel:
+                out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
+            else:
+                out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+        return out, self.o_proj.bias
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Megatron linears shard themselves; other parameters shard along the TP dim they were

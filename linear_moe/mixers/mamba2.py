@@ -94,9 +94,10 @@ class Mamba2Mixer(LinearMixer):
         return t.repeat_interleave(self.num_local_heads // self.local_groups, dim=2)
 
     def mix(self, x):
-        # z, the output gate, has its own GEMM: the convs keep their slices for backward and
-        # with them the whole fused output (project)
-        xs, B, C, dt = self.project(x, self.x_proj, self.B_proj, self.C_proj, self.dt_proj)
+        # z, the output gate, has its own GEMM beside the fused one (project's separate): the
+        # norm keeps z for backward, and a kept slice would keep the whole fused output
+        xs, B, C, dt, z = self.project(x, self.x_proj, self.B_proj, self.C_proj, self.dt_proj,
+                                       separate=(self.z_proj,))
         xs = self.heads(self.x_conv(xs), self.head_v_dim)
         B = self._groups_to_heads(self.B_conv(B))
         C = self._groups_to_heads(self.C_conv(C))
@@ -109,7 +110,7 @@ class Mamba2Mixer(LinearMixer):
         y, _ = ops.ssd(xs, dt, -self.A_log.float().exp(), B, C, D,
                        backend=self.config.la_backend, mode=self.config.la_mode,
                        chunk_size=self.config.la_chunk_size)
-        z = self.heads(self.z_proj(x)[0], self.head_v_dim)
+        z = self.heads(z, self.head_v_dim)
         if self.config.la_ssm_norm_before_gate:  # norm(y) * silu(z)
             return self.unheads(self.o_norm(y, z))
         y = y * self.o_norm.gate_fn(z.float()).to(y.dtype)  # norm(y * silu(z)), Mamba2's default

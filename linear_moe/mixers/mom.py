@@ -31,6 +31,8 @@ class MixtureOfMemories(LinearMixer):
     """Routing, capacity, packing and the load-balancing loss; subclasses define one memory's
     projections (``memory_inputs``) and recurrence (``run_memory``)."""
 
+    strided_input = False  # routing and the memories' projections read x as [b, s, h]
+
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         if config.la_use_short_conv:

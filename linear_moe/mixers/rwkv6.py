@@ -39,6 +39,8 @@ _DECAY_LOW_RANK_DIM = 64  # fla's gate_low_rank_dim
               "la_output_norm": "groupnorm", "la_gate_fn": "swish"},
 )
 class RWKV6Mixer(LinearMixer):
+    strided_input = False  # the token shift and the mixes read x as [b, s, h]
+
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         rwkv.check_config(config, "rwkv6")

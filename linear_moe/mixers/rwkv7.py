@@ -51,6 +51,8 @@ def _low_rank(hidden: int, scale: float, factor: float = 1.0) -> int:
               "la_output_norm": "groupnorm"},
 )
 class RWKV7Mixer(LinearMixer):
+    strided_input = False  # the token shift and the mixes read x as [b, s, h]
+
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         rwkv.check_config(config, "rwkv7")
