@@ -77,7 +77,7 @@ def test_weight_grads_equal_one_gemm_over_all_rows(s, b, k, way):
     assert got[1] is None
     for a, r in zip((got[0], got[2]), ref):
         assert a.dtype == torch.float64 and torch.allclose(a, r, rtol=1e-12, atol=1e-12)
-    own = [min(b * g.shape[-1] * k, s * b * g.shape[-1]) for g in grads]
+    own = [min(b * g.shape[-1] * k, s * b * g.shape[-1]) for g in grads]  # fp64: 8 bytes each
     taken = ("copy x" if s * b * k < sum(own) else
              "partials" if own[0] == b * 12 * k else "copy g")
     assert taken == way
@@ -178,3 +178,14 @@ def test_layer_forward_copies_neither_input_nor_output(layer_copies, name):
     fwd, bwd, fwd_swap, bwd_swap, out_diff, grad_diff = layer_copies[name]
     assert (fwd, fwd_swap) == (0, 1) and bwd <= 2 and bwd_swap >= 1
     assert out_diff < 1e-6 and grad_diff < 1e-6
+
+
+def test_weight_grads_partials_round_once_in_bf16():
+    """The partial products are summed in fp32 and rounded to bf16 once, so every entry is
+    within bf16 rounding of the exact sum, as one GEMM's, also where the partials cancel."""
+    x = _seq_first_view(64, 8, 4).to(torch.bfloat16)
+    g = torch.randn(8, 64, 12, dtype=torch.float64).to(torch.bfloat16)
+    got = weight_grads([g], x)[0]  # 8 * 12 * 4 partials, well below a copy of x or g
+    exact = g.double().reshape(-1, 12).t() @ x.double().reshape(-1, 4)
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - exact).abs() / exact.abs()).max() <= 2 ** -8

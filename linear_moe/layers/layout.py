@@ -90,21 +90,23 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def matmul_into(out: torch.Tensor, a: torch.Tensor, mat: torch.Tensor,
-                accumulate: bool = False) -> torch.Tensor:
-    """out (+)= a @ mat, in place: out [B, S, n] and a [B, S, k] each contiguous or a transposed
-    view as in ``linear_rows``, mat [k, n]."""
+                accumulate: bool = False, alpha: float = 1.0) -> torch.Tensor:
+    """out (+)= alpha * a @ mat, in place: out [B, S, n] and a [B, S, k] each contiguous or a
+    transposed view as in ``linear_rows``, mat [k, n]."""
     if out.is_contiguous() and a.is_contiguous():
         out_2d, a_2d = out.view(-1, out.shape[-1]), a.reshape(-1, a.shape[-1])
         if accumulate:
-            out_2d.addmm_(a_2d, mat)
+            out_2d.addmm_(a_2d, mat, alpha=alpha)
         else:
             torch.mm(a_2d, mat, out=out_2d)
     else:
         batched = mat.expand(a.shape[0], -1, -1)
         if accumulate:
-            out.baddbmm_(a, batched)
+            out.baddbmm_(a, batched, alpha=alpha)
         else:
             torch.bmm(a, batched, out=out)
+    if not accumulate and alpha != 1.0:
+        out.mul_(alpha)
     return out
 
 
@@ -112,8 +114,9 @@ def weight_grads(grads, x: torch.Tensor) -> list:
     """[g.T @ x summed over all rows, for g in grads] ([n_i, k] in g's dtype; None for None):
     the weight gradients of linears of x [B, S, k] whose output gradients are grads [B, S, n_i],
     any operand contiguous or a transposed view. Rows in one order in both: one GEMM. Otherwise
-    the cheapest of per-sequence partial products summed in fp32 (B * n_i * k elements), a copy
-    of g (S * B * n_i) or one copy of x shared by every g (S * B * k)."""
+    the cheapest in bytes moved of: per-sequence partial products in fp32, summed (B * n_i * k
+    elements of at least 4 bytes); a copy of g (S * B * n_i elements); one copy of x shared by
+    every g (S * B * k)."""
     x_order, x_rows = _rows(x)
     B, S, k = x.shape
     out = [None] * len(grads)
@@ -128,8 +131,11 @@ def weight_grads(grads, x: torch.Tensor) -> list:
             mismatched.append(i)
     if not mismatched:
         return out
-    own = {i: min(B * grads[i].shape[-1] * k, S * B * grads[i].shape[-1]) for i in mismatched}
-    if x_order is None or S * B * k < sum(own.values()):  # one copy of x for all
+    size = x.element_size()
+    partial_bytes = {i: B * grads[i].shape[-1] * k * max(size, 4) for i in mismatched}
+    copy_bytes = {i: S * B * grads[i].shape[-1] * size for i in mismatched}
+    own = {i: min(partial_bytes[i], copy_bytes[i]) for i in mismatched}
+    if x_order is None or S * B * k * size < sum(own.values()):  # one copy of x for all
         order = _rows(grads[mismatched[0]])[0] or "bs"
         x_rows = _rows_in(x, order)
         for i in mismatched:
@@ -137,12 +143,22 @@ def weight_grads(grads, x: torch.Tensor) -> list:
         return out
     for i in mismatched:
         g = grads[i]
-        if own[i] == B * g.shape[-1] * k:  # partials per sequence
-            partial = torch.bmm(g.transpose(1, 2), x)  # [B, n, k]
-            out[i] = partial.sum(0, dtype=torch.promote_types(g.dtype, torch.float32)).to(g.dtype)
+        if partial_bytes[i] <= copy_bytes[i]:  # [B, n, k] partials, summed
+            out[i] = _bmm_fp32(g.transpose(1, 2), x).sum(0).to(g.dtype)
         else:
             out[i] = _rows_in(g, x_order).t() @ x_rows
     return out
+
+
+def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b batched with at least fp32 results: the partial products of a bf16 / fp16 weight
+    gradient are summed before one rounding, as inside one GEMM (rounded each, they lose digits
+    wherever the partials cancel)."""
+    if a.dtype not in (torch.bfloat16, torch.float16):
+        return torch.bmm(a, b)
+    if a.is_cuda:
+        return torch.bmm(a, b, torch.float32)  # out_dtype: cuBLAS writes its fp32 accumulator
+    return torch.bmm(a.float(), b.float())
 
 
 class _LinearToSeqFirst(torch.autograd.Function):

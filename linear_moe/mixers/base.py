@@ -152,14 +152,15 @@ class _SharedInputLinears(torch.autograd.Function):
     gap to fla's model, H200 census, session 8). Backward accumulates x's gradient inside the
     GEMMs (beta 1) instead of autograd summing one gradient per output (three passes over
     [tokens, hidden] each), and forms every weight gradient in one weight_grads call, so at
-    most one copy of x. x may be the transposed view of [s, b, h] (layout's GEMMs)."""
+    most one copy of x. x may be the transposed view of [s, b, h] (layout's GEMMs).
+    grad_scales: per group, the factor of its share of x's gradient (LinearMixer._linears)."""
 
     @staticmethod
-    def forward(ctx, x, group_sizes, *weights_and_biases):
+    def forward(ctx, x, group_sizes, grad_scales, *weights_and_biases):
         num = len(weights_and_biases) // 2
         weights, biases = weights_and_biases[:num], weights_and_biases[num:]
         ctx.save_for_backward(x, *weights)
-        ctx.group_sizes = group_sizes
+        ctx.group_sizes, ctx.grad_scales = group_sizes, grad_scales
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: skipped
         outs = []
         for ws, bs in zip(_grouped(group_sizes, weights), _grouped(group_sizes, biases)):
@@ -178,14 +179,14 @@ class _SharedInputLinears(torch.autograd.Function):
         firsts = [sum(sizes[:i]) for i in range(len(sizes))]  # each group's first weight
         grad_x = None
         if ctx.needs_input_grad[0]:
-            for grad, ws in zip(grads, groups):
+            for grad, ws, scale in zip(grads, groups, ctx.grad_scales):
                 if grad is None:  # an output that did not reach the loss
                     continue
                 if grad_x is None:
-                    grad_x = matmul_into(torch.empty_like(x), grad, _concat(ws))
+                    grad_x = matmul_into(torch.empty_like(x), grad, _concat(ws), alpha=scale)
                 else:
-                    matmul_into(grad_x, grad, _concat(ws), accumulate=True)
-        needs = ctx.needs_input_grad[2:]
+                    matmul_into(grad_x, grad, _concat(ws), accumulate=True, alpha=scale)
+        needs = ctx.needs_input_grad[3:]
         wanted = [g if any(needs[f:f + n]) else None for g, f, n in zip(grads, firsts, sizes)]
         grad_weights, grad_biases = [None] * num, [None] * num
         for grad, grad_w, f, ws in zip(grads, weight_grads(wanted, x), firsts, groups):
@@ -198,7 +199,12 @@ class _SharedInputLinears(torch.autograd.Function):
                 grad_biases[f:f + len(ws)] = _sum_rows(grad).split(widths)
         grad_weights = [g if need else None for g, need in zip(grad_weights, needs)]
         grad_biases = [g if need else None for g, need in zip(grad_biases, needs[num:])]
-        return grad_x, None, *grad_weights, *grad_biases
+        return grad_x, None, None, *grad_weights, *grad_biases
+
+
+def _replicated(linear) -> bool:
+    """A plain torch.nn.Linear among a mixer's in-projections is replicated over TP."""
+    return not isinstance(linear, ColumnParallelLinear)
 
 
 def _grouped(sizes, items):
@@ -220,7 +226,7 @@ class LinearMixer(MegatronModule):
     #: Head sharing the mixer supports: "kv" (--la-num-kv-heads), "v" (--la-num-v-heads) or None.
     head_sharing: str | None = None
     #: ``mix`` gets x as the transposed view of Megatron's [s, b, h] input, which project /
-    #: project_each / qkv / output / project_replicated read in place. False for a mixer that
+    #: project_each / qkv / output read in place. False for a mixer that
     #: reads x otherwise (token shifts, routing, its modules' own GEMMs): it gets a [b, s, h]
     #: copy, once, where each such read of the view would copy or run strided.
     strided_input: bool = True
@@ -325,8 +331,7 @@ class LinearMixer(MegatronModule):
         conv's backward), so the gradients need no concatenation."""
         if len(projections) == 1 and not gradient_buffer:
             return self.project_each(x, *projections, *separate)
-        out, *separate_outs = self._linears(self._column_input(x),
-                                            [projections, *((p,) for p in separate)])
+        out, *separate_outs = self._linears(x, [projections, *((p,) for p in separate)])
         widths = [p.weight.shape[0] for p in projections]
         if gradient_buffer:
             grads = _GradientBuffer(out, widths)
@@ -334,26 +339,29 @@ class LinearMixer(MegatronModule):
         return (*out.split(widths, -1), *separate_outs)
 
     def project_each(self, x, *projections):
-        """x [b, s, h] through several of this mixer's in-projections (``column`` modules), each
-        output its own tensor (for kernels that would copy a slice of one fused output), with
-        x's gradient accumulated inside the backward GEMMs (_SharedInputLinears)."""
-        if len(projections) == 1 and x.is_contiguous():  # the module's own GEMM
+        """x [b, s, h] through several of this mixer's in-projections, each output its own
+        tensor (for kernels that would copy a slice of one fused output), with x's gradient
+        accumulated inside the backward GEMMs (_SharedInputLinears). ``column`` modules, or
+        torch.nn.Linear ones replicated over TP (a low-rank gate's down projection)."""
+        if len(projections) == 1 and x.is_contiguous() \
+                and isinstance(projections[0], ColumnParallelLinear):  # the module's own GEMM
             return (projections[0](x)[0],)
-        return self._linears(self._column_input(x), [(p,) for p in projections])
+        return self._linears(x, [(p,) for p in projections])
 
-    @staticmethod
-    def _linears(x, groups):
-        """_SharedInputLinears over groups of linears (modules with .weight / .bias)."""
+    def _linears(self, x, groups):
+        """_SharedInputLinears over groups of linears, behind the TP copy of x (_column_input).
+        A group of one torch.nn.Linear is replicated over TP: every rank holds all of its share
+        of x's gradient, which the copy's all-reduce would sum tp times, so it is scaled by
+        1 / tp (exact for a power of two)."""
         linears = [p for group in groups for p in group]
-        return _SharedInputLinears.apply(x, tuple(len(g) for g in groups),
-                                         *(p.weight for p in linears),
+        scales = tuple(1.0 / self.tp_size if len(g) == 1 and _replicated(g[0]) else 1.0
+                       for g in groups)
+        if any(_replicated(p) for g in groups if len(g) > 1 for p in g):
+            raise ValueError("a linear replicated over TP cannot share a fused GEMM with "
+                             "TP-split ones; pass it as its own projection")
+        return _SharedInputLinears.apply(self._column_input(x), tuple(len(g) for g in groups),
+                                         scales, *(p.weight for p in linears),
                                          *(p.bias for p in linears))
-
-    @staticmethod
-    def project_replicated(x, linear: torch.nn.Linear) -> torch.Tensor:
-        """x [b, s, h] through a linear replicated over TP (a low-rank gate's down projection),
-        x read in place when it is the transposed view."""
-        return LinearMixer._linears(x, [(linear,)])[0]
 
     def _column_input(self, x):
         """x as the projections' own GEMMs take it: under TP, what each ColumnParallelLinear
@@ -370,26 +378,29 @@ class LinearMixer(MegatronModule):
     def qkv(self, x, *extra):
         """x [b, s, h] -> q, k [b, s, H_local, Dk] and v [b, s, H_local, Dv], convolved over
         the sequence where enabled (shared heads repeated to H_local by expand_heads), followed
-        by the outputs of the ``extra`` in-projections and the output gate's projection [b, s,
-        value_dim / tp] (None without a gate), which ``output`` takes. With the short convs,
-        which read the slices in place, q, k, v and the extras are one GEMM (``project``) and
-        the gate, which the gated norm keeps, its own beside it; without, every projection
-        writes its own output (``project_each``). Either way x's gradient is accumulated in
-        their backward GEMMs."""
-        projections = (self.q_proj, self.k_proj, self.v_proj, *extra)
+        by the outputs of the ``extra`` in-projections (``column`` modules, or torch.nn.Linear
+        ones replicated over TP) and the output gate's projection [b, s, value_dim / tp] (None
+        without a gate), which ``output`` takes. All in one call (_SharedInputLinears), so x's
+        gradient is accumulated in its backward GEMMs. With the short convs, which read the
+        slices in place, q, k, v and the split extras are one GEMM (``project``), the gate
+        (which the gated norm keeps) and replicated extras their own beside it; without, every
+        projection writes its own output (``project_each``)."""
+        gates = (self.g_proj,) if self.use_output_gate else ()
         if self.use_short_conv:  # our conv writes its input gradient into the GEMM's
-            gates = (self.g_proj,) if self.use_output_gate else ()
-            (q, k, v, *rest), grads = self.project(x, *projections, gradient_buffer=True,
-                                                   separate=gates)
-            gate = rest.pop() if gates else None
+            fused = (self.q_proj, self.k_proj, self.v_proj,
+                     *(p for p in extra if not _replicated(p)))
+            replicated = tuple(p for p in extra if _replicated(p))
+            (q, k, v, *outs), grads = self.project(x, *fused, gradient_buffer=True,
+                                                   separate=(*replicated, *gates))
+            by_linear = dict(zip(fused[3:] + replicated + gates, outs))
+            rest, gate = [by_linear[p] for p in extra], by_linear.get(gates[0]) if gates else None
             convs = (self.q_conv, self.k_conv, self.v_conv)
             q, k, v = (conv(t, grad_x_into=grads.writer(i))
                        for i, (conv, t) in enumerate(zip(convs, (q, k, v))))
-        elif self.use_output_gate:
-            q, k, v, *rest, gate = self.project_each(x, *projections, self.g_proj)
         else:  # the kernels would copy slices of one output: separate GEMMs write them whole
-            q, k, v, *rest = self.project_each(x, *projections)
-            gate = None
+            q, k, v, *rest = self.project_each(x, self.q_proj, self.k_proj, self.v_proj, *extra,
+                                               *gates)
+            gate = rest.pop() if gates else None
         return (self.expand_heads(self.heads(q, self.head_k_dim)),
                 self.expand_heads(self.heads(k, self.head_k_dim)),
                 self.expand_heads(self.heads(v, self.head_v_dim)), *rest, gate)

@@ -44,10 +44,10 @@ class KDAMixer(LinearMixer):
         self.build_output()
 
     def mix(self, x):
-        q, k, v, b, gate = self.qkv(x, self.b_proj)
+        q, k, v, b, f_low, gate = self.qkv(x, self.b_proj, self.f_down)
         # The decay's input; the op forms the log decay -exp(A_log) softplus(f + dt_bias)
         # (inside fla's chunk kernel, as fla's KimiDeltaAttention).
-        f = self.heads(self.f_up(self.project_replicated(x, self.f_down))[0], self.head_k_dim)
+        f = self.heads(self.f_up(f_low)[0], self.head_k_dim)
         beta = self.per_head(b).sigmoid()
         if self.config.la_allow_neg_eigval:  # fla's allow_neg_eigval: beta in (0, 2)
             beta = beta * 2.0

@@ -110,3 +110,43 @@ def test_swiglu_linear_matches_torch(dtype, tol):
         err = rel_err(a.float(), b)
         _record("swiglu_linear", str(dtype)[6:], 352, name, err)
         assert err <= tol, (name, err)
+
+
+def test_transposed_view_gemms_copy_nothing_on_cuda():
+    """layout's GEMMs on CUDA: the in-projection reading the transposed view of [s, b, h], its
+    input gradient written in that layout, and o_proj writing [s, b] order (linear_to_seq_first,
+    forward and backward, its weight gradient from per-sequence partials): no copy of an
+    activation (no aten copy / clone / contiguous of a tensor with the s dim, also none inside
+    bmm), and equal to the GEMMs on contiguous copies."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from linear_moe.layers.layout import linear_rows, linear_to_seq_first, matmul_into
+
+    torch.manual_seed(0)
+    s, b, h, n = 2048, 4, 1024, 768
+    x_sb = torch.randn(s, b, h, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(n, h, device="cuda") / h ** 0.5).to(torch.bfloat16)
+    wo = (torch.randn(h, n, device="cuda") / n ** 0.5).to(torch.bfloat16).requires_grad_()
+    x = x_sb.transpose(0, 1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 record_shapes=True) as prof:
+        y = linear_rows(x, w)
+        gx = matmul_into(torch.empty_like(x), y, w)
+        o = y.detach().requires_grad_()
+        out = linear_to_seq_first(o, wo)
+        out.backward(x_sb)
+        torch.cuda.synchronize()
+    copy_ops = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")
+    copies = [(e.name, e.input_shapes) for e in prof.events() if e.name in copy_ops
+              and any(s in shape for shape in e.input_shapes if shape)]
+    assert not copies, copies
+    assert any(e.name == "aten::bmm" for e in prof.events())
+    xc = x.contiguous()
+    ref_y = xc @ w.t()
+    assert rel_err(y.float(), ref_y.float()) <= 1e-2
+    assert gx.stride() == x.stride() and rel_err(gx.float(), (ref_y @ w).float()) <= 1e-2
+    ref_out = (o @ wo.t()).transpose(0, 1)
+    assert out.is_contiguous() and rel_err(out.float(), ref_out.float()) <= 1e-2
+    ref_gw = x_sb.transpose(0, 1).reshape(-1, h).t().float() @ o.reshape(-1, n).float()
+    assert rel_err(wo.grad.float(), ref_gw) <= 1e-2
