@@ -226,9 +226,9 @@ class LinearMixer(MegatronModule):
     #: Head sharing the mixer supports: "kv" (--la-num-kv-heads), "v" (--la-num-v-heads) or None.
     head_sharing: str | None = None
     #: ``mix`` gets x as the transposed view of Megatron's [s, b, h] input, which project /
-    #: project_each / qkv / output read in place. False for a mixer that
-    #: reads x otherwise (token shifts, routing, its modules' own GEMMs): it gets a [b, s, h]
-    #: copy, once, where each such read of the view would copy or run strided.
+    #: project_each / qkv / output read in place. False for a mixer that reads x otherwise
+    #: (token shifts, routing, its modules' own GEMMs): it gets a [b, s, h] copy, once, where
+    #: each such read of the view would copy or run strided.
     strided_input: bool = True
 
     def __init__(self, config, submodules=None, layer_number: int | None = None,
@@ -393,7 +393,8 @@ class LinearMixer(MegatronModule):
             (q, k, v, *outs), grads = self.project(x, *fused, gradient_buffer=True,
                                                    separate=(*replicated, *gates))
             by_linear = dict(zip(fused[3:] + replicated + gates, outs))
-            rest, gate = [by_linear[p] for p in extra], by_linear.get(gates[0]) if gates else None
+            rest = [by_linear[p] for p in extra]  # in the order asked
+            gate = by_linear[self.g_proj] if gates else None
             convs = (self.q_conv, self.k_conv, self.v_conv)
             q, k, v = (conv(t, grad_x_into=grads.writer(i))
                        for i, (conv, t) in enumerate(zip(convs, (q, k, v))))

@@ -34,11 +34,12 @@ class HGRN2Mixer(LinearMixer):
         self.build_output()
 
     def mix(self, x):
-        q, f, i = self.project_each(x, self.q_proj, self.f_proj, self.i_proj)
+        gates = (self.g_proj,) if self.use_output_gate else ()
+        q, f, i, *gate = self.project_each(x, self.q_proj, self.f_proj, self.i_proj, *gates)
         q = F.silu(self.heads(q, self.head_k_dim))
         g = F.logsigmoid(self.heads(f, self.head_k_dim).float())
         k = (1 - g.exp()).to(q.dtype)
         i = self.heads(i, self.head_v_dim)
         o, _ = ops.gla(q, k, i, g, backend=self.config.la_backend, mode=self.config.la_mode,
                        chunk_size=self.config.la_chunk_size)
-        return self.output(o, x)
+        return self.output(o, x, *gate)
