@@ -16,6 +16,17 @@ from linear_moe.mixers.base import LinearMixer
 from linear_moe.registry import register_mixer
 
 
+def _log_decay(z: torch.Tensor, normalizer: float, clamp_min: float | None) -> torch.Tensor:
+    """fla's GLA log decay: logsigmoid(z) / normalizer, clamped from below where set."""
+    g = F.logsigmoid(z) / normalizer
+    return g if clamp_min is None else g.clamp_min(clamp_min)
+
+
+# One pass forward and one backward on CUDA (inductor), where eager runs two each way over
+# [tokens, key dim] (logsigmoid, the division): ~0.13 ms of the GLA layer bench's step (H200).
+_log_decay_cuda = torch.compile(_log_decay)
+
+
 @register_mixer(
     "gla",
     options=("la_gate_low_rank_dim", "la_gate_logit_normalizer", "la_clamp_min",
@@ -48,9 +59,8 @@ class GLAMixer(LinearMixer):
         # In the activation dtype, as fla's GatedLinearAttention: chunk_gla then keeps this bf16
         # gate for its backward and recomputes the fp32 cumsum. An fp32 gate made it keep the
         # fp32 cumsum and logsigmoid its fp32 input: 0.4 GiB more at the peer shape.
-        gk = F.logsigmoid(gk) / self.config.la_gate_logit_normalizer
-        if self.config.la_clamp_min is not None:  # fla's clamp_min
-            gk = gk.clamp_min(self.config.la_clamp_min)
+        log_decay = _log_decay_cuda if gk.is_cuda else _log_decay
+        gk = log_decay(gk, self.config.la_gate_logit_normalizer, self.config.la_clamp_min)
         if self.phi is not None:  # fla's feature_map on q/k
             q, k = self.phi(q), self.phi(k)
         o, _ = ops.gla(q, k, v, gk, backend=self.config.la_backend, mode=self.config.la_mode,
