@@ -120,10 +120,18 @@ def _gla_fla(q, k, v, gk, scale, initial_state, output_final_state, cu_seqlens, 
     # so the Hopper/Triton guard of fla #640 (see fla_compat) does not apply here.
     from fla.ops.gla import chunk_gla, fused_recurrent_gla
 
-    h0 = None if initial_state is None else initial_state.float()  # fla wants an fp32 state
-    kwargs = dict(scale=scale, initial_state=h0, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    # The state [V, K]-major inside fla (state_v_first), as fla's GatedLinearAttention layer
+    # runs it: the peer's fla model then runs the same kernel variants (and autotune entries)
+    # as ours. Our states stay [N, H, K, V] at this boundary.
+    h0 = None
+    if initial_state is not None:  # fla wants an fp32 state
+        h0 = initial_state.float().transpose(-1, -2).contiguous()
+    kwargs = dict(scale=scale, initial_state=h0, output_final_state=output_final_state,
+                  cu_seqlens=cu_seqlens, state_v_first=True)
     if mode == "chunk":
         o, state = chunk_gla(q, k, v, gk, **kwargs)
     else:
         o, state = fused_recurrent_gla(q, k, v, gk=gk, **kwargs)
-    return o, (state.float() if state is not None and output_final_state else None)
+    if state is None or not output_final_state:
+        return o, None
+    return o, state.float().transpose(-1, -2)
