@@ -14,6 +14,50 @@ GATE_FNS = tuple(_GATE_FNS)
 _FLA_GATE_ACTIVATIONS = {"swish": "swish", "silu": "swish", "sigmoid": "sigmoid"}
 
 
+def _rms_norm_weight_grad(grad_out, x, rstd):
+    """The RMSNorm weight's gradient: sum over rows of dy * x * rstd, in fp32 at least."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return (grad_out.to(acc) * x.to(acc) * rstd.to(acc)).flatten(0, -2).sum(0)
+
+
+# One compiled reduction (inductor splits it over the rows): torch's GammaBeta kernel reduced it
+# at ~1 TB/s, 64 of the 103 us of each RMSNorm backward at the peer's [16384, 1024] (H100
+# profile, ninth session), ~1.6 ms of a GLA 8K step.
+_rms_norm_weight_grad_cuda = torch.compile(_rms_norm_weight_grad)
+
+
+class _CudaRMSNorm(torch.autograd.Function):
+    """torch's fused CUDA rms_norm forward and input gradient (aten._fused_rms_norm[_backward],
+    what F.rms_norm runs), with the weight's gradient from _rms_norm_weight_grad_cuda instead
+    of torch's reduction."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        shape = [x.shape[-1]]
+        out, rstd = torch.ops.aten._fused_rms_norm(x, shape, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, rstd = ctx.saved_tensors
+        grad_x, _ = torch.ops.aten._fused_rms_norm_backward(
+            grad_out.contiguous(), x, [x.shape[-1]], rstd, weight,
+            [ctx.needs_input_grad[0], False])
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = _rms_norm_weight_grad_cuda(grad_out, x, rstd).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """F.rms_norm over the last dim in x's dtype (fp32 inside); on CUDA with a weight, through
+    _CudaRMSNorm."""
+    if x.is_cuda and weight is not None:
+        return _CudaRMSNorm.apply(x.contiguous(), weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
 class RMSNorm(torch.nn.Module):
     """RMSNorm in fp32 that supports sequence parallelism.
 
@@ -31,7 +75,7 @@ class RMSNorm(torch.nn.Module):
     def forward(self, x):
         # In the input's dtype: torch accumulates in fp32 inside rms_norm either way, and a
         # bf16 input then takes one kernel instead of an fp32 copy in and a cast out.
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        return rms_norm(x, self.weight.to(x.dtype), self.eps)
 
 
 class GatedRMSNorm(torch.nn.Module):
@@ -79,7 +123,7 @@ class GatedRMSNorm(torch.nn.Module):
             # No gate: torch's CUDA rms_norm in the input's dtype (fp32 inside), as RMSNorm.
             # The fp32 path's casts cost two more passes each way (deltanet's layer, whose
             # output norm has no gate: 2.3 ms of its 6.2 ms overhead, H200 session 8).
-            return F.rms_norm(o, (o.shape[-1],), self._tp_weight(o.dtype), self.eps)
+            return rms_norm(o, self._tp_weight(o.dtype), self.eps)
         y = o.float()
         if self.use_norm:
             y = F.rms_norm(y, (y.shape[-1],), self._tp_weight(torch.float32), self.eps)

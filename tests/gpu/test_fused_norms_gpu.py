@@ -90,3 +90,29 @@ def test_rmsnorm_in_bf16_matches_fp32():
     y_ref, grads_ref = _grads(ref, [x.float()], dy.float())
     for name, a, b in zip(["y", "dx", "dweight"], [y, *grads], [y_ref, *grads_ref]):
         assert rel_err(a, b) <= REL_TOL, (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, REL_TOL)],
+                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(300, 2, 1024), (2, 300, 4, 128)], ids=["layer", "heads"])
+def test_cuda_rms_norm_matches_torch_autograd(shape, dtype, tol):
+    """norm.rms_norm on CUDA (torch's fused forward and input gradient, the weight gradient as
+    a compiled reduction) against F.rms_norm under torch's autograd in fp32."""
+    import torch.nn.functional as F
+
+    from linear_moe.layers.norm import rms_norm
+
+    torch.manual_seed(0)
+    d = shape[-1]
+    x = torch.randn(*shape, device="cuda")
+    w = torch.rand(d, device="cuda") + 0.5
+    dy = torch.randn_like(x)
+    runs = []
+    for fn, run_dtype in ((rms_norm, dtype),
+                          (lambda a, b, eps: F.rms_norm(a, (d,), b, eps), torch.float32)):
+        xi, wi = (t.to(run_dtype).requires_grad_() for t in (x, w))
+        y = fn(xi, wi, 1e-6)
+        y.backward(dy.to(run_dtype))
+        runs.append((y, xi.grad, wi.grad))
+    for name, a, b in zip(["y", "dx", "dweight"], *runs):
+        assert a.dtype == dtype and rel_err(a.float(), b) <= tol, (name, rel_err(a.float(), b))
