@@ -156,9 +156,12 @@ def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     wherever the partials cancel)."""
     if a.dtype not in (torch.bfloat16, torch.float16):
         return torch.bmm(a, b)
-    if a.is_cuda:
+    if a.is_cuda and _BMM_HAS_OUT_DTYPE:
         return torch.bmm(a, b, torch.float32)  # out_dtype: cuBLAS writes its fp32 accumulator
     return torch.bmm(a.float(), b.float())
+
+
+_BMM_HAS_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")  # torch >= 2.9 (CUDA kernels)
 
 
 class _LinearToSeqFirst(torch.autograd.Function):
