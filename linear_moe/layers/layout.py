@@ -1,11 +1,15 @@
-"""Swapping the two leading dims ([s, b, ...] <-> [b, s, ...]) as one copy at memory speed.
+"""The mixers' layout: batch-first ops inside Megatron's [s, b, h] activations.
 
-The mixers run batch-first while Megatron's activations are [s, b, h]: each layer copies its
-input to [b, s, h] and its output back, and backward copies both gradients. torch runs a copy of
-a permuted tensor through its generic strided kernel, one 2-byte element at a time for bf16;
-those four copies were 1.1 ms/step of the GLA layer bench's 3.0 ms overhead (H200,
-2026-12-05). Only the leading dims move and every row of the trailing dims stays contiguous, so
-the same copy runs on the rows viewed as 16-byte elements (complex128): 8 bf16 per load.
+Two tools. The GEMMs on the transposed view (below): the in-projections read the [b, s, h]
+view of the [s, b, h] input in place and o_proj writes its [s, b, h] output through the view,
+so a mixer needs no copy of its input or output. And the copy itself, swapping the two leading
+dims at memory speed, for what still needs one: the mixers that read x otherwise (token shifts,
+routing) and a weight gradient whose rows sit in two orders, where a copy moves fewer bytes
+than per-sequence partials. torch runs a copy of a permuted tensor through its generic strided
+kernel, one 2-byte element at a time for bf16 (the four copies per layer were 1.1 ms/step of
+the GLA layer bench's 3.0 ms overhead, H200, 2026-12-05); only the leading dims move and every
+row of the trailing dims stays contiguous, so the same copy runs on the rows viewed as 16-byte
+elements (complex128): 8 bf16 per load.
 """
 
 from __future__ import annotations
