@@ -39,7 +39,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
@@ -176,7 +175,7 @@ class _SharedInputLinears(torch.autograd.Function):
         x, *weights = ctx.saved_tensors
         num, sizes = len(weights), ctx.group_sizes
         groups = _grouped(sizes, weights)
-        firsts = [sum(sizes[:i]) for i in range(len(sizes))]  # each group's first weight
+        firsts = _starts(sizes)  # each group's first weight
         grad_x = None
         if ctx.needs_input_grad[0]:
             for grad, ws, scale in zip(grads, groups, ctx.grad_scales):
@@ -207,10 +206,14 @@ def _replicated(linear) -> bool:
     return not isinstance(linear, ColumnParallelLinear)
 
 
+def _starts(sizes):
+    """Where each of consecutive groups of the given sizes starts."""
+    return [sum(sizes[:i]) for i in range(len(sizes))]
+
+
 def _grouped(sizes, items):
     """items cut into consecutive groups of the given sizes."""
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [items[i:i + n] for i, n in zip(starts, sizes)]
+    return [items[i:i + n] for i, n in zip(_starts(sizes), sizes)]
 
 
 def _concat(weights):
