@@ -28,7 +28,7 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from linear_moe.config import LinearMixerFields, LinearMoEConfig, resolve_mixer_defaults
-from linear_moe.layers import RMSNorm
+from linear_moe.layers import ResidualRMSNorm, RMSNorm
 from linear_moe.layers.cross_entropy import fused_vocab_parallel_cross_entropy
 from linear_moe.models import get_preset
 from linear_moe.ops.fla_autotune import apply_autotune_keys
@@ -61,10 +61,10 @@ def layer_specs(config, base_model: str) -> list[ModuleSpec]:
         else:
             token_mixer = preset.attention_spec(config)
         specs.append(ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
-            input_layernorm=RMSNorm,
+            input_layernorm=ResidualRMSNorm,
             self_attention=token_mixer,
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=RMSNorm,
+            pre_mlp_layernorm=ResidualRMSNorm,
             mlp=preset.mlp_spec(config, index),
             mlp_bda=get_bias_dropout_add,
         )))

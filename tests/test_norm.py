@@ -1,12 +1,18 @@
-"""The norms' CPU-checkable parts: the RMSNorm weight gradient that the CUDA path computes as
-a compiled reduction (its forward and input gradient are torch's own fused CUDA kernels, checked
-in tests/gpu/test_fused_norms_gpu.py)."""
+"""The norms' CPU-checkable parts: the RMSNorm gradient formulas that the CUDA path compiles
+(the weight's reduction; x's gradient with the residual branch's added, ResidualRMSNorm) and the
+(output, residual) pair megatron-core's layer takes. The CUDA kernels against torch's autograd:
+tests/gpu/test_fused_norms_gpu.py."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from linear_moe.layers.norm import _rms_norm_weight_grad
+from linear_moe.layers.norm import (
+    ResidualRMSNorm,
+    _rms_norm_input_grad,
+    _rms_norm_weight_grad,
+    rms_norm_with_residual,
+)
 
 
 @pytest.mark.parametrize("shape", [(7, 3, 16), (2, 5, 4, 8)])
@@ -19,3 +25,56 @@ def test_rms_norm_weight_grad_equals_autograd(shape):
     rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)  # what _fused_rms_norm returns
     got = _rms_norm_weight_grad(dy, x, rstd)
     assert got.dtype == torch.float64 and torch.allclose(got, w.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(7, 3, 16), (2, 5, 4, 8)])
+def test_rms_norm_input_grad_equals_autograd(shape):
+    """x's gradient formula of the residual-carrying norm, with and without the residual's."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(shape[-1], dtype=torch.float64) + 0.5
+    dy, dres = torch.randn_like(x), torch.randn_like(x)
+    (F.rms_norm(x, (shape[-1],), w, 1e-6) * dy + x * dres).sum().backward()
+    rstd = torch.rsqrt(x.detach().pow(2).mean(-1, keepdim=True) + 1e-6)
+    got = _rms_norm_input_grad(dy, x.detach(), w, rstd, dres)
+    assert torch.allclose(got, x.grad, rtol=1e-12, atol=1e-12)
+    alone = _rms_norm_input_grad(dy, x.detach(), w, rstd, None)
+    assert torch.allclose(alone, x.grad - dres, rtol=1e-12, atol=1e-12)
+
+
+def test_norm_with_residual_gradcheck():
+    """(y, x) with both outputs used, one used, and in a chain of two (a layer's two norms)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 8, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(8, dtype=torch.float64) + 0.5).requires_grad_()
+
+    def both(x, w):
+        y, r = rms_norm_with_residual(x, w, 1e-6)
+        return y * 2 + r.sin()
+
+    def chained(x, w):  # residual + f(norm(x)), normed again: the TransformerLayer's pattern
+        y, r = rms_norm_with_residual(x, w, 1e-6)
+        h = r + y.tanh()
+        y2, r2 = rms_norm_with_residual(h, w, 1e-6)
+        return r2 + y2.exp()
+
+    torch.autograd.gradcheck(both, (x, w))
+    torch.autograd.gradcheck(chained, (x, w))
+    torch.autograd.gradcheck(lambda x, w: rms_norm_with_residual(x, w, 1e-6)[0], (x, w))
+    torch.autograd.gradcheck(lambda x, w: rms_norm_with_residual(x, w, 1e-6)[1] * 3, (x, w))
+
+
+def test_residual_norm_returns_x_itself_and_plain_under_norm_recompute():
+    from types import SimpleNamespace
+
+    cfg = dict(params_dtype=torch.float32, sequence_parallel=False,
+               recompute_granularity=None, recompute_modules=None)
+    norm = ResidualRMSNorm(SimpleNamespace(**cfg), 8)
+    x = torch.randn(4, 2, 8)
+    y, residual = norm(x)
+    assert residual.data_ptr() == x.data_ptr()
+    assert torch.allclose(y, F.rms_norm(x, (8,), norm.weight, 1e-5), atol=1e-6)
+    # megatron-core's layer-norm recompute frees the norm's outputs: x must not be one of them
+    cfg.update(recompute_granularity="selective", recompute_modules=["layernorm"])
+    plain = ResidualRMSNorm(SimpleNamespace(**cfg), 8)
+    assert isinstance(plain(x), torch.Tensor)

@@ -26,36 +26,72 @@ def _rms_norm_weight_grad(grad_out, x, rstd):
 _rms_norm_weight_grad_cuda = torch.compile(_rms_norm_weight_grad)
 
 
-class _CudaRMSNorm(torch.autograd.Function):
-    """torch's fused CUDA rms_norm forward and input gradient (aten._fused_rms_norm[_backward],
-    what F.rms_norm runs), with the weight's gradient from _rms_norm_weight_grad_cuda instead
-    of torch's reduction."""
+def _rms_norm_input_grad(grad_out, x, weight, rstd, grad_residual):
+    """x's gradient through y = x * rstd * weight, plus grad_residual, the gradient x got as the
+    layer's residual branch (None: none), in one pass; fp32 at least inside, x's dtype out."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    rstd = rstd.to(acc)
+    g = grad_out.to(acc) * weight.to(acc)
+    x_hat = x.to(acc) * rstd
+    grad_x = rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
+    if grad_residual is not None:
+        grad_x = grad_x + grad_residual.to(acc)
+    return grad_x.to(x.dtype)
+
+
+# One row reduction reading the residual's gradient beside dy and x: without it autograd adds
+# the two gradients of the layer's input in a pass of its own (a 32 MiB bf16 add, ~32 us, two
+# per layer at the peer's [16384, 1024]: H100 profile of the ninth session).
+_rms_norm_input_grad_cuda = torch.compile(_rms_norm_input_grad)
+
+
+class _FusedRMSNorm(torch.autograd.Function):
+    """torch's fused rms_norm forward (aten._fused_rms_norm, what F.rms_norm runs), the weight's
+    gradient as our own reduction (compiled on CUDA).
+
+    With residual=True it returns (y, x): x itself as the layer's residual branch (megatron-core's
+    TransformerLayer takes a norm's (output, residual) pair), so the gradients of x's two uses
+    meet in this backward, one pass with the norm's input gradient, instead of in autograd's add.
+    Without, x's gradient is torch's fused CUDA kernel (or our formula off CUDA)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        shape = [x.shape[-1]]
-        out, rstd = torch.ops.aten._fused_rms_norm(x, shape, weight, eps)
+    def forward(ctx, x, weight, eps, residual):
+        out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return out
+        ctx.set_materialize_grads(False)
+        return (out, x) if residual else out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_residual=None):
+        if grad_out is None:  # only the residual branch was used
+            return grad_residual, None, None, None
         x, weight, rstd = ctx.saved_tensors
-        grad_x, _ = torch.ops.aten._fused_rms_norm_backward(
-            grad_out.contiguous(), x, [x.shape[-1]], rstd, weight,
-            [ctx.needs_input_grad[0], False])
-        grad_w = None
+        grad_out = grad_out.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            if x.is_cuda and grad_residual is None:
+                grad_x, _ = torch.ops.aten._fused_rms_norm_backward(
+                    grad_out, x, [x.shape[-1]], rstd, weight, [True, False])
+            else:
+                input_grad = _rms_norm_input_grad_cuda if x.is_cuda else _rms_norm_input_grad
+                grad_x = input_grad(grad_out, x, weight, rstd, grad_residual)
         if ctx.needs_input_grad[1]:
-            grad_w = _rms_norm_weight_grad_cuda(grad_out, x, rstd).to(weight.dtype)
-        return grad_x, grad_w, None
+            weight_grad = _rms_norm_weight_grad_cuda if x.is_cuda else _rms_norm_weight_grad
+            grad_w = weight_grad(grad_out, x, rstd).to(weight.dtype)
+        return grad_x, grad_w, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """F.rms_norm over the last dim in x's dtype (fp32 inside); on CUDA with a weight, through
-    _CudaRMSNorm."""
+    _FusedRMSNorm."""
     if x.is_cuda and weight is not None:
-        return _CudaRMSNorm.apply(x.contiguous(), weight, eps)
+        return _FusedRMSNorm.apply(x.contiguous(), weight, eps, False)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def rms_norm_with_residual(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(rms_norm(x), x), x's two gradients summed inside the norm's backward (_FusedRMSNorm)."""
+    return _FusedRMSNorm.apply(x.contiguous(), weight, eps, True)
 
 
 class RMSNorm(torch.nn.Module):
@@ -76,6 +112,24 @@ class RMSNorm(torch.nn.Module):
         # In the input's dtype: torch accumulates in fp32 inside rms_norm either way, and a
         # bf16 input then takes one kernel instead of an fp32 copy in and a cast out.
         return rms_norm(x, self.weight.to(x.dtype), self.eps)
+
+
+class ResidualRMSNorm(RMSNorm):
+    """RMSNorm for a TransformerLayer's input / pre-MLP slot: returns (norm(x), x), the pair
+    megatron-core's layer takes as (output, residual), so the residual branch's gradient joins
+    the norm's input gradient in one pass (rms_norm_with_residual). A plain tensor where
+    megatron-core recomputes the layer norms: its checkpoint frees the norm's outputs, and the
+    residual is x's own storage."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
+        super().__init__(config, hidden_size, eps)
+        self.returns_residual = not (config.recompute_granularity == "selective"
+                                     and "layernorm" in (config.recompute_modules or ()))
+
+    def forward(self, x):
+        if not self.returns_residual:
+            return super().forward(x)
+        return rms_norm_with_residual(x, self.weight.to(x.dtype), self.eps)
 
 
 class GatedRMSNorm(torch.nn.Module):

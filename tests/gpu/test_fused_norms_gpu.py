@@ -116,3 +116,31 @@ def test_cuda_rms_norm_matches_torch_autograd(shape, dtype, tol):
         runs.append((y, xi.grad, wi.grad))
     for name, a, b in zip(["y", "dx", "dweight"], *runs):
         assert a.dtype == dtype and rel_err(a.float(), b) <= tol, (name, rel_err(a.float(), b))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, REL_TOL)],
+                         ids=["fp32", "bf16"])
+def test_cuda_norm_with_residual_matches_torch_autograd(dtype, tol):
+    """rms_norm_with_residual on CUDA (x's gradient and the residual branch's in one compiled
+    pass) in a layer's pattern, y and r both used, against F.rms_norm + x under autograd in
+    fp32; the residual is x's own storage."""
+    import torch.nn.functional as F
+
+    from linear_moe.layers.norm import rms_norm_with_residual
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 2, 1024, device="cuda")
+    w = torch.rand(1024, device="cuda") + 0.5
+    dy, dres = torch.randn_like(x), torch.randn_like(x)
+    runs = []
+    for fused, run_dtype in ((True, dtype), (False, torch.float32)):
+        xi, wi = (t.to(run_dtype).requires_grad_() for t in (x, w))
+        if fused:
+            y, r = rms_norm_with_residual(xi, wi, 1e-6)
+            assert r.data_ptr() == xi.data_ptr()
+        else:
+            y, r = F.rms_norm(xi, (1024,), wi, 1e-6), xi
+        torch.autograd.backward([y, r], [dy.to(run_dtype), dres.to(run_dtype)])
+        runs.append((y, xi.grad, wi.grad))
+    for name, a, b in zip(["y", "dx", "dweight"], *runs):
+        assert a.dtype == dtype and rel_err(a.float(), b) <= tol, (name, rel_err(a.float(), b))
