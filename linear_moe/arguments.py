@@ -162,6 +162,15 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "the same parameters and checkpoints")
     for flag, text in _SWITCHES:
         g.add_argument(flag, action="store_true", help=text)
+    # megatron-core's --fused-residual-rmsnorm (off there: its norm is TransformerEngine's) is on
+    # here, where our RMSNorm does it (layers/norm.py, ResidualRMSNorm); this turns it off.
+    parser.set_defaults(fused_residual_rmsnorm=True)
+    g.add_argument("--no-fused-residual-rmsnorm", dest="fused_residual_rmsnorm",
+                   action="store_false",
+                   help="the layers' RMSNorms return a tensor, not megatron-core's (output, "
+                        "residual) pair with the residual branch's gradient summed inside the "
+                        "norm's backward (the default; off anyway where --recompute-modules has "
+                        "layernorm, whose checkpoint frees the norm's outputs)")
     g.add_argument("--sft-data-path", default=None,
                    help="finetune on this jsonl of conversations (prompt/response or messages) "
                         "with the loss on responses only, instead of --data-path")

@@ -53,6 +53,7 @@ def layer_specs(config, base_model: str) -> list[ModuleSpec]:
     """One TransformerLayer spec per layer of the whole model, following the pattern."""
     preset = get_preset(base_model)
     mixer = get_mixer(config.la_module)
+    layer_norm = ResidualRMSNorm if config.fused_residual_rmsnorm else RMSNorm
     specs = []
     for index, kind in enumerate(config.layer_type_list):
         if kind == LINEAR:
@@ -61,10 +62,10 @@ def layer_specs(config, base_model: str) -> list[ModuleSpec]:
         else:
             token_mixer = preset.attention_spec(config)
         specs.append(ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
-            input_layernorm=ResidualRMSNorm,
+            input_layernorm=layer_norm,
             self_attention=token_mixer,
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=ResidualRMSNorm,
+            pre_mlp_layernorm=layer_norm,
             mlp=preset.mlp_spec(config, index),
             mlp_bda=get_bias_dropout_add,
         )))

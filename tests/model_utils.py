@@ -22,7 +22,8 @@ def tiny_config(**overrides):
         add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu,
         bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, hidden_dropout=0.0,
-        attention_dropout=0.0, la_module="gla", layer_type_list="LN", la_num_heads=4)
+        attention_dropout=0.0, la_module="gla", layer_type_list="LN", la_num_heads=4,
+        fused_residual_rmsnorm=True)  # the CLI's default
     config = LinearMoEConfig(**{**fields, **overrides})
     resolve_mixer_defaults(config)
     return config

@@ -78,3 +78,64 @@ def test_residual_norm_returns_x_itself_and_plain_under_norm_recompute():
     cfg.update(recompute_granularity="selective", recompute_modules=["layernorm"])
     plain = ResidualRMSNorm(SimpleNamespace(**cfg), 8)
     assert isinstance(plain(x), torch.Tensor)
+
+
+def _fused_residual_worker(rank, world_size, base_model):
+    """The same model with --fused-residual-rmsnorm and without: equal loss and gradients."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core import tensor_parallel
+
+    from dist_utils import grad_errors
+    from model_utils import tiny_config, tiny_model
+
+    seq, batch, vocab = 16, 2, 128
+    models = []
+    for fused in (False, True):
+        mpu.destroy_model_parallel()
+        mpu.initialize_model_parallel(tensor_model_parallel_size=world_size)
+        tensor_parallel.model_parallel_cuda_manual_seed(123)
+        torch.manual_seed(123)
+        extra = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                     moe_token_dispatcher_type="alltoall") if base_model == "qwen2_moe" else {}
+        config = tiny_config(tensor_model_parallel_size=world_size, fused_residual_rmsnorm=fused,
+                             **extra)
+        models.append(tiny_model(config, base_model, vocab, seq))
+    plain, fused = models
+    assert sum(isinstance(m, ResidualRMSNorm) for m in fused.modules()) == 4  # 2 per layer
+    assert not any(isinstance(m, ResidualRMSNorm) for m in plain.modules())
+    fused.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, vocab, (batch, seq), generator=g)
+    labels = torch.randint(0, vocab, (batch, seq), generator=g)
+    losses = []
+    for model in (plain, fused):
+        logits = model(tokens, torch.arange(seq).expand(batch, seq), None)
+        loss = F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1))
+        loss.backward()
+        losses.append(loss.item())
+    errors = {"loss": abs(losses[0] - losses[1]), **grad_errors(fused, plain)}
+    mpu.destroy_model_parallel()
+    return errors
+
+
+@pytest.mark.parametrize("base_model,tp", [("llama3", 1), ("llama3", 2), ("qwen2_moe", 2)],
+                         ids=["llama3-tp1", "llama3-tp2-sp", "qwen2_moe-tp2-sp"])
+def test_fused_residual_rmsnorm_model_equals_plain(base_model, tp):
+    from dist_utils import run_distributed
+
+    for errors in run_distributed(_fused_residual_worker, tp, base_model):
+        worst = max(errors, key=errors.get)
+        assert errors[worst] < 1e-6, (worst, errors[worst])
+
+
+@pytest.mark.parametrize("extra,expected", [([], True), (["--no-fused-residual-rmsnorm"], False),
+                                            (["--fused-residual-rmsnorm"], True)])
+def test_fused_residual_rmsnorm_flag(extra, expected, monkeypatch):
+    """On by default here (megatron-core's own flag, off there: it needs TransformerEngine)."""
+    import megatron_patch  # noqa: F401  (typing.override for megatron.training on 3.11)
+    from megatron.training.arguments import parse_args
+
+    from linear_moe.arguments import add_args
+
+    monkeypatch.setattr("sys.argv", ["pretrain"] + extra)
+    assert parse_args(extra_args_provider=add_args).fused_residual_rmsnorm is expected

@@ -115,9 +115,10 @@ class RMSNorm(torch.nn.Module):
 
 
 class ResidualRMSNorm(RMSNorm):
-    """RMSNorm for a TransformerLayer's input / pre-MLP slot: returns (norm(x), x), the pair
-    megatron-core's layer takes as (output, residual), so the residual branch's gradient joins
-    the norm's input gradient in one pass (rms_norm_with_residual). A plain tensor where
+    """RMSNorm for a TransformerLayer's input / pre-MLP slot (--fused-residual-rmsnorm): returns
+    (norm(x), x), the pair megatron-core's layer takes as (output, residual), so the residual
+    branch's gradient joins the norm's input gradient in one pass (rms_norm_with_residual); what
+    megatron-core's TEFusedResidualRMSNorm does with TransformerEngine. A plain tensor where
     megatron-core recomputes the layer norms: its checkpoint frees the norm's outputs, and the
     residual is x's own storage."""
 
