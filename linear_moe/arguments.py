@@ -7,6 +7,7 @@ group work, and raises one-line errors that name the fix.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from types import SimpleNamespace
 
 import torch
@@ -216,8 +217,6 @@ def _drop_fusions_without_their_kernels(args) -> None:
     """Megatron defaults two fusions on whose kernels come from TransformerEngine (RoPE) and
     apex/TE (fused wgrad accumulation); without them the model build fails deep inside
     TransformerConfig, so turn them off up front and say so."""
-    import importlib.util
-
     dropped = []
     if getattr(args, "apply_rope_fusion", False) and importlib.util.find_spec("transformer_engine") is None:
         args.apply_rope_fusion = False
@@ -322,6 +321,13 @@ def validate_args(args) -> None:
                          "mixers do not implement yet; drop the flag")
     if args.normalization != "RMSNorm":
         raise ValueError(f"--normalization {args.normalization} is not supported; use RMSNorm")
+    if (getattr(args, "recompute_granularity", None) == "selective"
+            and "layernorm" in (getattr(args, "recompute_modules", None) or ())
+            and importlib.util.find_spec("transformer_engine") is None):
+        # megatron-core 0.19's TransformerLayer builds CheckpointWithoutOutput() for it, whose
+        # fp8=False default still takes the fp8 path ('fp8 is not None') into TE's globals
+        raise ValueError("--recompute-modules layernorm needs TransformerEngine in megatron-core "
+                         "0.19 (its norm checkpoint calls into TE); drop layernorm")
     num_experts = args.num_experts
     if getattr(args, "moe_act_recompute", False) and (
             not num_experts or args.moe_expert_impl != "grouped_mm"):

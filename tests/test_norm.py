@@ -3,6 +3,8 @@
 (output, residual) pair megatron-core's layer takes. The CUDA kernels against torch's autograd:
 tests/gpu/test_fused_norms_gpu.py."""
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,8 +82,9 @@ def test_residual_norm_returns_x_itself_and_plain_under_norm_recompute():
     assert isinstance(plain(x), torch.Tensor)
 
 
-def _fused_residual_worker(rank, world_size, base_model):
-    """The same model with --fused-residual-rmsnorm and without: equal loss and gradients."""
+def _fused_residual_worker(rank, world_size, base_model, recompute_norms=False):
+    """The same model with --fused-residual-rmsnorm and without: equal loss and gradients
+    (under megatron-core's layer-norm recompute the norms return a plain tensor)."""
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
 
@@ -97,12 +100,16 @@ def _fused_residual_worker(rank, world_size, base_model):
         torch.manual_seed(123)
         extra = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
                      moe_token_dispatcher_type="alltoall") if base_model == "qwen2_moe" else {}
+        if recompute_norms:
+            extra.update(recompute_granularity="selective", recompute_modules=["layernorm"])
         config = tiny_config(tensor_model_parallel_size=world_size, fused_residual_rmsnorm=fused,
                              **extra)
         models.append(tiny_model(config, base_model, vocab, seq))
     plain, fused = models
     assert sum(isinstance(m, ResidualRMSNorm) for m in fused.modules()) == 4  # 2 per layer
     assert not any(isinstance(m, ResidualRMSNorm) for m in plain.modules())
+    assert all(m.returns_residual != recompute_norms
+               for m in fused.modules() if isinstance(m, ResidualRMSNorm))
     fused.load_state_dict(plain.state_dict())
     g = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, vocab, (batch, seq), generator=g)
@@ -118,12 +125,17 @@ def _fused_residual_worker(rank, world_size, base_model):
     return errors
 
 
-@pytest.mark.parametrize("base_model,tp", [("llama3", 1), ("llama3", 2), ("qwen2_moe", 2)],
-                         ids=["llama3-tp1", "llama3-tp2-sp", "qwen2_moe-tp2-sp"])
-def test_fused_residual_rmsnorm_model_equals_plain(base_model, tp):
+@pytest.mark.parametrize("base_model,tp,recompute_norms",
+                         [("llama3", 1, False), ("llama3", 2, False), ("qwen2_moe", 2, False),
+                          pytest.param("llama3", 1, True, marks=pytest.mark.skipif(
+                              importlib.util.find_spec("transformer_engine") is None,
+                              reason="megatron-core's layer-norm recompute needs TE"))],
+                         ids=["llama3-tp1", "llama3-tp2-sp", "qwen2_moe-tp2-sp",
+                              "llama3-tp1-norm-recompute"])
+def test_fused_residual_rmsnorm_model_equals_plain(base_model, tp, recompute_norms):
     from dist_utils import run_distributed
 
-    for errors in run_distributed(_fused_residual_worker, tp, base_model):
+    for errors in run_distributed(_fused_residual_worker, tp, base_model, recompute_norms):
         worst = max(errors, key=errors.get)
         assert errors[worst] < 1e-6, (worst, errors[worst])
 
@@ -139,3 +151,15 @@ def test_fused_residual_rmsnorm_flag(extra, expected, monkeypatch):
 
     monkeypatch.setattr("sys.argv", ["pretrain"] + extra)
     assert parse_args(extra_args_provider=add_args).fused_residual_rmsnorm is expected
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None,
+                    reason="with TE megatron-core's layer-norm recompute runs")
+def test_layer_norm_recompute_without_transformer_engine_is_refused():
+    from arg_utils import parsed_args
+    from linear_moe.arguments import validate_args
+
+    with pytest.raises(ValueError, match="drop layernorm"):
+        validate_args(parsed_args(recompute_granularity="selective",
+                                  recompute_modules=["layernorm"]))
+    validate_args(parsed_args(recompute_granularity="selective", recompute_modules=["mlp"]))
