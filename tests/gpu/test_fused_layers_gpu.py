@@ -155,12 +155,14 @@ def test_transposed_view_gemms_copy_nothing_on_cuda():
 @pytest.mark.parametrize("clamp_min", [None, -0.5])
 def test_gla_log_decay_compiled_matches_eager(clamp_min):
     """GLA's compiled log decay (one inductor pass each way) against the eager ops in fp32,
-    forward and backward, in bf16 within the suite's bound."""
+    forward and backward, in bf16 within the suite's bound. Both read the same bf16 values:
+    the clamp's gradient is 0 or ~dy / 16, so z's own bf16 rounding across the clamp (~0.1% of
+    z ~ N(0, 16) lie that near -8) alone is a 2.5e-2 error (H200, fourteenth session)."""
     from linear_moe.mixers.gla import _log_decay, _log_decay_cuda
 
     torch.manual_seed(0)
-    z = torch.randn(2, 513, 8, 64, device="cuda") * 4
-    dy = torch.randn_like(z)
+    z = (torch.randn(2, 513, 8, 64, device="cuda") * 4).bfloat16().float()
+    dy = torch.randn_like(z).bfloat16().float()
     runs = []
     for fn, dtype in ((_log_decay_cuda, torch.bfloat16), (_log_decay, torch.float32)):
         zi = z.to(dtype).requires_grad_()
