@@ -170,8 +170,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    action="store_false",
                    help="the layers' RMSNorms return a tensor, not megatron-core's (output, "
                         "residual) pair with the residual branch's gradient summed inside the "
-                        "norm's backward (the default; off anyway where --recompute-modules has "
-                        "layernorm, whose checkpoint frees the norm's outputs)")
+                        "norm's backward (that is the default, left off where "
+                        "--recompute-modules has layernorm: its checkpoint frees the outputs)")
     g.add_argument("--sft-data-path", default=None,
                    help="finetune on this jsonl of conversations (prompt/response or messages) "
                         "with the loss on responses only, instead of --data-path")

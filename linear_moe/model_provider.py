@@ -53,7 +53,12 @@ def layer_specs(config, base_model: str) -> list[ModuleSpec]:
     """One TransformerLayer spec per layer of the whole model, following the pattern."""
     preset = get_preset(base_model)
     mixer = get_mixer(config.la_module)
-    layer_norm = ResidualRMSNorm if config.fused_residual_rmsnorm else RMSNorm
+    # megatron-core's layer-norm recompute frees the norm's outputs, which would free the
+    # residual that ResidualRMSNorm returns as x itself
+    recomputes_norms = (config.recompute_granularity == "selective"
+                        and "layernorm" in (config.recompute_modules or ()))
+    fused_residual = config.fused_residual_rmsnorm and not recomputes_norms
+    layer_norm = ResidualRMSNorm if fused_residual else RMSNorm
     specs = []
     for index, kind in enumerate(config.layer_type_list):
         if kind == LINEAR:

@@ -69,17 +69,21 @@ def test_norm_with_residual_gradcheck():
 def test_residual_norm_returns_x_itself_and_plain_under_norm_recompute():
     from types import SimpleNamespace
 
-    cfg = dict(params_dtype=torch.float32, sequence_parallel=False,
-               recompute_granularity=None, recompute_modules=None)
-    norm = ResidualRMSNorm(SimpleNamespace(**cfg), 8)
+    from model_utils import tiny_config
+    from linear_moe.model_provider import layer_specs
+
+    cfg = SimpleNamespace(params_dtype=torch.float32, sequence_parallel=False)
+    norm = ResidualRMSNorm(cfg, 8)
     x = torch.randn(4, 2, 8)
     y, residual = norm(x)
     assert residual.data_ptr() == x.data_ptr()
     assert torch.allclose(y, F.rms_norm(x, (8,), norm.weight, 1e-5), atol=1e-6)
     # megatron-core's layer-norm recompute frees the norm's outputs: x must not be one of them
-    cfg.update(recompute_granularity="selective", recompute_modules=["layernorm"])
-    plain = ResidualRMSNorm(SimpleNamespace(**cfg), 8)
-    assert isinstance(plain(x), torch.Tensor)
+    norms = {spec.submodules.input_layernorm for spec in layer_specs(tiny_config(), "llama3")}
+    assert norms == {ResidualRMSNorm}
+    recomputing = tiny_config(recompute_granularity="selective", recompute_modules=["layernorm"])
+    norms = {spec.submodules.input_layernorm for spec in layer_specs(recomputing, "llama3")}
+    assert ResidualRMSNorm not in norms
 
 
 def _fused_residual_worker(rank, world_size, base_model, recompute_norms=False):
@@ -106,10 +110,10 @@ def _fused_residual_worker(rank, world_size, base_model, recompute_norms=False):
                              **extra)
         models.append(tiny_model(config, base_model, vocab, seq))
     plain, fused = models
-    assert sum(isinstance(m, ResidualRMSNorm) for m in fused.modules()) == 4  # 2 per layer
+    # 2 per layer; none where megatron-core recomputes the norms
+    assert sum(isinstance(m, ResidualRMSNorm) for m in fused.modules()) == (
+        0 if recompute_norms else 4)
     assert not any(isinstance(m, ResidualRMSNorm) for m in plain.modules())
-    assert all(m.returns_residual != recompute_norms
-               for m in fused.modules() if isinstance(m, ResidualRMSNorm))
     fused.load_state_dict(plain.state_dict())
     g = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, vocab, (batch, seq), generator=g)

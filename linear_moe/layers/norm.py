@@ -118,18 +118,11 @@ class ResidualRMSNorm(RMSNorm):
     """RMSNorm for a TransformerLayer's input / pre-MLP slot (--fused-residual-rmsnorm): returns
     (norm(x), x), the pair megatron-core's layer takes as (output, residual), so the residual
     branch's gradient joins the norm's input gradient in one pass (rms_norm_with_residual); what
-    megatron-core's TEFusedResidualRMSNorm does with TransformerEngine. A plain tensor where
-    megatron-core recomputes the layer norms: its checkpoint frees the norm's outputs, and the
-    residual is x's own storage."""
-
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
-        super().__init__(config, hidden_size, eps)
-        self.returns_residual = not (config.recompute_granularity == "selective"
-                                     and "layernorm" in (config.recompute_modules or ()))
+    megatron-core's TEFusedResidualRMSNorm does with TransformerEngine. Not for layers whose
+    norms megatron-core recomputes (model_provider.layer_specs picks RMSNorm there): that
+    checkpoint frees the norm's outputs, and the residual is x's own storage."""
 
     def forward(self, x):
-        if not self.returns_residual:
-            return super().forward(x)
         return rms_norm_with_residual(x, self.weight.to(x.dtype), self.eps)
 
 
