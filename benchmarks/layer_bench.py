@@ -1,6 +1,7 @@
 """Layer benchmark: each mixer's full Megatron layer (projections + op + norm/gate + output
-projection) against its bare op plus the same projection work as two plain GEMMs, fwd+bwd,
-equal tokens per step. Reports the overhead ratio (target on the GPU: <= 1.10).
+projection) against its bare op plus the same projections as plain GEMMs (every projection of
+the input as one GEMM, one GEMM per low-rank up projection, the output GEMM), fwd+bwd, equal
+tokens per step. Reports the overhead ratio (target on the GPU: <= 1.10).
 
     python benchmarks/layer_bench.py --seq-lens 2048 8192 32768 --tokens 65536 --out benchmarks/results/layer_h100
     python benchmarks/layer_bench.py --toy      # CPU smoke run
@@ -39,6 +40,25 @@ def build_mixer(name, hidden, heads, dtype, conv_kernel="auto"):
     return mixer.to(device())
 
 
+def projection_shapes(mixer, hidden):
+    """The mixer's in-projections as the bare step computes them: (the summed output width of
+    every linear that reads the input, [(in, out) of each linear that reads something else]),
+    the latter the up projections of low-rank chains (GLA's gk_up, KDA's f_up, RWKV's w_up ...),
+    whose input is their down projection's rank-r output. The output projection is not in
+    either."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    x_width, others = 0, []
+    for m in mixer.modules():
+        if isinstance(m, (ColumnParallelLinear, torch.nn.Linear)):
+            out_features, in_features = m.weight.shape
+            if in_features == hidden:
+                x_width += out_features
+            else:
+                others.append((in_features, out_features))
+    return x_width, others
+
+
 def record_op_calls(mixer, x):
     """Run the mixer once and capture the op calls it makes with their inputs (MoM mixers call
     the op once per memory)."""
@@ -66,8 +86,6 @@ def record_op_calls(mixer, x):
 
 def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_to=None,
                 conv_kernel="auto"):
-    from megatron.core.tensor_parallel import ColumnParallelLinear
-
     mixer = build_mixer(name, hidden, heads, dtype, conv_kernel)
     x = torch.randn(seq, batch, hidden, device=device(), dtype=dtype, requires_grad=True)
 
@@ -87,9 +105,16 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
                        if torch.is_tensor(a) else a)
     calls = [(fn, [kept(a) for a in args], {k: kept(v) for k, v in kwargs.items()})
              for fn, args, kwargs in record_op_calls(mixer, x)]
-    in_features = sum(m.weight.shape[0] for m in mixer.modules()
-                      if isinstance(m, ColumnParallelLinear))
-    w_in = torch.randn(in_features, hidden, device=device(), dtype=dtype, requires_grad=True)
+    # Each projection as the layer computes it: until 2026-12-06 every ColumnParallelLinear was
+    # taken as a projection of x (hidden -> out), so a low-rank up projection (r -> out) cost the
+    # bare step a full GEMM from x and its down projection (a torch.nn.Linear) cost nothing.
+    x_width, others = projection_shapes(mixer, hidden)
+    w_in = torch.randn(x_width, hidden, device=device(), dtype=dtype, requires_grad=True)
+    # A low-rank up projection's input is a leaf with its gradient computed, as in the layer
+    # (where it feeds the down projection's backward).
+    low_rank = [(torch.randn(seq * batch, r, device=device(), dtype=dtype),
+                 torch.randn(out, r, device=device(), dtype=dtype, requires_grad=True))
+                for r, out in others]
     w_out = torch.randn(hidden, mixer.value_dim, device=device(), dtype=dtype,
                         requires_grad=True)
     # The output GEMM's input, a leaf so that its input gradient is computed, as in a layer
@@ -98,11 +123,12 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
     ones = []
 
     def bare_step():
-        proj = x @ w_in.t()  # all in-projections as one GEMM
+        proj = x @ w_in.t()  # all projections of x as one GEMM
         outs = [fn(*[fresh(a) for a in args], **{k: fresh(v) for k, v in kwargs.items()})[0]
                 for fn, args, kwargs in calls]
+        ups = [a.detach().requires_grad_() @ w.t() for a, w in low_rank]
         out = o_kept.detach().requires_grad_() @ w_out.t()
-        tensors = [proj, *outs, out]
+        tensors = [proj, *ups, *outs, out]
         if not ones:  # the first (warm-up) step makes them
             ones.extend(torch.ones_like(t) for t in tensors)
         torch.autograd.backward(tensors, ones)

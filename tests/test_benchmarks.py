@@ -96,6 +96,46 @@ def test_native_gdn_comparator_has_our_gdn_shapes():
     assert sizes["megatron_gdn"][1] == sizes["gated_deltanet"][1]
 
 
+def _bare_projection_shapes(rank, world_size):
+    from megatron.core import parallel_state as mpu
+    from megatron.core import tensor_parallel
+
+    mpu.initialize_model_parallel(1)
+    tensor_parallel.model_parallel_cuda_manual_seed(1)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from layer_bench import build_mixer, projection_shapes
+
+    shapes = {}
+    for name in ("gla", "kda", "gated_deltanet", "rwkv7"):
+        mixer = build_mixer(name, 256, 2, torch.float32)
+        linears = {n: tuple(m.weight.shape) for n, m in mixer.named_modules()
+                   if n.endswith(("_proj", "_down", "_up")) and n != "o_proj"}
+        shapes[name] = (projection_shapes(mixer, 256), linears)
+    return shapes
+
+
+def test_layer_bench_bare_step_has_the_layers_projection_shapes():
+    """The bare step's GEMMs are the layer's own: every projection of x in one GEMM (low-rank
+    down projections included), each low-rank up projection from its rank-r input. Until
+    2026-12-06 an up projection was counted as a projection of x (GLA's gk_up as hidden -> key
+    width, KDA's f_up as hidden -> key width), which made the bare step slower than the layer's
+    work and flattered gla's and kda's overhead ratios."""
+    from dist_utils import run_distributed
+
+    (shapes,) = run_distributed(_bare_projection_shapes, 1)
+    for name, ((x_width, others), linears) in shapes.items():
+        downs = {n: s for n, s in linears.items() if n.endswith("_down")}
+        ups = {n: s for n, s in linears.items() if n.endswith("_up")}
+        from_x = [s for s in linears.values() if s[1] == 256]
+        assert x_width == sum(out for out, _ in from_x), name
+        assert sorted(others) == sorted((r, out) for out, r in ups.values()), name
+        assert all(r < 256 for r, _ in others) and len(downs) == len(ups), name
+    assert shapes["gla"][0][1] == [(16, 128)]  # gk_up: rank 16 -> key width (expand_k 0.5)
+    assert shapes["gated_deltanet"][0][1] == []  # no low-rank chain
+    assert len(shapes["rwkv7"][0][1]) == 3  # w, a, g chains
+
+
 @pytest.mark.slow
 def test_profile_step_smoke(tmp_path):
     out = tmp_path / "prof"
