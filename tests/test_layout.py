@@ -63,6 +63,22 @@ def test_linear_rows_and_matmul_into_on_the_transposed_view():
     assert torch.allclose(out, (g @ w).transpose(0, 1))
 
 
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_matmul_into_ignores_what_out_held_and_scales_in_the_gemm(contiguous):
+    """out is written with beta 0: garbage (here NaN) in an uninitialised out never reaches the
+    result, and alpha is applied inside the GEMM, the first write and the accumulation alike."""
+    g = torch.randn(3, 7, 12, dtype=torch.float64)
+    w = torch.randn(12, 16, dtype=torch.float64)
+    if contiguous:
+        out = torch.full((3, 7, 16), float("nan"), dtype=torch.float64)
+    else:  # the transposed view of [s, b, k]
+        out = torch.full((7, 3, 16), float("nan"), dtype=torch.float64).transpose(0, 1)
+    matmul_into(out, g, w, alpha=0.5)
+    assert torch.allclose(out, 0.5 * (g @ w))
+    matmul_into(out, g, w, accumulate=True, alpha=0.25)
+    assert torch.allclose(out, 0.75 * (g @ w))
+
 # (s, b, k): which way weight_grads sums rows stored in two orders. Widths 12 and 5.
 @pytest.mark.parametrize("s,b,k,way", [
     (7, 3, 16, "copy x"),      # one copy of x (7*3*16) below the grads' own (252 + 105)

@@ -97,20 +97,13 @@ def matmul_into(out: torch.Tensor, a: torch.Tensor, mat: torch.Tensor,
                 accumulate: bool = False, alpha: float = 1.0) -> torch.Tensor:
     """out (+)= alpha * a @ mat, in place: out [B, S, n] and a [B, S, k] each contiguous or a
     transposed view as in ``linear_rows``, mat [k, n]."""
+    # beta 0 writes out without reading it (out may be uninitialised): alpha costs no pass.
+    beta = 1.0 if accumulate else 0.0
     if out.is_contiguous() and a.is_contiguous():
         out_2d, a_2d = out.view(-1, out.shape[-1]), a.reshape(-1, a.shape[-1])
-        if accumulate:
-            out_2d.addmm_(a_2d, mat, alpha=alpha)
-        else:
-            torch.mm(a_2d, mat, out=out_2d)
+        out_2d.addmm_(a_2d, mat, beta=beta, alpha=alpha)
     else:
-        batched = mat.expand(a.shape[0], -1, -1)
-        if accumulate:
-            out.baddbmm_(a, batched, alpha=alpha)
-        else:
-            torch.bmm(a, batched, out=out)
-    if not accumulate and alpha != 1.0:
-        out.mul_(alpha)
+        out.baddbmm_(a, mat.expand(a.shape[0], -1, -1), beta=beta, alpha=alpha)
     return out
 
 

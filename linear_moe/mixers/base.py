@@ -178,7 +178,12 @@ class _SharedInputLinears(torch.autograd.Function):
         firsts = _starts(sizes)  # each group's first weight
         grad_x = None
         if ctx.needs_input_grad[0]:
-            for grad, ws, scale in zip(grads, groups, ctx.grad_scales):
+            # The first GEMM writes x's gradient, the others read and add to it: the narrowest
+            # group goes first, since for a low-rank down projection (K = 16) adding is a full
+            # read and write of the gradient around little compute, where a wide GEMM hides it.
+            order = sorted(range(len(groups)), key=lambda i: sum(w.shape[0] for w in groups[i]))
+            for i in order:
+                grad, ws, scale = grads[i], groups[i], ctx.grad_scales[i]
                 if grad is None:  # an output that did not reach the loss
                     continue
                 if grad_x is None:
