@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
-from linear_moe.config import LinearMixerFields, resolve_mixer_defaults
+from linear_moe.config import LinearMixerFields, recomputes_layer_norms, resolve_mixer_defaults
 from linear_moe.layers.device_dispatch import device_dispatch_unsupported_reason
 from linear_moe.layers.grouped_experts import EXPERT_IMPLS
 from linear_moe.mixers.base import check_head_sharing
@@ -321,9 +321,7 @@ def validate_args(args) -> None:
                          "mixers do not implement yet; drop the flag")
     if args.normalization != "RMSNorm":
         raise ValueError(f"--normalization {args.normalization} is not supported; use RMSNorm")
-    if (getattr(args, "recompute_granularity", None) == "selective"
-            and "layernorm" in (getattr(args, "recompute_modules", None) or ())
-            and importlib.util.find_spec("transformer_engine") is None):
+    if recomputes_layer_norms(args) and importlib.util.find_spec("transformer_engine") is None:
         # megatron-core 0.19's TransformerLayer builds CheckpointWithoutOutput() for it, whose
         # fp8=False default still takes the fp8 path ('fp8 is not None') into TE's globals
         raise ValueError("--recompute-modules layernorm needs TransformerEngine in megatron-core "

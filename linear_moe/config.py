@@ -100,6 +100,13 @@ class LinearMoEMLAConfig(MLATransformerConfig, LinearMixerFields):
     """MLATransformerConfig + linear-mixer fields (softmax 'N' layers use MLA)."""
 
 
+def recomputes_layer_norms(config) -> bool:
+    """Whether megatron-core recomputes the layers' norms (selective recompute of 'layernorm'),
+    for the parsed args or a TransformerConfig alike."""
+    return (getattr(config, "recompute_granularity", None) == "selective"
+            and "layernorm" in (getattr(config, "recompute_modules", None) or ()))
+
+
 def resolve_mixer_defaults(config) -> None:
     """Fill the ``None`` la_* fields from the chosen mixer's registry defaults."""
     from linear_moe.registry import get_mixer

@@ -27,7 +27,9 @@ from megatron.core.transformer.transformer_layer import (
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-from linear_moe.config import LinearMixerFields, LinearMoEConfig, resolve_mixer_defaults
+from linear_moe.config import (
+    LinearMixerFields, LinearMoEConfig, recomputes_layer_norms, resolve_mixer_defaults,
+)
 from linear_moe.layers import ResidualRMSNorm, RMSNorm
 from linear_moe.layers.cross_entropy import fused_vocab_parallel_cross_entropy
 from linear_moe.models import get_preset
@@ -55,9 +57,7 @@ def layer_specs(config, base_model: str) -> list[ModuleSpec]:
     mixer = get_mixer(config.la_module)
     # megatron-core's layer-norm recompute frees the norm's outputs, which would free the
     # residual that ResidualRMSNorm returns as x itself
-    recomputes_norms = (config.recompute_granularity == "selective"
-                        and "layernorm" in (config.recompute_modules or ()))
-    fused_residual = config.fused_residual_rmsnorm and not recomputes_norms
+    fused_residual = config.fused_residual_rmsnorm and not recomputes_layer_norms(config)
     layer_norm = ResidualRMSNorm if fused_residual else RMSNorm
     specs = []
     for index, kind in enumerate(config.layer_type_list):
