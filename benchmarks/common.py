@@ -68,8 +68,10 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def time_fn(fn, warmup: int, iters: int) -> float:
-    """Median milliseconds of fn() (synchronised on CUDA)."""
+def time_fn(fn, warmup: int, iters: int, host_ms: list | None = None) -> float:
+    """Median milliseconds of fn() (synchronised on CUDA). host_ms, when given, receives each
+    timed call's host time (until fn returns, before the synchronise): a step whose host time
+    is close to its total is bound by the host's kernel launches, not by the GPU."""
     for _ in range(warmup):
         fn()
     times = []
@@ -78,10 +80,25 @@ def time_fn(fn, warmup: int, iters: int) -> float:
             torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
+        if host_ms is not None:
+            host_ms.append((time.perf_counter() - start) * 1e3)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+_ALLOCATOR_EVENTS = ("num_device_alloc", "num_device_free", "num_alloc_retries")
+
+
+def allocator_events() -> dict:
+    """The caching allocator's counters of cudaMalloc / cudaFree calls and of retries (a
+    retry frees every cached block and synchronises): growing during timed steps means the
+    allocator thrashes, which costs host time the graphed step does not pay."""
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {key: stats.get(key, 0) for key in _ALLOCATOR_EVENTS}
 
 
 def peak_memory_gib(since_gib: float = 0.0) -> float | None:

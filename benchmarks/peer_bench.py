@@ -26,13 +26,15 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    add_run_args, allocated_gib, device, emit, peak_memory_gib, setup_single_process, time_fn,
+    add_run_args, allocated_gib, allocator_events, device, emit, peak_memory_gib,
+    setup_single_process, time_fn,
     write_results,
 )
 from flops import training_flops_per_token  # noqa
@@ -91,17 +93,25 @@ def our_argv(mixer, s, seq, batch, flags=""):
 
 def _measure(step, params, warmup, iters, graph=False, base_gib=0.0):
     """Median ms and peak GiB of step() (returns the loss after its backward), or of its
-    CUDA-graph replay. The peak is the row's own: less base_gib, what the process held before
-    the row built its model (fla's rows run first and leave some behind: ours measured 0.13 /
-    0.26 GiB (GLA / GDN) above what its own process peaked at, H200 session 8)."""
+    CUDA-graph replay, and what tells a host-bound step: the median host ms (until step()
+    returns) and the allocator's cudaMalloc / cudaFree / retry counts during the timed steps.
+    The peak is the row's own: less base_gib, what the process held before the row built its
+    model (fla's rows run first and leave some behind: ours measured 0.13 / 0.26 GiB (GLA /
+    GDN) above what its own process peaked at, H200 session 8)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     if graph:
         from linear_moe.cuda_graph import capture_step
 
         step, _ = capture_step(step, params)
-    ms = time_fn(step, warmup, iters)
-    return ms, peak_memory_gib(since_gib=base_gib)
+    for _ in range(warmup):
+        step()
+    before, host_ms = allocator_events(), []
+    ms = time_fn(step, 0, iters, host_ms)
+    after = allocator_events()
+    extra = {"host_ms": statistics.median(host_ms) if host_ms else None}
+    extra.update({key: after[key] - before[key] for key in after})
+    return ms, peak_memory_gib(since_gib=base_gib), extra
 
 
 GRAPH_TAG = " [CUDA graph]"
@@ -124,12 +134,12 @@ def bench_ours(mixer, s, seq, batch, warmup, iters, flags="", graph=False):
         loss.backward()
         return loss
 
-    ms, peak = _measure(step, model.parameters(), warmup, iters, graph, base_gib)
+    ms, peak, extra = _measure(step, model.parameters(), warmup, iters, graph, base_gib)
     del model
     name = (f"linear_moe llama3 'L' {mixer}" + (f" {flags.strip()}" if flags.strip() else "")
             + (GRAPH_TAG if graph else ""))
     return {"model": name, "params": params, "ms": ms,
-            "peak_GiB": peak, "flops_per_token": flops_per_token}
+            "peak_GiB": peak, "flops_per_token": flops_per_token, **extra}
 
 
 def bench_fla(mixer, s, seq, batch, warmup, iters, graph=False):
@@ -147,9 +157,9 @@ def bench_fla(mixer, s, seq, batch, warmup, iters, graph=False):
         loss.backward()
         return loss
 
-    ms, peak = _measure(step, model.parameters(), warmup, iters, graph, base_gib)
+    ms, peak, extra = _measure(step, model.parameters(), warmup, iters, graph, base_gib)
     del model
-    return {**row, "ms": ms, "peak_GiB": peak}
+    return {**row, "ms": ms, "peak_GiB": peak, **extra}
 
 
 def _finish(row, mixer, seq, batch):
@@ -235,7 +245,8 @@ def main(argv=None):
                   f"Peer: fla's models in plain PyTorch vs linear_moe, {args.tokens} tokens/step",
                   ["model", "mixer", "T", "B", "params", "ms", "tokens_per_s", "model_TFLOP_s",
                    "peak_GiB", "speedup_vs_fla", "memory_vs_fla", "speedup_vs_fla_graph",
-                   "params_vs_fla", "note"])
+                   "params_vs_fla", "host_ms", "num_device_alloc", "num_device_free",
+                   "num_alloc_retries", "note"])
     return rows
 
 
