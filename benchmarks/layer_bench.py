@@ -136,12 +136,18 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
     layer_ms = time_fn(layer_step, warmup, iters)
     bare_ms = time_fn(bare_step, warmup, iters)
     if profile_to:
-        from profile_step import profile, summarise
+        from profile_step import device_ms_by_op, op_diff, profile, summarise
 
+        by_op = {}
         for which, step in (("layer", layer_step), ("bare", bare_step)):
-            text, _ = summarise(profile(step, 1, iters), iters)
+            prof = profile(step, 1, 3, record_shapes=True)
+            text, _ = summarise(prof, 3)
+            by_op[which] = device_ms_by_op(prof, 3)
             with open(f"{profile_to}_{name}_{seq}_{which}.txt", "w") as f:
                 f.write(text)
+        # Where the overhead goes: each op (with its input shapes) by layer minus bare time.
+        with open(f"{profile_to}_{name}_{seq}_diff.txt", "w") as f:
+            f.write(op_diff(by_op["layer"], by_op["bare"]))
     return {"mixer": name, "T": seq, "B": batch, "layer_ms": layer_ms, "bare_ms": bare_ms,
             "overhead": layer_ms / bare_ms}
 
@@ -154,7 +160,8 @@ def main(argv=None):
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--profile", metavar="PREFIX",
-                        help="also write <PREFIX>_<mixer>_<T>_{layer,bare}.txt profiler tables")
+                        help="also write <PREFIX>_<mixer>_<T>_{layer,bare}.txt profiler tables and "
+                             "_diff.txt, the ops by how much longer the layer spends on them")
     parser.add_argument("--conv-kernel", choices=["auto", "fla", "ours"], default="auto",
                         help="CUDA kernel of the mixers' short convolutions (--la-conv-kernel)")
     add_run_args(parser, tokens=65536, warmup=3, iters=10)

@@ -140,7 +140,7 @@ def census_text(census: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def profile(step, warmup: int, iters: int):
+def profile(step, warmup: int, iters: int, record_shapes: bool = False):
     from torch.profiler import ProfilerActivity
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
@@ -150,12 +150,41 @@ def profile(step, warmup: int, iters: int):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=record_shapes) as prof:
         for _ in range(iters):
             step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     return prof
+
+
+def device_ms_by_op(prof, iters: int) -> dict:
+    """{(aten op, its input shapes): device ms per step of the kernels it launched itself}
+    (profile(..., record_shapes=True)); on the CPU, its own CPU ms. Set two steps' side by side
+    (op_diff) to see which ops one does that the other does not."""
+    key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    out = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.device_type != torch.autograd.DeviceType.CPU:
+            continue  # kernels: their time is on the op that launched them
+        us = getattr(e, key, 0.0) or 0.0
+        if us:
+            name = (e.key, str(e.input_shapes))
+            out[name] = out.get(name, 0.0) + us / 1e3 / iters
+    return out
+
+
+def op_diff(a: dict, b: dict, labels=("layer", "bare"), rows: int = 40) -> str:
+    """A table of the ops of device_ms_by_op a and b, by how much more a spends on each."""
+    keys = sorted(set(a) | set(b), key=lambda k: -(a.get(k, 0.0) - b.get(k, 0.0)))
+    lines = [f"{labels[0]:>9s} {labels[1]:>9s} {'diff':>9s}  ms/step  op  input shapes",
+             f"{sum(a.values()):9.3f} {sum(b.values()):9.3f} "
+             f"{sum(a.values()) - sum(b.values()):9.3f}  total"]
+    shown = keys if len(keys) <= rows + 10 else keys[:rows] + keys[-10:]  # and b's extras
+    for k in shown:
+        x, y = a.get(k, 0.0), b.get(k, 0.0)
+        lines.append(f"{x:9.3f} {y:9.3f} {x - y:9.3f}  {k[0]}  {k[1][:160]}")
+    return "\n".join(lines) + "\n"
 
 
 def summarise(prof, iters: int) -> tuple[str, dict]:

@@ -220,3 +220,20 @@ def test_conv_bench_kernels_mode_needs_a_gpu():
                            "--kernels", "--toy"], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "--kernels profiles CUDA kernels: run it on the GPU" in proc.stderr
+
+
+def test_layer_bench_profile_diff_lists_the_layers_own_ops(tmp_path):
+    """--profile writes, beside each step's table, the ops (with input shapes) by how much
+    longer the layer spends on them than the bare step: the layer's fused in-projection and
+    its output GEMM exist only in the layer, so they lead with a positive difference."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "layer_bench.py"), "--toy",
+                           "--mixers", "gla", "--profile", str(tmp_path / "prof")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = (tmp_path / "prof_gla_64_diff.txt").read_text().splitlines()
+    layer, bare, diff = map(float, lines[1].split()[:3])
+    assert lines[1].endswith("total") and abs(layer - bare - diff) < 1e-3 and layer > 0 < bare
+    rows = [line.split(None, 4) for line in lines[2:]]
+    assert [float(r[2]) for r in rows] == sorted((float(r[2]) for r in rows), reverse=True)
+    layer_only = {r[3] for r in rows if float(r[1]) == 0.0 and float(r[0]) > 0}
+    assert {"_SharedInputLinears", "_LinearToSeqFirst"} <= layer_only
