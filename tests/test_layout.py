@@ -205,3 +205,50 @@ def test_weight_grads_partials_round_once_in_bf16():
     exact = g.double().reshape(-1, 12).t() @ x.double().reshape(-1, 4)
     assert got.dtype == torch.bfloat16
     assert ((got.double() - exact).abs() / exact.abs()).max() <= 2 ** -8
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _up_projection_worker(rank, world_size):
+    from megatron.core import parallel_state as mpu
+    from test_mixer_options import _build
+
+    mpu.initialize_model_parallel(1)
+    results = {}
+    for name, up in (("gla", "gk_up"), ("rwkv6", "w_up"), ("rwkv7", "a_up")):
+        m = _build(name)
+        linear = getattr(m, up)
+        torch.nn.init.normal_(linear.bias)
+        low = torch.randn(3, 5, linear.weight.shape[1], requires_grad=True)
+        grad = torch.randn(3, 5, linear.weight.shape[0])
+        runs = []
+        for way in ("module", "up"):
+            with _Ops() as ops:
+                out = linear(low)[0] if way == "module" else m.up(linear, low)
+            out.backward(grad)
+            runs.append((out.detach(), low.grad, linear.weight.grad, linear.bias.grad, ops.names))
+            low.grad = linear.weight.grad = linear.bias.grad = None
+        (*want, module_ops), (*got, up_ops) = runs
+        results[name] = ([(a - b).abs().max().item() for a, b in zip(want, got)],
+                         "aten.add.Tensor" in module_ops, "aten.add.Tensor" in up_ops)
+    return results
+
+
+def test_up_projection_adds_its_bias_in_the_gemm():
+    """A low-rank chain's up projection (LinearMixer.up) computes what the module's own call
+    does, outputs and all three gradients, without the separate pass that adds the bias
+    (Megatron's ColumnParallelLinear adds it after its GEMM: 0.18 ms of GLA's layer step on
+    the H100)."""
+    from dist_utils import run_distributed
+
+    for name, (diffs, module_adds, up_adds) in run_distributed(_up_projection_worker, 1)[0].items():
+        assert max(diffs) < 1e-5, (name, diffs)
+        assert module_adds and not up_adds, name

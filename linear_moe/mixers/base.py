@@ -350,11 +350,19 @@ class LinearMixer(MegatronModule):
         """x [b, s, h] through several of this mixer's in-projections, each output its own
         tensor (for kernels that would copy a slice of one fused output), with x's gradient
         accumulated inside the backward GEMMs (_SharedInputLinears). ``column`` modules, or
-        torch.nn.Linear ones replicated over TP (a low-rank gate's down projection)."""
-        if len(projections) == 1 and x.is_contiguous() \
-                and isinstance(projections[0], ColumnParallelLinear):  # the module's own GEMM
-            return (projections[0](x)[0],)
+        torch.nn.Linear ones replicated over TP (a low-rank gate's down projection). Also a
+        low-rank chain's up projection (x [b, s, r]): its bias is added in the GEMM's epilogue,
+        where the module's own call adds it in a pass of its own (GLA's gk_up: 0.18 ms of the
+        layer bench's step, H100 profile, 2026-12-06)."""
+        alone = projections[0] if len(projections) == 1 else None
+        if isinstance(alone, ColumnParallelLinear) and alone.bias is None and x.is_contiguous():
+            return (alone(x)[0],)  # the module's own GEMM
         return self._linears(x, [(p,) for p in projections])
+
+    def up(self, linear, low):
+        """A low-rank chain's up projection ``linear`` of its rank-r input ``low`` [b, s, r]
+        (project_each: a bias in the GEMM's epilogue)."""
+        return self.project_each(low, linear)[0]
 
     def _linears(self, x, groups):
         """_SharedInputLinears over groups of linears, behind the TP copy of x (_column_input).

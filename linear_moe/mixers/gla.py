@@ -55,7 +55,7 @@ class GLAMixer(LinearMixer):
 
     def mix(self, x):
         q, k, v, gk_low, gate = self.qkv(x, self.gk_down)
-        gk = self.expand_heads(self.heads(self.gk_up(gk_low)[0], self.head_k_dim))
+        gk = self.expand_heads(self.heads(self.up(self.gk_up, gk_low), self.head_k_dim))
         # In the activation dtype, as fla's GatedLinearAttention: chunk_gla then keeps this bf16
         # gate for its backward and recomputes the fp32 cumsum. An fp32 gate made it keep the
         # fp32 cumsum and logsigmoid its fp32 input: 0.4 GiB more at the peer shape.

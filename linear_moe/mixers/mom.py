@@ -138,7 +138,7 @@ class MoMGLAMixer(MixtureOfMemories):
     def memory_inputs(self, memory, x):
         k = self.heads(memory["k"](x)[0], self.head_k_dim)
         v = self.heads(memory["v"](x)[0], self.head_v_dim)
-        gk = self.heads(memory["gk_up"](memory["gk_down"](x))[0], self.head_k_dim)
+        gk = self.heads(self.up(memory["gk_up"], memory["gk_down"](x)), self.head_k_dim)
         return k, v, F.logsigmoid(gk.float()) / self.config.la_gate_logit_normalizer
 
     def run_memory(self, q, inputs, cu_seqlens):

@@ -101,7 +101,7 @@ class RWKV6Mixer(LinearMixer):
         r = self.heads(self.r_proj(xr)[0], self.head_k_dim)
         k = self.heads(self.k_proj(xk)[0], self.head_k_dim)
         v = self.heads(self.v_proj(xv)[0], self.head_v_dim)
-        w = self.heads(self.w_up(torch.tanh(self.w_down(xw)))[0], self.head_k_dim)
+        w = self.heads(self.up(self.w_up, torch.tanh(self.w_down(xw))), self.head_k_dim)
         w = -w.float().exp()  # log decay
         o, _ = ops.rwkv6(r, k, v, w, self.bonus, scale=1.0, backend=self.config.la_backend,
                          mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)

@@ -112,10 +112,10 @@ class RWKV7Mixer(LinearMixer):
         heads_k = lambda t: self.heads(t, self.head_k_dim)  # noqa: E731
 
         r = heads_k(self.r_proj(xr)[0])
-        w = _W_BOUND * heads_k(self.w_up(torch.tanh(self.w_down(xw)))[0]).float().sigmoid()
+        w = _W_BOUND * heads_k(self.up(self.w_up, torch.tanh(self.w_down(xw)))).float().sigmoid()
         k = heads_k(self.k_proj(xk)[0])
         v = self.heads(self.v_proj(xv)[0], self.head_v_dim)
-        a = heads_k(self.a_up(self.a_down(xa))[0]).sigmoid()
+        a = heads_k(self.up(self.a_up, self.a_down(xa))).sigmoid()
         g = self.heads(self.g_up(torch.sigmoid(self.g_down(xg)))[0], self.head_v_dim)
 
         local = lambda p: p.view(self.num_local_heads, self.head_k_dim)  # noqa: E731
