@@ -12,14 +12,16 @@ tokens per step. Reports the overhead ratio (target on the GPU: <= 1.10).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    add_run_args, device, emit, setup_single_process, time_fn, write_results,
+    add_run_args, device, emit, environment, setup_single_process, time_fn, write_results,
 )
 
 
@@ -85,7 +87,7 @@ def record_op_calls(mixer, x):
 
 
 def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_to=None,
-                conv_kernel="auto"):
+                conv_kernel="auto", graph=False):
     mixer = build_mixer(name, hidden, heads, dtype, conv_kernel)
     x = torch.randn(seq, batch, hidden, device=device(), dtype=dtype, requires_grad=True)
 
@@ -133,8 +135,23 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
             ones.extend(torch.ones_like(t) for t in tensors)
         torch.autograd.backward(tensors, ones)
 
-    layer_ms = time_fn(layer_step, warmup, iters)
-    bare_ms = time_fn(bare_step, warmup, iters)
+    layer_host, bare_host = [], []
+    layer_ms = time_fn(layer_step, warmup, iters, layer_host)
+    bare_ms = time_fn(bare_step, warmup, iters, bare_host)
+    # Host ms until the step returns: a layer step whose host time nears its total leaves the
+    # GPU idle between kernels (its eager overhead then holds host time, not device time).
+    row = {"mixer": name, "T": seq, "B": batch, "layer_ms": layer_ms, "bare_ms": bare_ms,
+           "overhead": layer_ms / bare_ms, "layer_host_ms": statistics.median(layer_host),
+           "bare_host_ms": statistics.median(bare_host)}
+    if graph:  # device time only: each step captured as one CUDA graph and replayed
+        from linear_moe.cuda_graph import capture_step
+
+        bare_leaves = [w_in, w_out, *(w for _, w in low_rank)]
+        layer_graph = capture_step(layer_step, [x, *mixer.parameters()])[0]
+        bare_graph = capture_step(bare_step, bare_leaves)[0]
+        row["layer_graph_ms"] = time_fn(layer_graph, warmup, iters)
+        row["bare_graph_ms"] = time_fn(bare_graph, warmup, iters)
+        row["overhead_graph"] = row["layer_graph_ms"] / row["bare_graph_ms"]
     if profile_to:
         from profile_step import device_ms_by_op, op_diff, profile, summarise
 
@@ -147,9 +164,10 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
                 f.write(text)
         # Where the overhead goes: each op (with its input shapes) by layer minus bare time.
         with open(f"{profile_to}_{name}_{seq}_diff.txt", "w") as f:
+            f.write(f"# {name} T={seq} B={batch}, 3 profiled steps each: "
+                    f"{json.dumps(environment())}\n")
             f.write(op_diff(by_op["layer"], by_op["bare"]))
-    return {"mixer": name, "T": seq, "B": batch, "layer_ms": layer_ms, "bare_ms": bare_ms,
-            "overhead": layer_ms / bare_ms}
+    return row
 
 
 def main(argv=None):
@@ -164,6 +182,8 @@ def main(argv=None):
                              "_diff.txt, the ops by how much longer the layer spends on them")
     parser.add_argument("--conv-kernel", choices=["auto", "fla", "ours"], default="auto",
                         help="CUDA kernel of the mixers' short convolutions (--la-conv-kernel)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also time both steps captured as CUDA graphs (device time; GPU)")
     add_run_args(parser, tokens=65536, warmup=3, iters=10)
     args = parser.parse_args(argv)
     if args.toy:
@@ -179,12 +199,14 @@ def main(argv=None):
             batch = max(1, args.tokens // seq)
             try:
                 row = bench_mixer(name, args.hidden, args.heads, seq, batch, dtype,
-                                  args.warmup, args.iters, args.profile, args.conv_kernel)
+                                  args.warmup, args.iters, args.profile, args.conv_kernel,
+                                  args.cuda_graph and torch.cuda.is_available())
             except ValueError as refused:  # e.g. mamba2's chunk path on Hopper: note it, go on
                 row = {"mixer": name, "T": seq, "B": batch, "note": f"refused: {refused}"}
             rows.append(emit(row))
     write_results(rows, args.out, "Layer overhead: Megatron mixer layer vs bare op + GEMMs",
-                  ["mixer", "T", "B", "layer_ms", "bare_ms", "overhead", "note"])
+                  ["mixer", "T", "B", "layer_ms", "bare_ms", "overhead", "layer_host_ms",
+                   "bare_host_ms", "layer_graph_ms", "bare_graph_ms", "overhead_graph", "note"])
     return rows
 
 
