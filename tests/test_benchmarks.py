@@ -230,7 +230,8 @@ def test_layer_bench_profile_diff_lists_the_layers_own_ops(tmp_path):
                            "--mixers", "gla", "--profile", str(tmp_path / "prof")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    lines = (tmp_path / "prof_gla_64_diff.txt").read_text().splitlines()
+    header, *lines = (tmp_path / "prof_gla_64_diff.txt").read_text().splitlines()
+    assert header.startswith("# gla T=64") and '"device": "cpu' in header
     layer, bare, diff = map(float, lines[1].split()[:3])
     assert lines[1].endswith("total") and abs(layer - bare - diff) < 1e-3 and layer > 0 < bare
     rows = [line.split(None, 4) for line in lines[2:]]
