@@ -198,6 +198,11 @@ def summarise(prof, iters: int) -> tuple[str, dict]:
             continue  # device time lives on the kernels; CPU-side ops would count it twice
         groups[group_of(e.key)] = groups.get(group_of(e.key), 0.0) + us / 1e3 / iters
     table = events.table(sort_by=key, row_limit=40, max_name_column_width=90)
+    if cuda:  # and by host time: an eager step bound by its launches (2K, session 16) shows here
+        table += ("\nBy self CPU time (the host's share; the synchronise at the end holds the "
+                  "wait for the device):\n" + events.table(sort_by="self_cpu_time_total",
+                                                             row_limit=30,
+                                                             max_name_column_width=90))
     total = sum(groups.values())
     lines = [f"{g:14s} {ms:9.2f} ms/step  {100 * ms / max(total, 1e-9):5.1f}%"
              for g, ms in sorted(groups.items(), key=lambda kv: -kv[1])]
