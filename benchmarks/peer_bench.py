@@ -34,8 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     add_run_args, allocated_gib, allocator_events, device, emit, peak_memory_gib,
-    setup_single_process, time_fn,
-    write_results,
+    setup_single_process, time_fn, write_results,
 )
 from flops import training_flops_per_token  # noqa
 
