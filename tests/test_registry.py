@@ -78,6 +78,29 @@ def test_validate_fills_pattern_and_mixer_defaults():
     assert args.la_num_heads == 4
 
 
+@pytest.mark.parametrize("dropout,bias,fused", [(0.0, False, False), (0.1, False, True),
+                                                 (0.0, True, True)])
+def test_bias_dropout_fusion_off_where_it_has_nothing_to_fuse(dropout, bias, fused):
+    """Without dropout and bias megatron-core's fused bias-dropout-add is a compiled call around
+    the same single residual add (more host time a call); elsewhere it stays as set."""
+    args = parsed_args(bias_dropout_fusion=True, hidden_dropout=dropout, add_bias_linear=bias)
+    validate_args(args)
+    assert args.bias_dropout_fusion is fused
+
+
+def test_unfused_residual_add_equals_the_fused_one_in_bf16():
+    import torch
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+    x, residual = (torch.randn(5, 2, 8).to(torch.bfloat16).requires_grad_() for _ in range(2))
+    outs = []
+    for fused in (True, False):
+        out = get_bias_dropout_add(True, fused)((x, None), residual, 0.0)
+        grads = torch.autograd.grad(out, (x, residual), torch.ones_like(out))
+        outs.append((out, *grads))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
 @pytest.mark.parametrize("overrides,message", [
     (dict(la_module="nope"), "unknown mixer"),
     (dict(layer_type_list="LLN"), "divides --num-layers"),
