@@ -526,3 +526,30 @@ def test_mamba2_chunk_refused_where_its_backward_is_unproven(monkeypatch):
     monkeypatch.setattr(fla_compat, "hopper_guard_active", lambda: False)
     monkeypatch.delenv(fla_compat.GUARD_ENV)
     mamba2.refuse_unproven_chunk_backward(config())
+
+
+def test_gdn_log_decay_compiled_keeps_only_its_inputs():
+    """GDN's log decay compiled (CUDA's path; here inductor's CPU backend) equals the eager
+    function and keeps for backward only its inputs, where eager keeps softplus's fp32 input
+    and output (12 MiB at the peer's 8K shape)."""
+    from linear_moe.mixers.gated_deltanet import _log_decay, _log_decay_cuda
+
+    torch.manual_seed(0)
+    fused = torch.randn(2, 33, 40).to(torch.bfloat16)
+    A_log, dt_bias = torch.randn(8), torch.randn(8)
+    runs, kept = [], []
+    for fn in (_log_decay_cuda, _log_decay):
+        leaves = [fused.clone().requires_grad_(), A_log.clone().requires_grad_(),
+                  dt_bias.clone().requires_grad_()]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                      lambda t: t):
+            y = fn(leaves[0][..., 32:40], leaves[1], leaves[2])
+        y.backward(torch.ones_like(y))
+        runs.append((y, *(t.grad for t in leaves)))
+        kept.append(sorted((tuple(t.shape), t.dtype) for t in saved))
+    assert kept[0] == sorted([((8,), torch.float32), ((8,), torch.float32),
+                              ((2, 33, 8), torch.bfloat16)])
+    assert ((2, 33, 8), torch.float32) in kept[1]  # eager: softplus's fp32 input / output
+    for a, b in zip(*runs):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)

@@ -171,3 +171,31 @@ def test_gla_log_decay_compiled_matches_eager(clamp_min):
         runs.append((y, zi.grad))
     for a, b in zip(*runs):
         assert rel_err(a.float(), b) <= 1e-2
+
+
+def test_gdn_log_decay_compiled_matches_eager_and_keeps_only_its_inputs():
+    """GDN's compiled log decay -exp(A_log) softplus(a + dt_bias) equals the eager ops (fp32, both
+    from the same bf16 a), forward and all three gradients, and keeps for backward only its
+    inputs (a bf16 slice of the in-projection's output, the two per-head parameters), where
+    eager kept two fp32 [tokens, heads] tensors."""
+    from linear_moe.mixers.gated_deltanet import _log_decay, _log_decay_cuda
+
+    torch.manual_seed(0)
+    fused = (torch.randn(2, 513, 40, device="cuda") * 3).bfloat16()
+    A_log, dt_bias = torch.randn(8, device="cuda"), torch.randn(8, device="cuda")
+    dy = torch.randn(2, 513, 8, device="cuda")
+    runs = []
+    for fn in (_log_decay_cuda, _log_decay):
+        leaves = [fused.clone().requires_grad_(), A_log.clone().requires_grad_(),
+                  dt_bias.clone().requires_grad_()]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                      lambda t: t):
+            y = fn(leaves[0][..., 32:40], leaves[1], leaves[2])
+        y.backward(dy)
+        runs.append((y, *(t.grad for t in leaves)))
+        if fn is _log_decay_cuda:
+            assert all(t.dtype == torch.bfloat16 or t.dim() == 1 for t in saved), \
+                [(tuple(t.shape), t.dtype) for t in saved]
+    for a, b in zip(*runs):
+        assert rel_err(a.float(), b.float()) <= 1e-5
