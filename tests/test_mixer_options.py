@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from arg_utils import parsed_args
+from autograd_utils import run_and_record_saved
 from dist_utils import run_distributed
 from linear_moe.arguments import validate_args
 from linear_moe.layers import ShortConvolution
@@ -539,15 +540,10 @@ def test_gdn_log_decay_compiled_keeps_only_its_inputs():
     A_log, dt_bias = torch.randn(8), torch.randn(8)
     runs, kept = [], []
     for fn in (_log_decay_cuda, _log_decay):
-        leaves = [fused.clone().requires_grad_(), A_log.clone().requires_grad_(),
-                  dt_bias.clone().requires_grad_()]
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
-                                                      lambda t: t):
-            y = fn(leaves[0][..., 32:40], leaves[1], leaves[2])
-        y.backward(torch.ones_like(y))
-        runs.append((y, *(t.grad for t in leaves)))
-        kept.append(sorted((tuple(t.shape), t.dtype) for t in saved))
+        grads, saved = run_and_record_saved(fn, (fused, A_log, dt_bias), torch.ones(2, 33, 8),
+                                            call=lambda f, t: f(t[0][..., 32:40], t[1], t[2]))
+        runs.append(grads)
+        kept.append(saved)
     assert kept[0] == sorted([((8,), torch.float32), ((8,), torch.float32),
                               ((2, 33, 8), torch.bfloat16)])
     assert ((2, 33, 8), torch.float32) in kept[1]  # eager: softplus's fp32 input / output

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from autograd_utils import run_and_record_saved
 from test_fla_parity import _record, rel_err
 from linear_moe.layers.rotary import apply_rotary
 from linear_moe.layers.short_conv import ShortConvolution
@@ -184,18 +185,12 @@ def test_gdn_log_decay_compiled_matches_eager_and_keeps_only_its_inputs():
     fused = (torch.randn(2, 513, 40, device="cuda") * 3).bfloat16()
     A_log, dt_bias = torch.randn(8, device="cuda"), torch.randn(8, device="cuda")
     dy = torch.randn(2, 513, 8, device="cuda")
-    runs = []
+    runs, kept = [], []
     for fn in (_log_decay_cuda, _log_decay):
-        leaves = [fused.clone().requires_grad_(), A_log.clone().requires_grad_(),
-                  dt_bias.clone().requires_grad_()]
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
-                                                      lambda t: t):
-            y = fn(leaves[0][..., 32:40], leaves[1], leaves[2])
-        y.backward(dy)
-        runs.append((y, *(t.grad for t in leaves)))
-        if fn is _log_decay_cuda:
-            assert all(t.dtype == torch.bfloat16 or t.dim() == 1 for t in saved), \
-                [(tuple(t.shape), t.dtype) for t in saved]
+        grads, saved = run_and_record_saved(fn, (fused, A_log, dt_bias), dy,
+                                            call=lambda f, t: f(t[0][..., 32:40], t[1], t[2]))
+        runs.append(grads)
+        kept.append(saved)
+    assert all(dtype == torch.bfloat16 or len(shape) == 1 for shape, dtype in kept[0]), kept[0]
     for a, b in zip(*runs):
         assert rel_err(a.float(), b.float()) <= 1e-5
