@@ -141,8 +141,11 @@ def _patch_torch_cuda():
     # Architecture queries (e.g. argument validation with TP > 1 asks for the compute
     # capability): a "device" of capability 0.0.
     cuda.get_device_capability = lambda *a, **k: (0, 0)
+    # gcnArchName: inductor's cache key reads it where torch.version.cuda is None (a CPU wheel),
+    # so torch.compile on the CPU failed in a process with this module enabled.
     cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(
-        major=0, minor=0, name="cpu", total_memory=0, multi_processor_count=1)
+        major=0, minor=0, name="cpu", gcnArchName="cpu", total_memory=0,
+        multi_processor_count=1)
     # RNG: the CPU generator plays the CUDA one.
     cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)

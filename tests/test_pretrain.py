@@ -147,3 +147,19 @@ def test_distributed_optimizer_run_resumes(dataset, tmp_path):
     resumed = _run(cmd)
     assert "loading distributed checkpoint" in resumed
     assert sorted(_losses(resumed)) == [5, 6, 7, 8]
+
+
+def test_torch_compile_works_with_cpu_support_enabled():
+    """megatron_patch.cpu_support fakes torch.cuda's queries for the whole process; inductor
+    then reads the fake device properties for its cache key (gcnArchName on a CPU wheel), and a
+    torch.compile'd function (ours on CUDA, megatron-core's fusions) must still compile and run.
+    In a process of its own: enabling it is for the life of the process."""
+    code = ("import torch; from megatron_patch import cpu_support\n"
+            "assert cpu_support.enable()\n"
+            "x = torch.randn(16)\n"
+            "y = torch.compile(lambda t: torch.nn.functional.softplus(t) * 2)(x)\n"
+            "assert torch.allclose(y, torch.nn.functional.softplus(x) * 2)\n"
+            "print('compiled ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=_env(), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0 and "compiled ok" in proc.stdout, proc.stderr[-3000:]
