@@ -82,6 +82,12 @@ def _inference_args(saved, device: torch.device, dtype: torch.dtype | None):
             setattr(args, name, False)
         args.use_cpu_initialization = True
     args.recompute_granularity = None  # nothing to recompute without a backward
+    if getattr(args, "moe_expert_capacity_factor", None) is not None:
+        # dropless: a request's scores must not depend on the others in its batch (or padding)
+        print(f"linear_moe: evaluating without the run's --moe-expert-capacity-factor "
+              f"{args.moe_expert_capacity_factor} (no token dropping)", flush=True)
+        args.moe_expert_capacity_factor = None
+        args.moe_pad_expert_input_to_capacity = False
     return args
 
 
@@ -175,6 +181,10 @@ class CausalLM:
             for context, continuation in chunk:
                 if not continuation:
                     raise ValueError("an empty continuation has no log-probability")
+                if len(continuation) > self.max_length:
+                    raise ValueError(f"a continuation of {len(continuation)} tokens exceeds the "
+                                     f"model's {self.max_length}; score it in windows "
+                                     "(loglikelihood_rolling)")
                 if not context:
                     raise ValueError("a continuation needs a context token; start it with the "
                                      "eod token")
