@@ -2,8 +2,8 @@
 
 ``load_checkpoint(dir)`` rebuilds the model from the arguments megatron.training saved in the
 checkpoint (no model flags to repeat) and loads its weights through megatron-core's dist
-checkpointing, which reshards: a checkpoint saved under TP / PP / EP loads into this
-single-rank model. ``CausalLM`` wraps it with its tokenizer: log-probabilities of tokens and
+checkpointing, which reshards: a checkpoint saved under TP (tested: TP = 2 with sequence
+parallelism) or PP / EP loads into this single-rank model. ``CausalLM`` wraps it with its tokenizer: log-probabilities of tokens and
 greedy generation. Generation runs the whole sequence again for each new token: the mixers have
 no incremental decoding (recurrent-state cache) yet, so it is O(T^2) and meant for evaluation.
 """

@@ -1,7 +1,8 @@
 """Evaluation of a trained checkpoint (linear_moe.inference, eval/): a tiny Qwen2-MoE 'LLLN'
 run trained and saved by megatron.training on the CPU, loaded back into one process.
 
-- the loaded model holds the checkpoint's tensors (read independently, by torch's DCP reader);
+- the loaded model holds the checkpoint's tensors (read independently, by torch's DCP reader),
+  also of a checkpoint saved by two ranks under TP = 2 with sequence parallelism;
 - continuation log-probabilities in a padded batch equal each one computed alone, and greedy
   generation equals an argmax loop;
 - lm-eval runs the three offline tasks of eval/tasks (multiple choice, rolling perplexity,
@@ -28,25 +29,51 @@ pytestmark = pytest.mark.xdist_group("eval")
 ITERATIONS = 20
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def _train(root, iterations, extra=(), ranks=1):
     from linear_moe.data import ensure_default_dataset
 
-    root = tmp_path_factory.mktemp("eval")
     save = root / "checkpoints"
-    _run(_command(ensure_default_dataset(root / "data"), save, train_iters=ITERATIONS,
-                  extra=("--save-interval", str(ITERATIONS))))
+    cmd = _command(ensure_default_dataset(root / "data"), save, train_iters=iterations,
+                   extra=("--save-interval", str(iterations), *extra))
+    if ranks > 1:  # torchrun on the CPU: gloo, one process per rank
+        env = {**_env(), "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+               "--master-port", str(_free_port()), *cmd[1:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    else:
+        _run(cmd)
     return save
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("eval"), ITERATIONS)
+
+
+@pytest.fixture(scope="module")
+def tp2_checkpoint(tmp_path_factory):
+    """Saved by two ranks under TP = 2 with sequence parallelism (the layout's shards)."""
+    return _train(tmp_path_factory.mktemp("eval_tp2"), 6,
+                  ("--tensor-model-parallel-size", "2", "--sequence-parallel"), ranks=2)
 
 
 def _loaded_against_checkpoint(rank, world_size, save):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from linear_moe.inference import load_checkpoint
+    from linear_moe.inference import checkpoint_dir, load_checkpoint
 
     model, _ = load_checkpoint(save)
     flat = os.path.join(save, "flat.pt")
-    dcp_to_torch_save(os.path.join(save, f"iter_{ITERATIONS:07d}"), flat)
+    dcp_to_torch_save(checkpoint_dir(save), flat)
     stored = torch.load(flat, weights_only=False)
     mismatched, compared = [], 0
     for name, p in model.named_parameters():
@@ -60,8 +87,11 @@ def _loaded_against_checkpoint(rank, world_size, save):
 
 
 @pytest.mark.slow
-def test_loaded_model_holds_the_checkpoint_tensors(checkpoint):
-    compared, mismatched = run_distributed(_loaded_against_checkpoint, 1, str(checkpoint))[0]
+@pytest.mark.parametrize("saved_by", ["one rank", "TP=2 with sequence parallelism"])
+def test_loaded_model_holds_the_checkpoint_tensors(saved_by, request):
+    """One process holds every tensor of the checkpoint, the TP shards put back together."""
+    save = request.getfixturevalue("checkpoint" if saved_by == "one rank" else "tp2_checkpoint")
+    compared, mismatched = run_distributed(_loaded_against_checkpoint, 1, str(save))[0]
     assert compared > 50 and not mismatched, mismatched
 
 
@@ -142,3 +172,14 @@ def test_unknown_task_fails_before_the_model_loads(tmp_path):
         capture_output=True, text=True, env={**_env(), "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert proc.returncode != 0
     assert "unknown lm-eval task(s) no_such_task" in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_generate_continues_the_prompt(checkpoint):
+    proc = subprocess.run(
+        [sys.executable, "-m", "linear_moe.cli", "generate", "--load", str(checkpoint),
+         "--prompt", "The for statement", "--max-new-tokens", "5"],
+        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("The for statement")]
+    assert len(lines) == 1, proc.stdout[-2000:]
