@@ -24,24 +24,9 @@ def setup_single_process(autotune_keys: str = "shape"):
     autotune_keys "shape" (on the GPU): fla's state-passing kernels are autotuned per sequence
     length and head count (linear_moe.ops.fla_autotune), so every model in a comparison runs
     picks made at the measured shape; "fla" keeps fla's keys (rows before session 12)."""
-    import megatron_patch  # noqa: F401
-    from megatron.core import parallel_state as mpu
-    from megatron.core import tensor_parallel
-    from megatron_patch import cpu_support
+    from linear_moe.inference import init_single_process
 
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "gloo":
-            cpu_support.enable()
-        else:
-            torch.cuda.set_device(0)
-        # An in-process store: one rank needs no TCP rendezvous, so no port to pick (or to
-        # collide with another process's) and no MASTER_* left in the environment.
-        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(),
-                                             rank=0, world_size=1)
-    if not mpu.model_parallel_is_initialized():
-        mpu.initialize_model_parallel(1)
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    init_single_process()
     from linear_moe.ops.fla_autotune import apply_autotune_keys
 
     apply_autotune_keys(autotune_keys)

@@ -48,8 +48,10 @@ def checkpoint_dir(load_dir: str, iteration: int | None = None) -> str:
     return path
 
 
-def _init_single_process() -> None:
-    """Megatron's parallel state for this one process (gloo and cpu_support without CUDA)."""
+def init_single_process(seed: int = 1234) -> None:
+    """Megatron's parallel state for this one process: NCCL on GPU 0, or gloo with
+    megatron_patch.cpu_support without CUDA; an in-process store, so no port to pick.
+    Idempotent (the benchmarks and evaluation share it)."""
     import megatron_patch  # noqa: F401  (typing.override for megatron on 3.11)
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
@@ -59,11 +61,13 @@ def _init_single_process() -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "gloo":
             cpu_support.enable()
+        else:
+            torch.cuda.set_device(0)
         torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(),
                                              rank=0, world_size=1)
     if not mpu.model_parallel_is_initialized():
         mpu.initialize_model_parallel(1)
-        tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def _inference_args(saved, device: torch.device, dtype: torch.dtype | None):
@@ -101,7 +105,7 @@ def load_checkpoint(load_dir: str, iteration: int | None = None, device=None,
 
     path = checkpoint_dir(load_dir, iteration)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    _init_single_process()
+    init_single_process()
     common = dist_checkpointing.load_common_state_dict(path)
     if "args" not in common:
         raise ValueError(f"{path!r} carries no training arguments; it must be saved by "
