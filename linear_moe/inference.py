@@ -3,9 +3,10 @@
 ``load_checkpoint(dir)`` rebuilds the model from the arguments megatron.training saved in the
 checkpoint (no model flags to repeat) and loads its weights through megatron-core's dist
 checkpointing, which reshards: a checkpoint saved under TP (tested: TP = 2 with sequence
-parallelism) or PP / EP loads into this single-rank model. ``CausalLM`` wraps it with its tokenizer: log-probabilities of tokens and
-greedy generation. Generation runs the whole sequence again for each new token: the mixers have
-no incremental decoding (recurrent-state cache) yet, so it is O(T^2) and meant for evaluation.
+parallelism) or PP / EP loads into this single-rank model. ``CausalLM`` wraps it with its
+tokenizer: log-probabilities of tokens and greedy generation. Generation runs the whole sequence
+again for each new token: the mixers have no incremental decoding (recurrent-state cache) yet,
+so it is O(T^2) and meant for evaluation.
 """
 
 from __future__ import annotations
@@ -15,10 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-# Megatron flags whose CUDA kernels the CPU lacks (megatron_patch.cpu_support.CPU_ARGS's
-# fusions), off when a checkpoint trained on the GPU is loaded on the CPU.
-_CPU_OFF = ("bias_swiglu_fusion", "bias_gelu_fusion", "bias_dropout_fusion",
-            "masked_softmax_fusion", "apply_rope_fusion", "gradient_accumulation_fusion")
 # One rank: dist checkpointing reshards whatever parallel layout the checkpoint was saved in.
 _SINGLE_RANK = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
                 "expert_model_parallel_size": 1, "expert_tensor_parallel_size": 1,
@@ -27,22 +24,30 @@ _SINGLE_RANK = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size":
 
 
 def checkpoint_dir(load_dir: str, iteration: int | None = None) -> str:
-    """The iter_XXXXXXX directory of ``load_dir`` (a --save directory): ``iteration``'s, or the
-    latest one that megatron.training recorded."""
+    """The checkpoint directory of ``load_dir`` (a --save directory): ``iteration``'s, or the one
+    megatron.training's tracker file names (an iteration or 'release'), by megatron's naming."""
+    import megatron_patch  # noqa: F401  (typing.override for megatron.training on 3.11)
+    from megatron.training.checkpointing import (
+        get_checkpoint_name,
+        get_checkpoint_tracker_filename,
+    )
+
     if not os.path.isdir(load_dir):
         raise FileNotFoundError(f"checkpoint directory {load_dir!r} not found; pass the --save "
                                 "directory of a training run")
+    release = False
     if iteration is None:
-        tracker = os.path.join(load_dir, "latest_checkpointed_iteration.txt")
+        tracker = get_checkpoint_tracker_filename(load_dir)
         if not os.path.isfile(tracker):
-            raise FileNotFoundError(f"{load_dir!r} has no latest_checkpointed_iteration.txt; pass "
-                                    "a --save directory of megatron.training or --iteration")
+            raise FileNotFoundError(f"{load_dir!r} has no {os.path.basename(tracker)}; pass a "
+                                    "--save directory of megatron.training or --iteration")
         with open(tracker) as f:
             text = f.read().strip()
-        if not text.isdigit():
+        release = text == "release"
+        if not (release or text.isdigit()):
             raise ValueError(f"{tracker} holds {text!r}, not an iteration; pass --iteration")
-        iteration = int(text)
-    path = os.path.join(load_dir, f"iter_{iteration:07d}")
+        iteration = 0 if release else int(text)
+    path = get_checkpoint_name(load_dir, iteration, release, return_base_dir=True)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint {path!r}; pick an --iteration that was saved")
     return path
@@ -81,8 +86,10 @@ def _inference_args(saved, device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         dtype = saved.params_dtype if device.type == "cuda" else torch.float32
     args.params_dtype, args.bf16, args.fp16 = dtype, dtype == torch.bfloat16, dtype == torch.float16
-    if device.type != "cuda":
-        for name in _CPU_OFF:
+    if device.type != "cuda":  # a run trained on the GPU, loaded on the CPU
+        from megatron_patch.cpu_support import CPU_FUSIONS_OFF
+
+        for name in CPU_FUSIONS_OFF.values():
             setattr(args, name, False)
         args.use_cpu_initialization = True
     args.recompute_granularity = None  # nothing to recompute without a backward

@@ -26,17 +26,21 @@ import types
 import torch
 from torch.overrides import TorchFunctionMode
 
-# Flags appended to Megatron's argv when there is no GPU: fusions are CUDA/TE kernels,
-# gradient-accumulation fusion needs APEX's CUDA extension, NCCL needs CUDA.
+# The fusions whose kernels are CUDA / TE (gradient-accumulation fusion: APEX's CUDA extension):
+# Megatron's flag that turns each off, and the argument it clears.
+CPU_FUSIONS_OFF = {
+    "--no-gradient-accumulation-fusion": "gradient_accumulation_fusion",
+    "--no-bias-swiglu-fusion": "bias_swiglu_fusion",
+    "--no-bias-gelu-fusion": "bias_gelu_fusion",
+    "--no-bias-dropout-fusion": "bias_dropout_fusion",
+    "--no-masked-softmax-fusion": "masked_softmax_fusion",
+    "--no-rope-fusion": "apply_rope_fusion",
+}
+# Flags appended to Megatron's argv when there is no GPU (NCCL needs CUDA).
 CPU_ARGS = [
     "--distributed-backend", "gloo",
     "--use-cpu-initialization",
-    "--no-gradient-accumulation-fusion",
-    "--no-bias-swiglu-fusion",
-    "--no-bias-gelu-fusion",
-    "--no-bias-dropout-fusion",
-    "--no-masked-softmax-fusion",
-    "--no-rope-fusion",
+    *CPU_FUSIONS_OFF,
     "--transformer-impl", "local",
 ]
 

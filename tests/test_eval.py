@@ -155,9 +155,14 @@ def test_checkpoint_dir_errors_name_the_fix(tmp_path):
         checkpoint_dir(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="latest_checkpointed_iteration.txt"):
         checkpoint_dir(str(tmp_path))
-    (tmp_path / "latest_checkpointed_iteration.txt").write_text("release")
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("latest")
     with pytest.raises(ValueError, match="--iteration"):
         checkpoint_dir(str(tmp_path))
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("release")
+    with pytest.raises(FileNotFoundError, match="pick an --iteration that was saved"):
+        checkpoint_dir(str(tmp_path))
+    (tmp_path / "release").mkdir()
+    assert checkpoint_dir(str(tmp_path)) == str(tmp_path / "release")
     (tmp_path / "iter_0000007").mkdir()
     with pytest.raises(FileNotFoundError, match="pick an --iteration that was saved"):
         checkpoint_dir(str(tmp_path), iteration=8)

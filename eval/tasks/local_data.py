@@ -1,6 +1,7 @@
 """The local tasks' documents: the .jsonl files beside this module, as a datasets split
 (lm-eval's ``custom_dataset``), so the tasks need no download and no working directory."""
 
+import functools
 import json
 import os
 
@@ -15,13 +16,7 @@ def _split(name: str, **unused) -> dict:
     return {"test": datasets.Dataset.from_list(docs)}
 
 
-def python_mc(**kwargs):
-    return _split("python_mc", **kwargs)
-
-
-def python_text(**kwargs):
-    return _split("python_text", **kwargs)
-
-
-def python_gen(**kwargs):
-    return _split("python_gen", **kwargs)
+# what the tasks' YAML names (custom_dataset: !function local_data.<name>)
+python_mc = functools.partial(_split, "python_mc")
+python_text = functools.partial(_split, "python_text")
+python_gen = functools.partial(_split, "python_gen")
