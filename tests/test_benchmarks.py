@@ -233,7 +233,8 @@ def test_layer_bench_profile_diff_lists_the_layers_own_ops(tmp_path):
     header, *lines = (tmp_path / "prof_gla_64_diff.txt").read_text().splitlines()
     assert header.startswith("# gla T=64") and '"device": "cpu' in header
     layer, bare, diff = map(float, lines[1].split()[:3])
-    assert lines[1].endswith("total") and abs(layer - bare - diff) < 1e-3 and layer > 0 < bare
+    # Each of the three is rounded to 3 decimals on its own: they can disagree by 1.5e-3.
+    assert lines[1].endswith("total") and abs(layer - bare - diff) <= 1.5e-3 + 1e-9 and layer > 0 < bare
     rows = [line.split(None, 4) for line in lines[2:]]
     assert [float(r[2]) for r in rows] == sorted((float(r[2]) for r in rows), reverse=True)
     layer_only = {r[3] for r in rows if float(r[1]) == 0.0 and float(r[0]) > 0}
