@@ -235,3 +235,45 @@ def test_bad_input_fails_with_the_fix(tmp_path):
         hf_to_megatron(str(tmp_path / "llama"), str(tmp_path / "full"))
     with pytest.raises(FileExistsError, match="already holds a HF model; pass an empty directory"):
         megatron_to_hf(str(tmp_path / "full"), str(tmp_path / "llama"))
+
+
+def _mixers_from_attention(rank, world_size, root):
+    from linear_moe.conversion.core import hf_to_megatron
+    from linear_moe.inference import load_checkpoint
+
+    root = Path(root)
+    hf = _save_hf_model("LlamaForCausalLM", root / "hf").state_dict()
+    errors = []
+    try:  # GLA's default keys are half the width (--la-expand-k 0.5)
+        hf_to_megatron(str(root / "hf"), str(root / "bad"), ["--layer-type-list", "LNL",
+                                                             "--la-module", "gla"], True)
+    except ValueError as exc:
+        errors.append(str(exc))
+    report = hf_to_megatron(str(root / "hf"), str(root / "mcore"),
+                            ["--layer-type-list", "LNL", "--la-module", "gla",
+                             "--la-expand-k", "1"], mixers_from_attention=True)
+    model, _ = load_checkpoint(str(root / "mcore"), device="cpu")
+    ours = model.state_dict()
+    mixer = "decoder.layers.2.self_attention"
+    k = hf["model.layers.2.self_attn.k_proj.weight"].view(2, 16, 64)  # 2 KV groups of 16
+    checks = {
+        "q": torch.equal(ours[f"{mixer}.q_proj.weight"], hf["model.layers.2.self_attn.q_proj.weight"]),
+        "o": torch.equal(ours[f"{mixer}.o_proj.weight"], hf["model.layers.2.self_attn.o_proj.weight"]),
+        # query heads 0, 1 use group 0 and heads 2, 3 group 1, as in megatron's GQA
+        "k": torch.equal(ours[f"{mixer}.k_proj.weight"].view(4, 16, 64),
+                         k[[0, 0, 1, 1]]),
+    }
+    return errors, report, checks
+
+
+@pytest.mark.slow
+def test_mixers_start_from_the_hf_attention_on_request(tmp_path):
+    errors, report, checks = run_distributed(_mixers_from_attention, 1, str(tmp_path))[0]
+    assert len(errors) == 1 and "give the mixer the attention's dimensions (e.g. --la-expand-k 1" \
+        in errors[0], errors
+    assert all(checks.values()), checks
+    assert report["mixers_from_attention"] and not report["unused_hf_tensors"]
+    fresh = report["fresh_megatron_tensors"]
+    assert "decoder.layers.0.self_attention.g_proj.weight" in fresh
+    assert not any(t.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
+                               "o_proj.weight")) for t in fresh), fresh

@@ -142,6 +142,36 @@ class HFFormat:
     moe_names: MoENames | None = None
 
 
+def _one_way(_):
+    raise ValueError("a mixer initialised from attention has no way back to HF")
+
+
+def mixers_from_attention_rules(layers: list[int], args, hf_config, shapes: dict) -> list[Rule]:
+    """'L' layers' mixer q/k/v/o projections initialised from the HF attention of the same
+    layer (linearising a pretrained softmax model; one way: HF holds no mixer). GQA's key and
+    value heads are repeated to the mixer's heads as megatron pairs query heads with groups."""
+    heads = hf_config.num_attention_heads
+    groups = getattr(hf_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    rules = []
+    for i in layers:
+        for p in "qkvo":
+            m = f"decoder.layers.{i}.self_attention.{p}_proj.weight"
+            h = f"model.layers.{i}.self_attn.{p}_proj.weight"
+            if m not in shapes:
+                raise ValueError(f"--init-mixers-from-attention: the {args.la_module} mixer has no "
+                                 f"{p}_proj to take {h}")
+            repeat = heads // groups if p in "kv" and shapes[m][0] == heads * head_dim else 1
+
+            def expand(t, repeat=repeat):
+                t = t[0]
+                if repeat > 1:
+                    t = t.reshape(groups, -1, t.shape[-1]).repeat_interleave(repeat, 0)
+                return [t.reshape(-1, t.shape[-1])]
+            rules.append(Rule((m,), (h,), expand, _one_way))
+    return rules
+
+
 def model_rules(fmt: HFFormat, args, config) -> tuple[list[Rule], list[int]]:
     """(the rules of the whole model, the indices of 'L' layers, whose mixers HF lacks)."""
     from linear_moe.models.common import is_moe_layer
@@ -235,9 +265,11 @@ def _apply(rules: list[Rule], source: dict, to_megatron: bool) -> dict[str, torc
     return out
 
 
-def hf_to_megatron(hf_dir: str, save_dir: str, user_flags: list[str] = ()) -> dict:
+def hf_to_megatron(hf_dir: str, save_dir: str, user_flags: list[str] = (),
+                   mixers_from_attention: bool = False) -> dict:
     """Convert the HF model in ``hf_dir`` into a megatron.training checkpoint in ``save_dir``
-    ('release'); returns a report (flags to train from it, unused HF tensors, fresh tensors)."""
+    ('release'); returns a report (flags to train from it, unused HF tensors, fresh tensors).
+    mixers_from_attention: 'L' layers' q/k/v/o start from the HF attention's (else fresh)."""
     import megatron_patch  # noqa: F401  (typing.override for megatron.training on 3.11)
     from megatron.core import dist_checkpointing
     from megatron.training.checkpointing import (
@@ -251,6 +283,9 @@ def hf_to_megatron(hf_dir: str, save_dir: str, user_flags: list[str] = ()) -> di
     from linear_moe.model_provider import build_standalone
 
     hf_config, fmt = _hf_config_and_format(hf_dir)
+    if mixers_from_attention and fmt.base_model == "deepseek_v2":
+        raise ValueError("--init-mixers-from-attention: MLA has no q/k/v projections to copy; "
+                         "drop the flag")
     argv = megatron_argv(fmt, hf_config, hf_dir, user_flags)
     if os.path.exists(get_checkpoint_tracker_filename(save_dir)):
         raise FileExistsError(f"{save_dir!r} already holds a checkpoint; pass an empty --save "
@@ -263,15 +298,22 @@ def hf_to_megatron(hf_dir: str, save_dir: str, user_flags: list[str] = ()) -> di
                                                     dtype=torch.float32)
     hf_tensors = dict(hf_model.state_dict())
     rules, linear_layers = model_rules(fmt, args, config)
-    converted = _apply(rules, hf_tensors, to_megatron=True)
     ours = _megatron_tensors(model)
+    if mixers_from_attention:
+        rules += mixers_from_attention_rules(linear_layers, args, hf_config,
+                                             {k: tuple(v.shape) for k, v in ours.items()})
+    converted = _apply(rules, hf_tensors, to_megatron=True)
     unknown = set(converted) - set(ours)
     assert not unknown, f"rules name tensors the model lacks: {sorted(unknown)[:5]}"
     with torch.no_grad():
         for key, tensor in converted.items():
             if ours[key].shape != tensor.shape:
+                fix = ("give the mixer the attention's dimensions (e.g. --la-expand-k 1, "
+                       "--la-expand-v 1) or drop --init-mixers-from-attention"
+                       if ".self_attention." in key and key.split(".")[2] in map(
+                           str, linear_layers) else "the flags do not match the HF config")
                 raise ValueError(f"{key}: HF gives {tuple(tensor.shape)}, the model has "
-                                 f"{tuple(ours[key].shape)}; the flags do not match the HF config")
+                                 f"{tuple(ours[key].shape)}; {fix}")
             ours[key].copy_(tensor)
     used = {k for r in rules for k in r.hf}
     # tied HF models list lm_head beside the embedding: the same tensor
@@ -293,6 +335,7 @@ def hf_to_megatron(hf_dir: str, save_dir: str, user_flags: list[str] = ()) -> di
     with open(get_checkpoint_tracker_filename(save_dir), "w") as f:
         f.write("release")
     report = {"hf_dir": os.path.abspath(hf_dir), "architecture": fmt.architecture,
+              "mixers_from_attention": mixers_from_attention,
               "dtype": str(dtype).removeprefix("torch."),
               "layer_type_list": config.layer_type_list, "linear_layers": linear_layers,
               "train_flags": argv + ["--pretrained-checkpoint", os.path.abspath(save_dir)],

@@ -4,7 +4,8 @@
 
 Extra flags shape the model: e.g. `--layer-type-list LLLN... --la-module gla` keeps the HF
 model's embeddings, norms, MLPs / experts and the 'N' layers' attention, and starts the 'L'
-layers' mixers fresh (listed in the report). CKPT gets a 'release' checkpoint (loads under any
+layers' mixers fresh (listed in the report), or with --init-mixers-from-attention their q/k/v/o
+from the HF attention of their layer. CKPT gets a 'release' checkpoint (loads under any
 TP / PP / EP) and linear_moe_convert.json with the flags to train from it
 (`pretrain_linear_moe.py <train_flags> ...`). Supported: Llama, Qwen2, Qwen2-MoE, Mixtral,
 DeepSeek-V2 (linear_moe.conversion.FORMATS).
@@ -22,10 +23,14 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", required=True, help="HF model directory (config.json)")
     parser.add_argument("--save", required=True, help="empty directory for the checkpoint")
+    parser.add_argument("--init-mixers-from-attention", action="store_true",
+                        help="'L' layers' mixer q/k/v/o projections start from the HF attention "
+                             "of their layer (GQA heads repeated); needs equal dimensions")
     args, megatron_flags = parser.parse_known_args(argv)
     from linear_moe.conversion.core import ARGS_FILE, hf_to_megatron
 
-    report = hf_to_megatron(args.hf_dir, args.save, megatron_flags)
+    report = hf_to_megatron(args.hf_dir, args.save, megatron_flags,
+                            args.init_mixers_from_attention)
     print(f"linear_moe: {report['architecture']} -> {args.save} (release, "
           f"{report['dtype']}, layers '{report['layer_type_list']}')")
     if report["linear_layers"]:
