@@ -9,22 +9,30 @@ _MEGATRON_LLAMA3_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
 DEFAULT_SEQ_LENGTH = 4096
 
 
+def _mismatch(source, expected: dict):
+    """The first (name, actual, wanted) where ``source`` differs from ``expected`` (a wanted False
+    also accepts None / absent), else None."""
+    for name, wanted in expected.items():
+        actual = getattr(source, name, None if wanted is False else wanted)
+        if actual != wanted and not (wanted is False and not actual):
+            return name, actual, wanted
+    return None
+
+
 def refuse_unless(hf_config, **expected) -> None:
     """One-line refusal of a HF config value the conversion has no Megatron counterpart for."""
-    for name, value in expected.items():
-        actual = getattr(hf_config, name, value)
-        if actual != value and not (value is False and not actual):
-            raise ValueError(f"HF config {name}={actual!r} is not supported by the conversion "
-                             f"(it needs {value!r})")
+    if found := _mismatch(hf_config, expected):
+        name, actual, wanted = found
+        raise ValueError(f"HF config {name}={actual!r} is not supported by the conversion "
+                         f"(it needs {wanted!r})")
 
 
 def refuse_args_unless(args, **expected) -> None:
     """The same for a checkpoint's Megatron arguments on the way to HF."""
-    for name, value in expected.items():
-        actual = getattr(args, name, None)
-        if actual != value and not (value is False and not actual):
-            raise ValueError(f"the checkpoint has {name}={actual!r}; its HF architecture needs "
-                             f"{value!r}, so it cannot be exported")
+    if found := _mismatch(args, expected):
+        name, actual, wanted = found
+        raise ValueError(f"the checkpoint has {name}={actual!r}; its HF architecture needs "
+                         f"{wanted!r}, so it cannot be exported")
 
 
 def decoder_flags(c) -> dict:
