@@ -8,6 +8,8 @@
   refuses to export to HF;
 - a run trained by megatron.training, exported to HF and converted back by the two CLIs,
   finetunes with the same losses as from its own checkpoint (also under TP = 2);
+- a bf16 HF model converts in bf16 (stored so, loaded as fp32 on the CPU with its logits) and
+  exports back to identical bf16 tensors;
 - bad input fails before any model is built, with the fix in the message.
 """
 
@@ -23,7 +25,6 @@ from dist_utils import run_distributed
 from test_pretrain import _command, _env, _losses, _run
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.xdist_group("conversion")
 
 
 def _hf_config(arch: str, vocab: int):
@@ -277,3 +278,36 @@ def test_mixers_start_from_the_hf_attention_on_request(tmp_path):
     assert "decoder.layers.0.self_attention.g_proj.weight" in fresh
     assert not any(t.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
                                "o_proj.weight")) for t in fresh), fresh
+
+
+def _bf16(rank, world_size, root):
+    import transformers as T
+
+    from linear_moe.conversion.core import hf_to_megatron, megatron_to_hf
+    from linear_moe.inference import load_checkpoint
+
+    root = Path(root)
+    _save_hf_model("MixtralForCausalLM", root / "fp32")
+    hf = T.AutoModelForCausalLM.from_pretrained(root / "fp32", dtype=torch.bfloat16)
+    hf.save_pretrained(root / "hf")
+    T.AutoTokenizer.from_pretrained(root / "fp32").save_pretrained(root / "hf")
+    report = hf_to_megatron(str(root / "hf"), str(root / "mcore"))
+    model, args = load_checkpoint(str(root / "mcore"), device="cpu")  # fp32 on the CPU
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = hf.float()(tokens).logits
+        got = model(tokens, torch.arange(16).expand(2, 16), None).float()[..., :want.shape[-1]]
+    megatron_to_hf(str(root / "mcore"), str(root / "hf_out"))
+    back = T.AutoModelForCausalLM.from_pretrained(root / "hf_out")
+    original = T.AutoModelForCausalLM.from_pretrained(root / "hf").state_dict()
+    returned = back.state_dict()
+    same = all(returned[k].dtype == torch.bfloat16 and torch.equal(original[k], returned[k])
+               for k in original)
+    return report["dtype"], args.params_dtype, (want - got).abs().max().item(), same
+
+
+@pytest.mark.slow
+def test_bf16_model_converts_in_bf16_and_back_exactly(tmp_path):
+    dtype, params_dtype, error, same = run_distributed(_bf16, 1, str(tmp_path))[0]
+    assert dtype == "bfloat16" and params_dtype == torch.float32  # stored bf16, loaded fp32
+    assert error < 1e-5 and same, (error, same)

@@ -290,42 +290,40 @@ def hf_to_megatron(hf_dir: str, save_dir: str, user_flags: list[str] = (),
     if os.path.exists(get_checkpoint_tracker_filename(save_dir)):
         raise FileExistsError(f"{save_dir!r} already holds a checkpoint; pass an empty --save "
                               "directory (nothing is overwritten)")
+    # our model in the HF model's dtype (exact copies; half the memory of fp32 for bf16)
+    dtype = _torch_dtype(getattr(hf_config, "dtype", None)) or torch.float32
+    precision = {torch.bfloat16: ["--bf16"], torch.float16: ["--fp16"]}.get(dtype, [])
     init_single_process()
-    model, config, args = build_standalone(argv + _BUILD_ONLY + ["--use-cpu-initialization"],
-                                           device="cpu")
-    model = model.float()
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True,
-                                                    dtype=torch.float32)
+    model, config, args = build_standalone(
+        argv + _BUILD_ONLY + precision + ["--use-cpu-initialization"], device="cpu")
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=dtype)
     hf_tensors = dict(hf_model.state_dict())
     rules, linear_layers = model_rules(fmt, args, config)
     ours = _megatron_tensors(model)
     if mixers_from_attention:
         rules += mixers_from_attention_rules(linear_layers, args, hf_config,
                                              {k: tuple(v.shape) for k, v in ours.items()})
-    converted = _apply(rules, hf_tensors, to_megatron=True)
-    unknown = set(converted) - set(ours)
-    assert not unknown, f"rules name tensors the model lacks: {sorted(unknown)[:5]}"
+    converted = set()
     with torch.no_grad():
-        for key, tensor in converted.items():
-            if ours[key].shape != tensor.shape:
-                fix = ("give the mixer the attention's dimensions (e.g. --la-expand-k 1, "
-                       "--la-expand-v 1) or drop --init-mixers-from-attention"
-                       if ".self_attention." in key and key.split(".")[2] in map(
-                           str, linear_layers) else "the flags do not match the HF config")
-                raise ValueError(f"{key}: HF gives {tuple(tensor.shape)}, the model has "
-                                 f"{tuple(ours[key].shape)}; {fix}")
-            ours[key].copy_(tensor)
+        for rule in rules:  # one rule at a time: its fused copies are freed before the next
+            for key, tensor in _apply([rule], hf_tensors, to_megatron=True).items():
+                assert key in ours, f"a rule names {key}, which the model lacks"
+                if ours[key].shape != tensor.shape:
+                    fix = ("give the mixer the attention's dimensions (e.g. --la-expand-k 1, "
+                           "--la-expand-v 1) or drop --init-mixers-from-attention"
+                           if ".self_attention." in key and key.split(".")[2] in map(
+                               str, linear_layers) else "the flags do not match the HF config")
+                    raise ValueError(f"{key}: HF gives {tuple(tensor.shape)}, the model has "
+                                     f"{tuple(ours[key].shape)}; {fix}")
+                ours[key].copy_(tensor)
+                converted.add(key)
     used = {k for r in rules for k in r.hf}
     # tied HF models list lm_head beside the embedding: the same tensor
     unused = sorted(k for k in hf_tensors if k not in used
                     and not (k == "lm_head.weight" and not args.untie_embeddings_and_output_weights))
-    fresh = sorted(set(ours) - set(converted))
+    fresh = sorted(set(ours) - converted)
+    del hf_model, hf_tensors
 
-    # stored in the HF model's dtype (bf16 -> fp32 -> bf16 is exact); evaluation on CUDA reads it
-    dtype = _torch_dtype(getattr(hf_config, "dtype", None)) or torch.float32
-    args.params_dtype, args.bf16, args.fp16 = (dtype, dtype == torch.bfloat16,
-                                               dtype == torch.float16)
-    model = model.to(dtype)
     path = get_checkpoint_name(save_dir, 0, release=True, return_base_dir=True)
     os.makedirs(path, exist_ok=True)
     metadata = _build_sharded_state_dict_metadata(args)
@@ -343,6 +341,16 @@ def hf_to_megatron(hf_dir: str, save_dir: str, user_flags: list[str] = (),
     with open(os.path.join(save_dir, ARGS_FILE), "w") as f:
         json.dump(report, f, indent=1)
     return report
+
+
+def _trained_dtype(load_dir: str, iteration: int | None) -> torch.dtype:
+    """The dtype the checkpoint's run held its parameters in (its saved arguments)."""
+    from megatron.core import dist_checkpointing
+
+    from linear_moe.inference import checkpoint_dir
+
+    saved = dist_checkpointing.load_common_state_dict(checkpoint_dir(load_dir, iteration))["args"]
+    return saved.params_dtype
 
 
 def megatron_to_hf(load_dir: str, hf_out: str, iteration: int | None = None,
@@ -381,7 +389,7 @@ def megatron_to_hf(load_dir: str, hf_out: str, iteration: int | None = None,
     hf_config = fmt.hf_config(args)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(hf_config, name, getattr(tokenizer, name, None))
-    out_dtype = dtype or args.params_dtype
+    out_dtype = dtype or _trained_dtype(load_dir, iteration)
     hf_config.dtype = out_dtype
     with torch.device("meta"):
         hf_model = getattr(transformers, fmt.architecture)(hf_config)
