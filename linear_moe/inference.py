@@ -4,9 +4,9 @@
 checkpoint (no model flags to repeat) and loads its weights through megatron-core's dist
 checkpointing, which reshards: a checkpoint saved under TP (tested: TP = 2 with sequence
 parallelism) or PP / EP loads into this single-rank model. ``CausalLM`` wraps it with its
-tokenizer: log-probabilities of tokens and greedy generation. Generation runs the whole sequence
-again for each new token: the mixers have no incremental decoding (recurrent-state cache) yet,
-so it is O(T^2) and meant for evaluation.
+tokenizer: log-probabilities of tokens and greedy generation, one token per step with the
+'L' mixers' recurrent states and the 'N' layers' KV cache (megatron-core's
+StaticInferenceContext) where the mixer supports decoding.
 """
 
 from __future__ import annotations
@@ -214,18 +214,55 @@ class CausalLM:
                                 bool((greedy == target).all())))
         return results
 
+    @property
+    def decodes_incrementally(self) -> bool:
+        """Whether every 'L' layer's mixer keeps a recurrent state for one-token steps (the 'N'
+        layers keep megatron's KV cache)."""
+        from linear_moe.registry import LINEAR, get_mixer
+
+        config = self.model.config
+        return LINEAR not in config.layer_type_list or get_mixer(config.la_module).supports_decode
+
     def generate(self, context: list[int], max_new_tokens: int,
                  stop: list[str] | None = None) -> list[int]:
         """Greedy continuation of ``context``: up to max_new_tokens ids, ending before the eod
-        or where the decoded text first contains a ``stop`` string."""
-        ids, new = list(context), []
-        for _ in range(max_new_tokens):
-            window = torch.tensor([ids[-self.max_length:]])
-            token = int(self.logits(window)[0, -1, :self.vocab_size].argmax())
+        or where the decoded text first contains a ``stop`` string. One forward of the context,
+        then one token per step with the layers' states (megatron's StaticInferenceContext)
+        where the mixer supports it and all fits in max_length; otherwise the last max_length
+        tokens are run again for each new token."""
+        step = self._cached_steps if (self.decodes_incrementally and len(context)
+                                      + max_new_tokens <= self.max_length) else self._rerun_steps
+        new = []
+        for token in step(list(context), max_new_tokens):
             if token == self.eod:
                 break
-            ids.append(token)
             new.append(token)
             if stop and any(s in self.decode(new) for s in stop):
                 break
         return new
+
+    def _argmax(self, logits: torch.Tensor) -> int:
+        return int(logits[0, -1, :self.vocab_size].argmax())
+
+    def _rerun_steps(self, ids: list[int], count: int):
+        for _ in range(count):
+            token = self._argmax(self.logits(torch.tensor([ids[-self.max_length:]])))
+            ids.append(token)
+            yield token
+
+    @torch.no_grad()
+    def _cached_steps(self, ids: list[int], count: int):
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        state = StaticInferenceContext(1, len(ids) + count)
+        tokens = torch.tensor([ids], device=self.device)
+        for _ in range(count):
+            positions = torch.arange(state.sequence_len_offset,
+                                     state.sequence_len_offset + tokens.shape[1],
+                                     device=self.device)[None]
+            # only the last position's logits (the context's materialize_only_last_token_logits)
+            logits = self.model(tokens, positions, None, inference_context=state)
+            state.sequence_len_offset += tokens.shape[1]
+            token = self._argmax(logits)
+            yield token
+            tokens = torch.tensor([[token]], device=self.device)

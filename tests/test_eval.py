@@ -4,7 +4,8 @@ run trained and saved by megatron.training on the CPU, loaded back into one proc
 - the loaded model holds the checkpoint's tensors (read independently, by torch's DCP reader),
   also of a checkpoint saved by two ranks under TP = 2 with sequence parallelism;
 - continuation log-probabilities in a padded batch equal each one computed alone, and greedy
-  generation equals an argmax loop;
+  generation (one token per step with the layers' states) equals an argmax loop over whole
+  re-runs;
 - lm-eval runs the three offline tasks of eval/tasks (multiple choice, rolling perplexity,
   generate_until) through the adapter, via eval/run_lm_eval.py;
 - bad input fails before the model is built, with the fix in the message.

@@ -142,6 +142,16 @@ def test_readme_mixer_table_lists_every_registered_mixer():
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     named = {name.strip("` ") for row in rows for name in row.split("|")[1].split(",")}
     assert set(registered_mixers()) <= named, set(registered_mixers()) - named
+    # the support columns say what the registry says (TP, CP, varlen, decode)
+    for row in rows:  # (the section's other tables list options, not mixers)
+        cells = row.split("|")
+        for name in (n.strip("` ") for n in cells[1].split(",")):
+            entry = registered_mixers().get(name)
+            if entry is None:
+                continue
+            claimed = [c.strip().startswith("yes") for c in cells[4:8]]
+            assert claimed == [entry.supports_tp, entry.supports_cp, entry.supports_varlen,
+                               entry.supports_decode], (name, cells[4:8])
 
 
 def test_cuda_graph_flag_is_checked_before_any_work(monkeypatch):

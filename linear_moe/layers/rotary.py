@@ -5,8 +5,10 @@ import functools
 import torch
 
 
-def apply_rotary(x: torch.Tensor, theta: float = 10000.0, fused: bool = False) -> torch.Tensor:
-    """Rotate the pairs (x_i, x_{i + D/2}) of position t by t * theta^(-2i/D).
+def apply_rotary(x: torch.Tensor, theta: float = 10000.0, fused: bool = False,
+                 offset: int = 0) -> torch.Tensor:
+    """Rotate the pairs (x_i, x_{i + D/2}) of position t by t * theta^(-2i/D); x [b, s, H, D]
+    holds positions offset .. offset + s - 1.
 
     fused (CUDA): fla's Triton rotary_embedding, one read and one write of x with fp32 math
     inside, with cos/sin in x's dtype as fla's RotaryEmbedding. The torch path below runs ~10
@@ -18,8 +20,10 @@ def apply_rotary(x: torch.Tensor, theta: float = 10000.0, fused: bool = False) -
     if fused and x.is_cuda:
         from fla.modules.rotary import rotary_embedding
 
-        return rotary_embedding(x, *_cos_sin(s, d, theta, x.device, x.dtype))
-    cos, sin = (t[None, :, None] for t in _cos_sin(s, d, theta, x.device, torch.float32))
+        return rotary_embedding(x, *(t[offset:] for t in _cos_sin(s + offset, d, theta,
+                                                                   x.device, x.dtype)))
+    cos, sin = (t[None, offset:, None]
+                for t in _cos_sin(s + offset, d, theta, x.device, torch.float32))
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 

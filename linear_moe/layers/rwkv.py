@@ -9,9 +9,12 @@ import torch.nn.functional as F
 from linear_moe.layers.tp_init import init_tp_sharded_
 
 
-def token_shift_delta(x: torch.Tensor) -> torch.Tensor:
-    """x [b, s, h] -> x_{t-1} - x_t over the sequence (x_{-1} = 0), fla's token_shift."""
-    return F.pad(x[:, :-1], (0, 0, 1, 0)) - x
+def token_shift_delta(x: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+    """x [b, s, h] -> x_{t-1} - x_t over the sequence, fla's token_shift; x_{-1} is
+    ``previous`` [b, 1, h] (the token before x, when decoding) or 0."""
+    if previous is None:
+        return F.pad(x[:, :-1], (0, 0, 1, 0)) - x
+    return torch.cat([previous, x[:, :-1]], 1) - x
 
 
 def sharded_parameter(full_shape: tuple, init_fn, tp_rank: int, tp_size: int,

@@ -46,10 +46,23 @@ class ShortConvolution(torch.nn.Module):
             init_tp_sharded_(self.bias, (channels,), 0,
                              lambda t: torch.nn.init.uniform_(t, -bound, bound), tp_rank, tp_size)
 
-    def forward(self, x, grad_x_into=None):
+    def forward(self, x, grad_x_into=None, cache=None):
         """x: [b, s, c_local] -> [b, s, c_local]; position t sees t-kernel_size+1 .. t.
         grad_x_into: where our kernel's backward writes x's gradient (see causal_conv); the
-        other paths return their own, which the caller's split then copies."""
+        other paths return their own, which the caller's split then copies.
+        cache: a decoding mixer's DecodeCache: x continues the inputs of the previous call,
+        whose last kernel_size - 1 it keeps (zeros before the first)."""
+        if cache is not None:
+            width = self.kernel_size - 1
+            past = cache.states.get(self)
+            if past is None:
+                past = x.new_zeros(x.shape[0], width, x.shape[2])
+            x = torch.cat([past, x], 1)
+            cache.states[self] = x[:, x.shape[1] - width:]
+            return self._conv(x, None)[:, width:]
+        return self._conv(x, grad_x_into)
+
+    def _conv(self, x, grad_x_into):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.fused and x.is_cuda:
             # out[t] = sum_j w[j] x[t - (k-1) + j]: the same taps as the conv1d below

@@ -37,6 +37,7 @@ whole groups: its shared heads and exactly the heads that read them.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 
 import torch
 from megatron.core import parallel_state
@@ -55,6 +56,7 @@ from megatron.core.transformer.utils import (
 )
 
 from linear_moe.layers import GatedRMSNorm, ShortConvolution, init_tp_sharded_
+from linear_moe.layers.rwkv import token_shift_delta
 from linear_moe.layers.layout import (
     linear_rows,
     linear_to_seq_first,
@@ -62,6 +64,15 @@ from linear_moe.layers.layout import (
     swap_leading_dims,
     weight_grads,
 )
+
+
+@dataclass
+class DecodeCache:
+    """One mixer layer's state between decoding calls: ``offset`` tokens seen so far, and
+    named states (the recurrence's, each short conv's last inputs, the token shift's last x)."""
+
+    offset: int = 0
+    states: dict = field(default_factory=dict)
 
 
 def check_head_sharing(la_module: str, head_sharing: str | None, num_heads: int,
@@ -281,6 +292,7 @@ class LinearMixer(MegatronModule):
             self.num_local_heads = num_v_heads // self.tp_size
             self.value_dim = num_v_heads * self.head_v_dim
 
+        self._decoding: DecodeCache | None = None  # set during a decoding forward
         # The input is gathered over the sequence once (forward), so in-projections must not
         # gather again.
         self._in_config = copy.copy(config)
@@ -412,7 +424,7 @@ class LinearMixer(MegatronModule):
             rest = [by_linear[p] for p in extra]  # in the order asked
             gate = by_linear[self.g_proj] if gates else None
             convs = (self.q_conv, self.k_conv, self.v_conv)
-            q, k, v = (conv(t, grad_x_into=grads.writer(i))
+            q, k, v = (conv(t, grad_x_into=grads.writer(i), cache=self._decoding)
                        for i, (conv, t) in enumerate(zip(convs, (q, k, v))))
         else:  # the kernels would copy slices of one output: separate GEMMs write them whole
             q, k, v, *rest = self.project_each(x, self.q_proj, self.k_proj, self.v_proj, *extra,
@@ -496,8 +508,63 @@ class LinearMixer(MegatronModule):
     def forward(self, hidden_states, attention_mask=None, inference_context=None,
                 packed_seq_params=None, **unused):
         if inference_context is not None:
+            self._decoding = self._decode_cache(inference_context)
+            try:
+                return self._forward(hidden_states, packed_seq_params)
+            finally:
+                gathered = self.tp_size if self.config.sequence_parallel else 1
+                self._decoding.offset += hidden_states.shape[0] * gathered
+                self._decoding = None
+        return self._forward(hidden_states, packed_seq_params)
+
+    def _decode_cache(self, inference_context) -> "DecodeCache":
+        """This layer's recurrent state in megatron's static inference context (where its
+        attention layers keep their KV cache), keyed by layer number."""
+        from linear_moe.registry import get_mixer
+
+        if not get_mixer(self.config.la_module).supports_decode:
             raise NotImplementedError(
-                f"mixer '{self.config.la_module}' has no incremental-decoding support yet")
+                f"mixer '{self.config.la_module}' has no incremental-decoding support yet "
+                "(`linear-moe mixers` lists decode=yes ones)")
+        if not inference_context.is_static_batching() or inference_context.batch_size_offset:
+            raise NotImplementedError("linear mixers decode with megatron's "
+                                      "StaticInferenceContext over the whole batch only")
+        store = inference_context.key_value_memory_dict
+        if inference_context.sequence_len_offset == 0 or self.layer_number not in store:
+            store[self.layer_number] = DecodeCache(offset=inference_context.sequence_len_offset)
+        cache = store[self.layer_number]
+        if cache.offset != inference_context.sequence_len_offset:
+            raise ValueError(f"layer {self.layer_number} holds the state after {cache.offset} "
+                             "tokens but the context is at "
+                             f"{inference_context.sequence_len_offset}")
+        return cache
+
+    def recurrent(self, op, *args, **kwargs):
+        """op(*args, **kwargs) -> (o, final state); while decoding, started from the state
+        the previous call left and leaving its own."""
+        cache = self._decoding
+        if cache is None:
+            return op(*args, **kwargs)
+        o, state = op(*args, initial_state=cache.states.get("recurrent"),
+                      output_final_state=True, **kwargs)
+        cache.states["recurrent"] = state
+        return o, state
+
+    @property
+    def position_offset(self) -> int:
+        """The position of this call's first token (non-zero only while decoding)."""
+        return 0 if self._decoding is None else self._decoding.offset
+
+    def token_shift_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """x_{t-1} - x_t over x [b, s, h] (zero before the first token, the previous call's
+        last token while decoding)."""
+        previous = None
+        if self._decoding is not None:
+            previous = self._decoding.states.get("shift")
+            self._decoding.states["shift"] = x[:, -1:]
+        return token_shift_delta(x, previous)
+
+    def _forward(self, hidden_states, packed_seq_params):
         if packed_seq_params is not None:
             raise NotImplementedError(
                 f"mixer '{self.config.la_module}' has no packed-sequence (varlen) support yet; "

@@ -27,6 +27,7 @@ QK_ACTIVATIONS = {
 
 @register_mixer(
     "deltanet",
+    supports_decode=True,
     options=("la_allow_neg_eigval", "la_use_beta", "la_qk_activation", "la_qk_norm"),
     paper="Parallelizing Linear Transformers with the Delta Rule over Sequence Length "
           "(arXiv:2406.06484)",
@@ -70,7 +71,8 @@ class DeltaNetMixer(LinearMixer):
             beta = q.new_ones(q.shape[:3], dtype=torch.float32)
         if self.config.la_allow_neg_eigval:
             beta = beta * 2.0
-        o, _ = ops.delta_rule(q, k, v, beta, use_qk_l2norm=self.config.la_qk_norm == "l2",
+        o, _ = self.recurrent(ops.delta_rule, q, k, v, beta,
+                              use_qk_l2norm=self.config.la_qk_norm == "l2",
                               backend=self.config.la_backend, mode=self.config.la_mode,
                               chunk_size=self.config.la_chunk_size)
         return self.output(o, x, gate)

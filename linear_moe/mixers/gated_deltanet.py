@@ -30,6 +30,7 @@ _log_decay_cuda = torch.compile(_log_decay)
 
 @register_mixer(
     "gated_deltanet",
+    supports_decode=True,
     options=("la_allow_neg_eigval", "la_num_v_heads"),
     paper="Gated Delta Networks: Improving Mamba2 with Delta Rule (arXiv:2412.06464)",
     kernel="fla chunk_gated_delta_rule",
@@ -59,7 +60,7 @@ class GatedDeltaNetMixer(LinearMixer):
         beta = self.per_head(b).sigmoid()
         if self.config.la_allow_neg_eigval:  # fla's allow_neg_eigval: beta in (0, 2)
             beta = beta * 2.0
-        o, _ = ops.gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True,
+        o, _ = self.recurrent(ops.gated_delta_rule, q, k, v, g, beta, use_qk_l2norm=True,
                                     backend=self.config.la_backend, mode=self.config.la_mode,
                                     chunk_size=self.config.la_chunk_size)
         return self.output(o, x, gate)

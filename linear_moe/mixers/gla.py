@@ -29,6 +29,7 @@ _log_decay_cuda = torch.compile(_log_decay)
 
 @register_mixer(
     "gla",
+    supports_decode=True,
     options=("la_gate_low_rank_dim", "la_gate_logit_normalizer", "la_clamp_min",
              "la_feature_map", "la_num_kv_heads"),
     paper="Gated Linear Attention Transformers with Hardware-Efficient Training (arXiv:2312.06635)",
@@ -63,6 +64,6 @@ class GLAMixer(LinearMixer):
         gk = log_decay(gk, self.config.la_gate_logit_normalizer, self.config.la_clamp_min)
         if self.phi is not None:  # fla's feature_map on q/k
             q, k = self.phi(q), self.phi(k)
-        o, _ = ops.gla(q, k, v, gk, backend=self.config.la_backend, mode=self.config.la_mode,
-                       chunk_size=self.config.la_chunk_size)
+        o, _ = self.recurrent(ops.gla, q, k, v, gk, backend=self.config.la_backend,
+                              mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
         return self.output(o, x, gate)

@@ -27,6 +27,7 @@ from linear_moe.registry import register_mixer
 
 @register_mixer(
     "gsa",
+    supports_decode=True,
     options=("la_gsa_num_slots", "la_gsa_gate_logit_normalizer"),
     paper="Gated Slot Attention for Efficient Linear-Time Sequence Modeling (arXiv:2409.07146)",
     kernel="fla chunk_gsa / fused_recurrent_gsa",
@@ -61,7 +62,7 @@ class GSAMixer(LinearMixer):
         f = self.heads(f, self.num_slots).float()
         g = F.logsigmoid(f) / self.config.la_gsa_gate_logit_normalizer  # log alpha_t <= 0
         s = -torch.expm1(g)  # 1 - alpha_t, without cancellation for alpha_t near 1
-        o, _ = ops.gsa(q, k, v, s, g, scale=1.0, backend=self.config.la_backend,
+        o, _ = self.recurrent(ops.gsa, q, k, v, s, g, scale=1.0, backend=self.config.la_backend,
                        mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
         y = F.silu(o.float())
         if self.use_o_norm:

@@ -17,6 +17,7 @@ from linear_moe.registry import register_mixer
 
 @register_mixer(
     "hgrn2",
+    supports_decode=True,
     paper="HGRN2: Gated Linear RNNs with State Expansion (arXiv:2404.07904)",
     kernel="fla chunk_gla / fused_recurrent_gla (k = 1 - forget gate)",
     defaults={"la_expand_k": 1.0, "la_expand_v": 1.0, "la_use_short_conv": False,
@@ -40,6 +41,6 @@ class HGRN2Mixer(LinearMixer):
         g = F.logsigmoid(self.heads(f, self.head_k_dim).float())
         k = (1 - g.exp()).to(q.dtype)
         i = self.heads(i, self.head_v_dim)
-        o, _ = ops.gla(q, k, i, g, backend=self.config.la_backend, mode=self.config.la_mode,
-                       chunk_size=self.config.la_chunk_size)
+        o, _ = self.recurrent(ops.gla, q, k, i, g, backend=self.config.la_backend,
+                              mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
         return self.output(o, x, *gate)

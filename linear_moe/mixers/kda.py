@@ -15,6 +15,7 @@ from linear_moe.registry import register_mixer
 
 @register_mixer(
     "kda",
+    supports_decode=True,
     options=("la_allow_neg_eigval", "la_num_v_heads"),
     paper="Kimi Linear: Kimi Delta Attention (arXiv:2510.26692)",
     kernel="fla chunk_kda / fused_recurrent_kda",
@@ -51,7 +52,7 @@ class KDAMixer(LinearMixer):
         beta = self.per_head(b).sigmoid()
         if self.config.la_allow_neg_eigval:  # fla's allow_neg_eigval: beta in (0, 2)
             beta = beta * 2.0
-        o, _ = ops.kda(q, k, v, f, beta, A_log=self.A_log.float(),
+        o, _ = self.recurrent(ops.kda, q, k, v, f, beta, A_log=self.A_log.float(),
                        dt_bias=self.dt_bias.float(), use_qk_l2norm=True,
                        backend=self.config.la_backend, mode=self.config.la_mode,
                        chunk_size=self.config.la_chunk_size)

@@ -25,6 +25,7 @@ def lightning_log_decays(num_heads: int, layer_number: int, num_layers: int) -> 
 
 @register_mixer(
     "lightning_attention",
+    supports_decode=True,
     paper="Lightning Attention-2 / TransNormerLLM (arXiv:2307.14995), MiniMax-01 "
           "(arXiv:2501.08313)",
     kernel="fla chunk_simple_gla / fused_recurrent_simple_gla with fixed per-head decay",
@@ -42,6 +43,7 @@ class LightningAttentionMixer(LinearMixer):
     def mix(self, x):
         *qkv, gate = self.qkv(x)
         q, k, v = (F.silu(t) for t in qkv)
-        o, _ = ops.simple_gla(q, k, v, g_gamma=self.log_decay, backend=self.config.la_backend,
-                              mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
+        o, _ = self.recurrent(ops.simple_gla, q, k, v, g_gamma=self.log_decay,
+                              backend=self.config.la_backend, mode=self.config.la_mode,
+                              chunk_size=self.config.la_chunk_size)
         return self.output(o, x, gate)

@@ -20,6 +20,7 @@ def retention_log_decays(num_heads: int) -> torch.Tensor:
 
 @register_mixer(
     "retention",
+    supports_decode=True,
     options=("la_rope_theta", "la_feature_map", "la_num_kv_heads"),
     paper="Retentive Network (arXiv:2307.08621)",
     kernel="fla chunk_simple_gla / fused_recurrent_simple_gla with fixed per-head decay",
@@ -42,8 +43,9 @@ class RetentionMixer(LinearMixer):
         if self.phi is not None:  # fla's feature_map on q/k, before RoPE as fla
             q, k = self.phi(q), self.phi(k)
         fused = self.config.la_backend != "reference"
-        q = apply_rotary(q, self.config.la_rope_theta, fused)
-        k = apply_rotary(k, self.config.la_rope_theta, fused)
-        o, _ = ops.simple_gla(q, k, v, g_gamma=self.log_decay, backend=self.config.la_backend,
-                              mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
+        q = apply_rotary(q, self.config.la_rope_theta, fused, self.position_offset)
+        k = apply_rotary(k, self.config.la_rope_theta, fused, self.position_offset)
+        o, _ = self.recurrent(ops.simple_gla, q, k, v, g_gamma=self.log_decay,
+                              backend=self.config.la_backend, mode=self.config.la_mode,
+                              chunk_size=self.config.la_chunk_size)
         return self.output(o, x, gate)

@@ -31,6 +31,7 @@ _DECAY_LOW_RANK_DIM = 64  # fla's gate_low_rank_dim
 
 @register_mixer(
     "rwkv6",
+    supports_decode=True,
     options=("la_token_shift_low_rank_dim", "la_decay_low_rank_dim"),
     paper="Eagle and Finch: RWKV with Matrix-Valued States and Dynamic Recurrence "
           "(arXiv:2404.05892)",
@@ -93,7 +94,7 @@ class RWKV6Mixer(LinearMixer):
         self.o_proj = self.row(self.value_dim)
 
     def mix(self, x):
-        delta = rwkv.token_shift_delta(x)  # x [b, s, h]
+        delta = self.token_shift_delta(x)  # x [b, s, h]
         lora = torch.tanh(self.mix_down(x + delta * self.mix_x)).unflatten(-1, (len(_MIXES), -1))
         mixes = torch.einsum("bsnr,nrh->bsnh", lora, self.mix_up) + self.mix_bias
         xr, xw, xk, xv, xg = (x + delta * m for m in mixes.unbind(2))
@@ -103,8 +104,9 @@ class RWKV6Mixer(LinearMixer):
         v = self.heads(self.v_proj(xv)[0], self.head_v_dim)
         w = self.heads(self.up(self.w_up, torch.tanh(self.w_down(xw))), self.head_k_dim)
         w = -w.float().exp()  # log decay
-        o, _ = ops.rwkv6(r, k, v, w, self.bonus, scale=1.0, backend=self.config.la_backend,
-                         mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
+        o, _ = self.recurrent(ops.rwkv6, r, k, v, w, self.bonus, scale=1.0,
+                              backend=self.config.la_backend, mode=self.config.la_mode,
+                              chunk_size=self.config.la_chunk_size)
         o = self.o_norm(o) if self.o_norm is not None else o
         g = self.heads(self.g_proj(xg)[0], self.head_v_dim)
         return self.unheads(self.o_gate(o, g).to(x.dtype))

@@ -42,6 +42,7 @@ def _low_rank(hidden: int, scale: float, factor: float = 1.0) -> int:
 
 @register_mixer(
     "rwkv7",
+    supports_decode=True,
     options=("la_decay_low_rank_dim",),
     paper="RWKV-7 \"Goose\" with Expressive Dynamic State Evolution (arXiv:2503.14456)",
     kernel="fla chunk_rwkv7 (chunk_dplr_delta_rule)",
@@ -107,7 +108,7 @@ class RWKV7Mixer(LinearMixer):
         self.o_proj = self.row(self.value_dim)
 
     def mix(self, x):
-        delta = rwkv.token_shift_delta(x)  # x [b, s, h]
+        delta = self.token_shift_delta(x)  # x [b, s, h]
         xr, xw, xk, xv, xa, xg = (x + delta * m for m in self.shift_mix.unbind(0))
         heads_k = lambda t: self.heads(t, self.head_k_dim)  # noqa: E731
 
@@ -121,7 +122,7 @@ class RWKV7Mixer(LinearMixer):
         local = lambda p: p.view(self.num_local_heads, self.head_k_dim)  # noqa: E731
         kk = F.normalize(k * local(self.k_k), dim=-1)  # removal key
         k = k.addcmul(k * (a - 1), local(self.k_a))  # replacement key k (1 + (a - 1) k_a)
-        o, _ = ops.rwkv7(r, w, k, v, -kk, kk * a, scale=1.0, lower_bound=_W_BOUND,
+        o, _ = self.recurrent(ops.rwkv7, r, w, k, v, -kk, kk * a, scale=1.0, lower_bound=_W_BOUND,
                          backend=self.config.la_backend, mode=self.config.la_mode,
                          chunk_size=self.config.la_chunk_size)
         o = self.o_norm(o) if self.o_norm is not None else o.float()

@@ -12,6 +12,7 @@ from linear_moe.registry import register_mixer
 
 @register_mixer(
     "simple_gla",
+    supports_decode=True,
     options=("la_gate_logit_normalizer", "la_feature_map", "la_num_kv_heads"),
     paper="Gated Linear Attention (arXiv:2312.06635), scalar per-head gate variant",
     kernel="fla chunk_simple_gla / fused_recurrent_simple_gla",
@@ -33,6 +34,6 @@ class SimpleGLAMixer(LinearMixer):
             q, k = self.phi(q), self.phi(k)
         g = F.logsigmoid(self.per_head(g))
         g = g / self.config.la_gate_logit_normalizer
-        o, _ = ops.simple_gla(q, k, v, g=g, backend=self.config.la_backend,
+        o, _ = self.recurrent(ops.simple_gla, q, k, v, g=g, backend=self.config.la_backend,
                               mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
         return self.output(o, x, gate)
