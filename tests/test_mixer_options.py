@@ -186,7 +186,7 @@ def _options_worker(rank, world_size):
 
     # feature maps on q/k (gla, simple_gla, retention; retention's RoPE disabled to compare).
     orig_rotary = retention_module.apply_rotary
-    retention_module.apply_rotary = lambda t, theta, fused=False: t
+    retention_module.apply_rotary = lambda t, theta, fused=False, offset=0: t
     try:
         for name, op in (("gla", "gla"), ("simple_gla", "simple_gla"),
                          ("retention", "simple_gla")):

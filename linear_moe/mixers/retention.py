@@ -43,8 +43,8 @@ class RetentionMixer(LinearMixer):
         if self.phi is not None:  # fla's feature_map on q/k, before RoPE as fla
             q, k = self.phi(q), self.phi(k)
         fused = self.config.la_backend != "reference"
-        q = apply_rotary(q, self.config.la_rope_theta, fused, self.position_offset)
-        k = apply_rotary(k, self.config.la_rope_theta, fused, self.position_offset)
+        q = apply_rotary(q, self.config.la_rope_theta, fused, offset=self.position_offset)
+        k = apply_rotary(k, self.config.la_rope_theta, fused, offset=self.position_offset)
         o, _ = self.recurrent(ops.simple_gla, q, k, v, g_gamma=self.log_decay,
                               backend=self.config.la_backend, mode=self.config.la_mode,
                               chunk_size=self.config.la_chunk_size)
