@@ -8,8 +8,8 @@ both directions on the single-rank model:
 - ``hf_to_megatron``: transformers loads the HF model (its own weight conversions included); our
   model is built from the derived flags plus the user's (a hybrid pattern, a mixer); its
   tensors are filled and saved as a megatron.training 'release' checkpoint through dist
-  checkpointing. Dist checkpointing reshards at load time, so the checkpoint loads under any
-  TP / PP / EP: there is no separate reshard step.
+  checkpointing, which reshards at load time (tested: TP = 2), so there is no separate reshard
+  step.
 - ``megatron_to_hf``: linear_moe.inference.load_checkpoint loads a checkpoint (any layout), the HF
   model is filled with strict key checking and save_pretrained writes it with the tokenizer.
 
@@ -29,7 +29,7 @@ import torch
 Tensors = list[torch.Tensor]
 
 # Flags every conversion passes: our model without data or training (the checkpoint is what
-# matters), fp32 on the CPU so the copied tensors are exact.
+# matters).
 _BUILD_ONLY = ["--mock-data", "--micro-batch-size", "1", "--global-batch-size", "1",
                "--train-iters", "1", "--no-gradient-accumulation-fusion"]
 
@@ -359,13 +359,14 @@ def megatron_to_hf(load_dir: str, hf_out: str, iteration: int | None = None,
     returns the architecture. Only all-softmax ('N') models have a HF class to go to."""
     from linear_moe.conversion import format_for_args
     from linear_moe.inference import load_checkpoint
+    from linear_moe.model_provider import build_config
 
     if os.path.exists(os.path.join(hf_out, "config.json")):
         raise FileExistsError(f"{hf_out!r} already holds a HF model; pass an empty directory")
-    model, args = load_checkpoint(load_dir, iteration, device="cpu", dtype=torch.float32)
+    out_dtype = dtype or _trained_dtype(load_dir, iteration)
+    # loaded in the output dtype: the HF model then takes these tensors without copies
+    model, args = load_checkpoint(load_dir, iteration, device="cpu", dtype=out_dtype)
     fmt = format_for_args(args)
-    from linear_moe.model_provider import build_config
-
     config = build_config(args)
     rules, linear_layers = model_rules(fmt, args, config)
     if linear_layers:
@@ -389,13 +390,12 @@ def megatron_to_hf(load_dir: str, hf_out: str, iteration: int | None = None,
     hf_config = fmt.hf_config(args)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(hf_config, name, getattr(tokenizer, name, None))
-    out_dtype = dtype or _trained_dtype(load_dir, iteration)
     hf_config.dtype = out_dtype
     with torch.device("meta"):
         hf_model = getattr(transformers, fmt.architecture)(hf_config)
     hf_model.load_state_dict(hf_tensors, strict=True, assign=True)
     hf_model.tie_weights()
-    hf_model.to(out_dtype).save_pretrained(hf_out)
+    hf_model.save_pretrained(hf_out)
     if tokenizer is not None:
         tokenizer.save_pretrained(hf_out)
     else:
