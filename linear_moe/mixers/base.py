@@ -530,9 +530,13 @@ class LinearMixer(MegatronModule):
             raise NotImplementedError("linear mixers decode with megatron's "
                                       "StaticInferenceContext over the whole batch only")
         store = inference_context.key_value_memory_dict
-        if inference_context.sequence_len_offset == 0 or self.layer_number not in store:
-            store[self.layer_number] = DecodeCache(offset=inference_context.sequence_len_offset)
-        cache = store[self.layer_number]
+        if inference_context.sequence_len_offset == 0:  # a new prompt
+            store[self.layer_number] = DecodeCache()
+        cache = store.get(self.layer_number)
+        if cache is None:
+            raise ValueError(f"layer {self.layer_number} has no state at position "
+                             f"{inference_context.sequence_len_offset}: start decoding with the "
+                             "prompt at sequence_len_offset 0")
         if cache.offset != inference_context.sequence_len_offset:
             raise ValueError(f"layer {self.layer_number} holds the state after {cache.offset} "
                              "tokens but the context is at "
