@@ -30,7 +30,10 @@ def test_decoding_on_fla_gives_the_full_forward_logits(mixer, mode, megatron_sin
     if mode not in get_mixer(mixer).modes:
         pytest.skip(f"{mixer} has no {mode} mode")
     torch.manual_seed(0)
-    config = tiny_config(la_module=mixer, la_backend="fla", la_mode=mode)
+    # head dims 64 (fla's kernels want >= 16): hidden 256, two mixer heads, expand_k 0.5
+    config = tiny_config(la_module=mixer, la_backend="fla", la_mode=mode, hidden_size=256,
+                         num_attention_heads=4, kv_channels=64, ffn_hidden_size=512,
+                         la_num_heads=2)
     model = tiny_model(config, "qwen2_moe", VOCAB, SEQ).cuda().eval()
     tokens = torch.randint(0, VOCAB, (2, SEQ), device="cuda")
     positions = torch.arange(SEQ, device="cuda").expand(2, SEQ)
