@@ -105,7 +105,7 @@ def _assert_grads_match(run_op, run_oracle, inputs):
 def test_linear_attn_matches_loop(T, chunk, normalize):
     q, k, v = _inputs(T, d=8)
     fq, fk = _positive(q), _positive(k)
-    o = ops.linear_attn(fq, fk, v, normalize=normalize, chunk_size=chunk)
+    o, _ = ops.linear_attn(fq, fk, v, normalize=normalize, chunk_size=chunk)
     ref = linear_attn_oracle(fq, fk, v, 8 ** -0.5, normalize, 1e-10)
     assert o.dtype == torch.float32
     _assert_close(o, ref)
@@ -114,7 +114,7 @@ def test_linear_attn_matches_loop(T, chunk, normalize):
 @pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalised"])
 def test_linear_attn_grads_match_loop(normalize):
     op = lambda q, k, v: ops.linear_attn(_positive(q), _positive(k), v, normalize=normalize,
-                                         chunk_size=16)
+                                         chunk_size=16)[0]
     oracle = lambda q, k, v: linear_attn_oracle(_positive(q), _positive(k), v, 8 ** -0.5,
                                                 normalize, 1e-10)
     _assert_grads_match(op, oracle, _inputs(45, d=8))
@@ -128,7 +128,7 @@ def test_linear_attn_grads_match_loop(normalize):
                          ids=["based", "rebased"])
 def test_polynomial_attention_matches_loop(op, oracle, T, chunk):
     q, k, v = _inputs(T, offset=0.5)
-    o = op(q, k, v, chunk_size=chunk)
+    o, _ = op(q, k, v, chunk_size=chunk)
     assert o.shape == v.shape and o.dtype == torch.float32
     _assert_close(o, oracle(q, k, v))
 
@@ -136,7 +136,7 @@ def test_polynomial_attention_matches_loop(op, oracle, T, chunk):
 @pytest.mark.parametrize("op,oracle", [(ops.based, based_oracle), (ops.rebased, rebased_oracle)],
                          ids=["based", "rebased"])
 def test_polynomial_attention_grads_match_loop(op, oracle):
-    _assert_grads_match(lambda q, k, v: op(q, k, v, chunk_size=16), oracle,
+    _assert_grads_match(lambda q, k, v: op(q, k, v, chunk_size=16)[0], oracle,
                         _inputs(45, offset=0.5))
 
 
@@ -144,12 +144,12 @@ def test_polynomial_attention_grads_match_loop(op, oracle):
                          ids=["based", "rebased"])
 def test_polynomial_attention_fp64_any_inputs(op, oracle):
     q, k, v = _inputs(70, dtype=torch.float64)
-    assert (op(q, k, v, chunk_size=16) - oracle(q, k, v)).abs().max() <= 1e-10
+    assert (op(q, k, v, chunk_size=16)[0] - oracle(q, k, v)).abs().max() <= 1e-10
 
 
 def test_based_scale_and_eps_reach_the_kernel():
     q, k, v = _inputs(20, offset=0.5)
-    o = ops.based(q, k, v, scale=0.1, eps=1e-3, chunk_size=16)
+    o, _ = ops.based(q, k, v, scale=0.1, eps=1e-3, chunk_size=16)
     r = 0.1 ** 0.5
     phi = lambda x: torch.cat([torch.ones_like(x[..., :1]), x, outer(x) / math.sqrt(2)], -1)
     ref = linear_attn_oracle(phi(q.double() * r), phi(k.double() * r), v, 1.0, True, 1e-3)

@@ -14,6 +14,7 @@ from linear_moe.registry import register_mixer
 
 @register_mixer(
     "based",
+    supports_decode=True,
     options=("la_feature_dim",),
     paper="Simple linear attention language models balance the recall-throughput tradeoff "
           "(arXiv:2402.18668)",
@@ -34,6 +35,6 @@ class BasedMixer(LinearMixer):
 
     def mix(self, x):
         q, k, v, gate = self.qkv(x)
-        o = ops.based(q, k, v, backend=self.config.la_backend, mode=self.config.la_mode,
-                      chunk_size=self.config.la_chunk_size)
+        o, _ = self.recurrent(ops.based, q, k, v, backend=self.config.la_backend,
+                              mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
         return self.output(o, x, gate)

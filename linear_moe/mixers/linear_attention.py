@@ -17,6 +17,7 @@ from linear_moe.registry import register_mixer
 
 @register_mixer(
     "linear_attention",
+    supports_decode=True,
     options=("la_feature_map", "la_feature_map_norm", "la_norm_q", "la_norm_k", "la_dpfp_nu",
              "la_num_kv_heads"),
     paper="Transformers are RNNs (arXiv:2006.16236); feature maps: DPFP (arXiv:2102.11174), "
@@ -49,7 +50,8 @@ class LinearAttentionMixer(LinearMixer):
             q = self._sum_normalise(q)
         if self.config.la_norm_k:
             k = self._sum_normalise(k)
-        o = ops.linear_attn(q, k, v, normalize=self.config.la_feature_map_norm,
-                            backend=self.config.la_backend, mode=self.config.la_mode,
-                            chunk_size=self.config.la_chunk_size)
+        o, _ = self.recurrent(ops.linear_attn, q, k, v,
+                              normalize=self.config.la_feature_map_norm,
+                              backend=self.config.la_backend, mode=self.config.la_mode,
+                              chunk_size=self.config.la_chunk_size)
         return self.output(o, x, gate)

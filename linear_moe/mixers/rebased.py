@@ -23,6 +23,7 @@ _LN_EPS = 1e-5  # fla's layer_norm default
 
 @register_mixer(
     "rebased",
+    supports_decode=True,
     options=("la_feature_dim",),
     paper="Linear Transformers with Learnable Kernel Functions are Better In-Context Models "
           "(arXiv:2402.10644)",
@@ -55,6 +56,6 @@ class ReBasedMixer(LinearMixer):
         gamma = copy_to_tensor_model_parallel_region(self.gamma, group=self.tp_group)
         beta = copy_to_tensor_model_parallel_region(self.beta, group=self.tp_group)
         q, k = self.kernel_input(q, gamma, beta), self.kernel_input(k, gamma, beta)
-        o = ops.rebased(q, k, v, backend=self.config.la_backend, mode=self.config.la_mode,
-                        chunk_size=self.config.la_chunk_size)
+        o, _ = self.recurrent(ops.rebased, q, k, v, backend=self.config.la_backend,
+                              mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
         return self.output(o, x, gate)

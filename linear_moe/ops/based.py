@@ -72,11 +72,12 @@ def _check(name, q, k, v, mode, modes):
                          f"{q.shape[-1]}; use mode 'chunk'")
 
 
-def _expanded(phi, q, k, v, scale, eps, backend, chunk_size):
+def _expanded(phi, q, k, v, scale, eps, backend, chunk_size, initial_state, output_final_state):
     """Linear attention with normaliser on phi(sqrt(scale) q), phi(sqrt(scale) k)."""
     r = math.sqrt(scale)
-    return linear_attn(phi(q * r), phi(k * r), v, scale=1.0, normalize=True, eps=eps, backend=backend,
-                       mode="chunk", chunk_size=chunk_size)
+    return linear_attn(phi(q * r), phi(k * r), v, scale=1.0, normalize=True, eps=eps,
+                       initial_state=initial_state, output_final_state=output_final_state,
+                       backend=backend, mode="chunk", chunk_size=chunk_size)
 
 
 def based(
@@ -86,23 +87,29 @@ def based(
     *,
     scale: float | None = None,
     eps: float = 1e-6,
+    initial_state: tuple | None = None,
+    output_final_state: bool = False,
     backend: str = "auto",
     mode: str = "chunk",
     chunk_size: int = 64,
-) -> torch.Tensor:
-    """q, k [B, T, H, d] (before the Taylor map), v [B, T, H, V] -> o [B, T, H, V] in q.dtype.
+) -> tuple[torch.Tensor, tuple | None]:
+    """q, k [B, T, H, d] (before the Taylor map), v [B, T, H, V] -> (o [B, T, H, V] in
+    q.dtype, final state or None): the state is linear_attn's over the Taylor features, so a
+    stateful call (decoding) takes the chunk form whatever the mode.
 
     scale defaults to d^-1/2 (fla's based layer); eps 1e-6 is fla's parallel kernels' own.
     """
     _check("based", q, k, v, mode, BASED_MODES)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if resolve_backend(backend, q) == "fla" and mode != "chunk":
+    stateful = initial_state is not None or output_final_state
+    if resolve_backend(backend, q) == "fla" and mode != "chunk" and not stateful:
         from fla.ops.based import fused_chunk_based, parallel_based
 
         kernel = parallel_based if mode == "parallel" else fused_chunk_based
-        return kernel(q, k, v, scale=scale, use_norm=True)  # eps fixed at 1e-6 by fla
-    return _expanded(taylor_feature_map, q, k, v, scale, eps, backend, chunk_size)
+        return kernel(q, k, v, scale=scale, use_norm=True), None  # eps fixed at 1e-6 by fla
+    return _expanded(taylor_feature_map, q, k, v, scale, eps, backend, chunk_size,
+                     initial_state, output_final_state)
 
 
 def rebased(
@@ -111,16 +118,20 @@ def rebased(
     v: torch.Tensor,
     *,
     eps: float = 1e-5,
+    initial_state: tuple | None = None,
+    output_final_state: bool = False,
     backend: str = "auto",
     mode: str = "chunk",
     chunk_size: int = 64,
-) -> torch.Tensor:
-    """q, k [B, T, H, d] (normalised, before the quadratic map), v [B, T, H, V] -> o.
+) -> tuple[torch.Tensor, tuple | None]:
+    """q, k [B, T, H, d] (normalised, before the quadratic map), v [B, T, H, V] -> (o, final
+    state or None), the state as based's (a stateful call takes the chunk form).
 
     The scale is d^-1/2, as fla's parallel_rebased(use_scale=True); eps 1e-5 is fla's layer's.
     """
     _check("rebased", q, k, v, mode, REBASED_MODES)
-    if resolve_backend(backend, q) == "fla" and mode == "parallel":
+    stateful = initial_state is not None or output_final_state
+    if resolve_backend(backend, q) == "fla" and mode == "parallel" and not stateful:
         from fla.ops.rebased import parallel_rebased
 
         # In fp32 (fla's kernel does fp32 dots without tf32 then): at ReBased's feature dim 16
@@ -128,8 +139,8 @@ def rebased(
         # small next to the layer's projections at d = 16.
         o = parallel_rebased(q.float(), k.float(), v.float(), eps=eps, use_scale=True,
                              use_normalize=True)
-        return o.to(q.dtype)
+        return o.to(q.dtype), None
     # chunk stays in the input dtype: fp32 quadratic features through fla's chunk_simple_gla
     # came out wrong (o 7.8e-2, dq 1.5 on the H200), bf16 ones cost dq/dk ~8e-2 (README).
     return _expanded(quadratic_feature_map, q, k, v, q.shape[-1] ** -0.5, eps, backend,
-                     chunk_size)
+                     chunk_size, initial_state, output_final_state)

@@ -29,11 +29,15 @@ def linear_attn(
     scale: float | None = None,
     normalize: bool = False,
     eps: float = 1e-10,
+    initial_state: tuple | None = None,
+    output_final_state: bool = False,
     backend: str = "auto",
     mode: str = "chunk",
     chunk_size: int = 64,
-) -> torch.Tensor:
-    """q, k [B, T, H, K] (feature-mapped), v [B, T, H, V] -> o [B, T, H, V] in q.dtype.
+) -> tuple[torch.Tensor, tuple | None]:
+    """q, k [B, T, H, K] (feature-mapped), v [B, T, H, V] -> (o [B, T, H, V] in q.dtype,
+    final state or None): the state is (S [B, H, K, V], z [B, H, K], None without the
+    normaliser), as initial_state takes it.
 
     `mode` selects fla's chunk / fused_recurrent kernel for the numerator, `chunk_size` the
     reference's chunk. Normalised attention is meant for positive feature maps: with a map
@@ -48,11 +52,15 @@ def linear_attn(
     no_decay = q.new_zeros(q.shape[2], dtype=torch.float32)
     # Zero decay: the numerator takes fla's ungated chunk path (g is None), so fla_compat's
     # Hopper guard (gated chunk_bwd_dqkwg only) never applies here.
-    o, _ = simple_gla(q, k, v, g_gamma=no_decay, scale=scale, backend=backend, mode=mode,
+    S0, z0 = initial_state if initial_state is not None else (None, None)
+    o, S = simple_gla(q, k, v, g_gamma=no_decay, scale=scale, initial_state=S0,
+                      output_final_state=output_final_state, backend=backend, mode=mode,
                       chunk_size=chunk_size)
     if not normalize:
-        return o
+        return o, ((S, None) if output_final_state else None)
     dtype = compute_dtype(q, k, v)
-    z = k.to(dtype).cumsum(1)  # z_t = sum_{s <= t} phi(k_s)
+    z = k.to(dtype).cumsum(1)  # z_t = z_0 + sum_{s <= t} phi(k_s)
+    if z0 is not None:
+        z = z + z0[:, None].to(dtype)
     denom = (q.to(dtype) * z).sum(-1, keepdim=True) * scale + eps
-    return (o.to(dtype) / denom).to(o.dtype)
+    return (o.to(dtype) / denom).to(o.dtype), ((S, z[:, -1]) if output_final_state else None)

@@ -70,13 +70,13 @@ REBASED_CASES = [
 
 @pytest.mark.parametrize("mode,d", BASED_CASES, ids=[f"{m}-d{d}" for m, d in BASED_CASES])
 def test_based_fla_matches_reference(mode, d):
-    run = lambda backend: lambda q, k, v: based(q, k, v, backend=backend, mode=mode)
+    run = lambda backend: lambda q, k, v: based(q, k, v, backend=backend, mode=mode)[0]
     _compare("based", mode, d, run("fla"), run("reference"), _qkv(d, V_DIM))
 
 
 @pytest.mark.parametrize("mode,d", REBASED_CASES)
 def test_rebased_fla_matches_reference(mode, d):
-    run = lambda backend: lambda q, k, v: rebased(q, k, v, backend=backend, mode=mode)
+    run = lambda backend: lambda q, k, v: rebased(q, k, v, backend=backend, mode=mode)[0]
     _compare("rebased", mode, d, run("fla"), run("reference"), _qkv(d, V_DIM, True))
 
 
@@ -85,6 +85,6 @@ def test_rebased_fla_matches_reference(mode, d):
 def test_normalised_linear_attn_fla_matches_reference(mode, head_dim):
     # elu + 1 features: positive, as the normaliser needs
     run = lambda backend: lambda q, k, v: linear_attn(
-        F.elu(q) + 1, F.elu(k) + 1, v, normalize=True, backend=backend, mode=mode)
+        F.elu(q) + 1, F.elu(k) + 1, v, normalize=True, backend=backend, mode=mode)[0]
     _compare("linear_attn[normalised]", mode, head_dim, run("fla"), run("reference"),
              _qkv(head_dim, head_dim))
