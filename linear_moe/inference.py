@@ -221,7 +221,8 @@ class CausalLM:
         from linear_moe.registry import LINEAR, get_mixer
 
         config = self.model.config
-        return LINEAR not in config.layer_type_list or get_mixer(config.la_module).supports_decode
+        return (LINEAR not in config.layer_type_list
+                or get_mixer(config.la_module).builder.decode_unsupported(config) is None)
 
     def generate(self, context: list[int], max_new_tokens: int,
                  stop: list[str] | None = None) -> list[int]:

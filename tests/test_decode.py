@@ -1,7 +1,8 @@
 """Incremental decoding: a prompt's forward, then one token at a time through megatron-core's
 StaticInferenceContext (the 'N' layers' KV cache, the 'L' mixers' recurrent states, short-conv
 inputs and token shifts), gives the logits of the whole sequence's forward at every step, for
-every mixer registered with decode support; the others refuse with the fix."""
+every mixer registered with decode support (all of them); MoM with a capacity (a share of
+the whole sequence) refuses with the fix."""
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ DECODING = sorted(n for n, e in registered_mixers().items() if e.supports_decode
 PROMPT = 13  # over one chunk (la_chunk_size 8) and not a multiple of it
 
 
-def _decode_errors(rank, world_size, mixers):
+def _decode_errors(rank, world_size, mixers, overrides=None):
     from megatron.core.inference.contexts import StaticInferenceContext
 
     _init_parallel(1)
@@ -23,7 +24,7 @@ def _decode_errors(rank, world_size, mixers):
     positions = torch.arange(SEQ).expand(2, SEQ)
     errors, refusals = {}, {}
     for mixer in mixers:
-        model = _build(mixer, 1, moe=True).eval()
+        model = _build(mixer, 1, moe=True, **(overrides or {})).eval()
         with torch.no_grad():
             full = model(tokens, positions, None)
             context = StaticInferenceContext(2, SEQ)
@@ -45,16 +46,14 @@ def _decode_errors(rank, world_size, mixers):
 
 @pytest.mark.slow
 def test_decoding_step_by_step_gives_the_full_forward_logits():
-    assert {"gla", "gated_deltanet", "mamba2", "rwkv7", "retention"} <= set(DECODING)
+    assert set(DECODING) == set(registered_mixers())
     errors, refusals = run_distributed(_decode_errors, 1, DECODING)[0]
     assert not refusals, refusals
     bad = {m: e for m, e in errors.items() if not e[0] <= 1e-4 * max(e[1], 1.0)}
     assert not bad, bad
 
 
-def test_mixer_without_decode_support_refuses_with_the_fix():
-    others = sorted(set(registered_mixers()) - set(DECODING))
-    assert others  # e.g. based, mom_* (their ops keep no state yet)
-    _, refusals = run_distributed(_decode_errors, 1, others[:1])[0]
-    assert f"mixer '{others[0]}' has no incremental-decoding support yet" in refusals[others[0]]
-    assert "`linear-moe mixers` lists decode=yes ones" in refusals[others[0]]
+def test_mom_with_a_capacity_refuses_to_decode_with_the_fix():
+    _, refusals = run_distributed(_decode_errors, 1, ["mom_gla"],
+                                  {"la_mom_capacity_factor": 1.0})[0]
+    assert "set --la-mom-capacity-factor 0" in refusals["mom_gla"], refusals

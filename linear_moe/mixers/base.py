@@ -517,15 +517,22 @@ class LinearMixer(MegatronModule):
                 self._decoding = None
         return self._forward(hidden_states, packed_seq_params)
 
+    @classmethod
+    def decode_unsupported(cls, config) -> str | None:
+        """Why a model of ``config`` cannot decode one token at a time (None: it can)."""
+        from linear_moe.registry import get_mixer
+
+        if not get_mixer(config.la_module).supports_decode:
+            return (f"mixer '{config.la_module}' has no incremental-decoding support yet "
+                    "(`linear-moe mixers` lists decode=yes ones)")
+        return None
+
     def _decode_cache(self, inference_context) -> "DecodeCache":
         """This layer's recurrent state in megatron's static inference context (where its
         attention layers keep their KV cache), keyed by layer number."""
-        from linear_moe.registry import get_mixer
-
-        if not get_mixer(self.config.la_module).supports_decode:
-            raise NotImplementedError(
-                f"mixer '{self.config.la_module}' has no incremental-decoding support yet "
-                "(`linear-moe mixers` lists decode=yes ones)")
+        reason = self.decode_unsupported(self.config)
+        if reason:
+            raise NotImplementedError(reason)
         if not inference_context.is_static_batching() or inference_context.batch_size_offset:
             raise NotImplementedError("linear mixers decode with megatron's "
                                       "StaticInferenceContext over the whole batch only")

@@ -59,8 +59,27 @@ class MixtureOfMemories(LinearMixer):
         """-> (k, v, *gates) in [b, s, H, *] for every position."""
         raise NotImplementedError
 
-    def run_memory(self, q, inputs, cu_seqlens):
+    def run_memory(self, q, inputs, cu_seqlens, initial_state=None, output_final_state=False):
+        """-> (o, final state [sequences, H, K, V] or None) over the packed sub-sequences."""
         raise NotImplementedError
+
+    @classmethod
+    def decode_unsupported(cls, config):
+        if config.la_mom_capacity_factor > 0:  # a capacity is a share of the whole sequence
+            return ("MoM decodes one token at a time only without a capacity; set "
+                    "--la-mom-capacity-factor 0")
+        return super().decode_unsupported(config)
+
+    def _run_memory_decoding(self, m, rows, batch, q, inputs, cu):
+        """run_memory from / into memory m's state of the batch ``rows`` it reads this call
+        (the other rows' states stay); the state is zeros before a memory's first token."""
+        states = self._decoding.states
+        initial = states[m][rows] if m in states else None
+        o, final = self.run_memory(q, inputs, cu, initial, True)
+        if m not in states:
+            states[m] = final.new_zeros(batch, *final.shape[1:])
+        states[m] = states[m].index_copy(0, rows, final.to(states[m].dtype))
+        return o
 
     def _route(self, x):
         """x [b, s, h] -> routing weights [b, s, M] (0 where not routed) and the aux loss."""
@@ -96,12 +115,18 @@ class MixtureOfMemories(LinearMixer):
                 if selected.numel() == 0:
                     continue
                 lengths = (weight > 0).sum(1)
+                rows = (lengths > 0).nonzero().squeeze(-1)  # one packed sequence per row
                 cu = F.pad(lengths[lengths > 0].cumsum(0), (1, 0)).to(torch.int32)
             else:  # the shared memory: every token, weight 1
                 weight, selected = None, torch.arange(b * s, device=x.device)
+                rows = torch.arange(b, device=x.device)
                 cu = torch.arange(0, (b + 1) * s, s, device=x.device, dtype=torch.int32)
             pick = lambda t: t.reshape(b * s, *t.shape[2:])[selected].unsqueeze(0)
-            o = self.run_memory(pick(q), [pick(t) for t in inputs], cu)[0]  # [n, H, V]
+            packed = (pick(q), [pick(t) for t in inputs], cu)
+            if self._decoding is None:
+                o = self.run_memory(*packed)[0][0]  # [n, H, V]
+            else:
+                o = self._run_memory_decoding(m, rows, b, *packed)[0]
             if weight is not None:
                 o = o * weight.reshape(-1)[selected][:, None, None].to(o.dtype)
             full = o.new_zeros(b * s, *o.shape[1:]).index_add(0, selected, o)
@@ -114,6 +139,7 @@ class MixtureOfMemories(LinearMixer):
 
 @register_mixer(
     "mom_gla",
+    supports_decode=True,
     cuda_graph=False,  # routing packs tokens by nonzero(): data-dependent shapes, host syncs
     options=("la_gate_low_rank_dim", "la_gate_logit_normalizer", "la_mom_num_memories",
              "la_mom_topk", "la_mom_capacity_factor", "la_mom_shared_memory",
@@ -141,15 +167,16 @@ class MoMGLAMixer(MixtureOfMemories):
         gk = self.heads(self.up(memory["gk_up"], memory["gk_down"](x)), self.head_k_dim)
         return k, v, F.logsigmoid(gk.float()) / self.config.la_gate_logit_normalizer
 
-    def run_memory(self, q, inputs, cu_seqlens):
+    def run_memory(self, q, inputs, cu_seqlens, initial_state=None, output_final_state=False):
         k, v, gk = inputs
-        o, _ = ops.gla(q, k, v, gk, cu_seqlens=cu_seqlens, backend=self.config.la_backend,
+        return ops.gla(q, k, v, gk, cu_seqlens=cu_seqlens, initial_state=initial_state,
+                       output_final_state=output_final_state, backend=self.config.la_backend,
                        mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
-        return o
 
 
 @register_mixer(
     "mom_gated_deltanet",
+    supports_decode=True,
     cuda_graph=False,  # routing packs tokens by nonzero(): data-dependent shapes, host syncs
     options=("la_mom_num_memories", "la_mom_topk", "la_mom_capacity_factor",
              "la_mom_shared_memory", "la_mom_aux_loss_coeff"),
@@ -179,11 +206,11 @@ class MoMGatedDeltaNetMixer(MixtureOfMemories):
         a, b = self.per_head(memory["a"](x)[0]), self.per_head(memory["b"](x)[0])
         return k, v, a, b
 
-    def run_memory(self, q, inputs, cu_seqlens):
+    def run_memory(self, q, inputs, cu_seqlens, initial_state=None, output_final_state=False):
         k, v, a, b = inputs
         g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
-        o, _ = ops.gated_delta_rule(q, k, v, g, b.sigmoid(), use_qk_l2norm=True,
-                                    cu_seqlens=cu_seqlens, backend=self.config.la_backend,
-                                    mode=self.config.la_mode,
+        return ops.gated_delta_rule(q, k, v, g, b.sigmoid(), use_qk_l2norm=True,
+                                    cu_seqlens=cu_seqlens, initial_state=initial_state,
+                                    output_final_state=output_final_state,
+                                    backend=self.config.la_backend, mode=self.config.la_mode,
                                     chunk_size=self.config.la_chunk_size)
-        return o
