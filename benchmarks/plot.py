@@ -1,5 +1,5 @@
-"""PNG plot of a benchmark result (<out>.json from e2e_bench.py, peer_bench.py or
-layer_bench.py): throughput against sequence length per model/pattern, and the ratio to the
+"""PNG plot of a benchmark result (<out>.json from e2e_bench.py, peer_bench.py,
+layer_bench.py or decode_bench.py): throughput against sequence length per model/pattern, and the ratio to the
 run's baseline where it has one.
 
     python benchmarks/plot.py benchmarks/results/e2e_h100.json   # writes e2e_h100.png
@@ -22,6 +22,8 @@ def series(rows):
         if "pattern" in r:  # e2e
             label = "all-N softmax" if r["pattern"] == "N" else f"{r['pattern']} {r['mixer']}"
             ratio = r.get("speedup_vs_N")
+        elif "decoding" in r:  # decode: generated tokens/s against the prompt length
+            label, ratio = f"{r['mixer']} {r['decoding']}", r.get("speedup_vs_rerun")
         elif "model" in r:  # peer
             label, ratio = r["model"], r.get("speedup_vs_fla")
         else:  # layer: tokens/s of the full layer's fwd + bwd

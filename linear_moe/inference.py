@@ -225,14 +225,19 @@ class CausalLM:
                 or get_mixer(config.la_module).builder.decode_unsupported(config) is None)
 
     def generate(self, context: list[int], max_new_tokens: int,
-                 stop: list[str] | None = None) -> list[int]:
+                 stop: list[str] | None = None, incremental: bool | None = None) -> list[int]:
         """Greedy continuation of ``context``: up to max_new_tokens ids, ending before the eod
         or where the decoded text first contains a ``stop`` string. One forward of the context,
         then one token per step with the layers' states (megatron's StaticInferenceContext)
         where the mixer supports it and all fits in max_length; otherwise the last max_length
-        tokens are run again for each new token."""
-        step = self._cached_steps if (self.decodes_incrementally and len(context)
-                                      + max_new_tokens <= self.max_length) else self._rerun_steps
+        tokens are run again for each new token. ``incremental`` forces one way (benchmarks)."""
+        fits = len(context) + max_new_tokens <= self.max_length
+        if incremental is None:
+            incremental = self.decodes_incrementally and fits
+        elif incremental and not (self.decodes_incrementally and fits):
+            raise ValueError("incremental decoding needs a mixer that decodes and the context "
+                             f"plus new tokens within {self.max_length}")
+        step = self._cached_steps if incremental else self._rerun_steps
         new = []
         for token in step(list(context), max_new_tokens):
             if token == self.eod:

@@ -17,7 +17,8 @@ PEER_FLAGS = ["--ours-flags", "", "--mlp-act-recompute --fused-cross-entropy", "
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script,expected_rows,extra", [
-    ("layer_bench.py", None, []), ("e2e_bench.py", 10, []), ("peer_bench.py", 6, PEER_FLAGS)])
+    ("layer_bench.py", None, []), ("e2e_bench.py", 10, []), ("peer_bench.py", 6, PEER_FLAGS),
+    ("decode_bench.py", 4, [])])
 def test_benchmark_smoke(script, expected_rows, extra, tmp_path):
     from linear_moe.registry import registered_mixers
 
@@ -36,6 +37,10 @@ def test_benchmark_smoke(script, expected_rows, extra, tmp_path):
         assert len(ours) == 4 and all(r["params_vs_fla"] == 1.0 for r in ours)
         assert sum("--fused-cross-entropy" in r["model"] for r in ours) == 2
         assert all(r["tokens_per_s"] > 0 and r["model_TFLOP_s"] > 0 for r in ours)
+    elif script == "decode_bench.py":  # both ways give the same greedy tokens
+        incremental = [r for r in rows if r["decoding"] == "incremental"]
+        assert len(incremental) == 2 and all(r["same_tokens"] for r in incremental)
+        assert all(r["speedup_vs_rerun"] > 0 and r["tokens_per_s"] > 0 for r in incremental)
     else:
         ratio = "overhead" if script == "layer_bench.py" else "speedup_vs_N"
         assert all(row[ratio] > 0 for row in rows)
