@@ -115,17 +115,17 @@ class MixtureOfMemories(LinearMixer):
                 if selected.numel() == 0:
                     continue
                 lengths = (weight > 0).sum(1)
-                rows = (lengths > 0).nonzero().squeeze(-1)  # one packed sequence per row
                 cu = F.pad(lengths[lengths > 0].cumsum(0), (1, 0)).to(torch.int32)
             else:  # the shared memory: every token, weight 1
                 weight, selected = None, torch.arange(b * s, device=x.device)
-                rows = torch.arange(b, device=x.device)
+                lengths = torch.full((b,), s, device=x.device)
                 cu = torch.arange(0, (b + 1) * s, s, device=x.device, dtype=torch.int32)
             pick = lambda t: t.reshape(b * s, *t.shape[2:])[selected].unsqueeze(0)
             packed = (pick(q), [pick(t) for t in inputs], cu)
             if self._decoding is None:
                 o = self.run_memory(*packed)[0][0]  # [n, H, V]
-            else:
+            else:  # the rows with tokens for this memory, one packed sequence each
+                rows = (lengths > 0).nonzero().squeeze(-1)
                 o = self._run_memory_decoding(m, rows, b, *packed)[0]
             if weight is not None:
                 o = o * weight.reshape(-1)[selected][:, None, None].to(o.dtype)
