@@ -43,6 +43,12 @@ def _hf_config(arch: str, vocab: int):
             **common, **moe, intermediate_size=96, shared_expert_intermediate_size=48,
             num_experts=4, num_key_value_heads=4, mlp_only_layers=[1], norm_topk_prob=False,
             tie_word_embeddings=False),
+        # head dim 32 over hidden 64 / 4 heads: q/k norm over the head dim, not hidden / heads
+        "Qwen3ForCausalLM": lambda: T.Qwen3Config(**common, intermediate_size=96,
+                                                  num_key_value_heads=2, head_dim=32),
+        "Qwen3MoeForCausalLM": lambda: T.Qwen3MoeConfig(
+            **common, **moe, intermediate_size=96, num_experts=4, num_key_value_heads=2,
+            mlp_only_layers=[2], norm_topk_prob=True, tie_word_embeddings=False),
         "MixtralForCausalLM": lambda: T.MixtralConfig(
             **common, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
             num_key_value_heads=2),
@@ -99,7 +105,8 @@ def _convert_and_compare(rank, world_size, arch, root):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM",
-                                  "MixtralForCausalLM", "DeepseekV2ForCausalLM"])
+                                  "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM",
+                                  "DeepseekV2ForCausalLM"])
 def test_hf_model_converts_with_its_logits_and_exports_back_identical(arch, tmp_path):
     report, error, scale, exported, back_class, unequal, extra = run_distributed(
         _convert_and_compare, 1, arch, str(tmp_path))[0]

@@ -140,6 +140,7 @@ class HFFormat:
     hf_config: Callable
     attention_rules: Callable
     moe_names: MoENames | None = None
+    qk_norm: bool = False  # per-head q / k RMSNorm (megatron's --qk-layernorm)
 
 
 def _one_way(_):

@@ -84,8 +84,8 @@ def rope_parameters(args) -> dict:
     return {"rope_type": "default", "rope_theta": float(args.rotary_base)}
 
 
-def decoder_hf_fields(args, gqa: bool = True) -> dict:
-    """HF config fields of decoder_flags' inverse."""
+def decoder_hf_fields(args, gqa: bool = True, qk_norm: bool = False) -> dict:
+    """HF config fields of decoder_flags' inverse (qk_norm: the HF class normalises q and k)."""
     refuse_args_unless(args, swiglu=True, normalization="RMSNorm", add_bias_linear=False,
                        position_embedding_type="rope", rotary_percent=1.0)
     fields = dict(vocab_size=args.padded_vocab_size, hidden_size=args.hidden_size,
@@ -95,7 +95,7 @@ def decoder_hf_fields(args, gqa: bool = True) -> dict:
                   max_position_embeddings=args.max_position_embeddings,
                   initializer_range=args.init_method_std)
     if gqa:
-        refuse_args_unless(args, qk_layernorm=False)
+        refuse_args_unless(args, qk_layernorm=qk_norm)
         fields.update(head_dim=args.kv_channels, num_key_value_heads=(
             args.num_query_groups if args.group_query_attention else args.num_attention_heads))
     return fields
