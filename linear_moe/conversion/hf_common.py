@@ -106,6 +106,14 @@ def moe_layer_freq(moe_layers: list[bool]) -> str:
     return "[" + ",".join("1" if m else "0" for m in moe_layers) + "]"
 
 
+def qwen_moe_layer_freq(c) -> str:
+    """--moe-layer-freq of a Qwen MoE config: experts every decoder_sparse_step-th layer,
+    except mlp_only_layers."""
+    return moe_layer_freq([i not in (c.mlp_only_layers or []) and c.num_experts > 0
+                           and (i + 1) % c.decoder_sparse_step == 0
+                           for i in range(c.num_hidden_layers)])
+
+
 def moe_layer_flags(args) -> list[bool]:
     """Which layers of a checkpoint have experts, as megatron-core reads --moe-layer-freq."""
     from linear_moe.models.common import is_moe_layer

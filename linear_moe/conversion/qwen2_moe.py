@@ -7,7 +7,7 @@ from linear_moe.conversion.hf_common import (
     decoder_flags,
     decoder_hf_fields,
     moe_layer_flags,
-    moe_layer_freq,
+    qwen_moe_layer_freq,
     refuse_args_unless,
     refuse_router_args,
     refuse_unless,
@@ -26,14 +26,12 @@ def dense_flags(c) -> dict:
 
 
 def moe_flags(c) -> dict:
-    moe_layers = [i not in (c.mlp_only_layers or []) and c.num_experts > 0
-                  and (i + 1) % c.decoder_sparse_step == 0 for i in range(c.num_hidden_layers)]
     return {**_flags(c), "add_qkv_bias": getattr(c, "qkv_bias", True),
             "num_experts": c.num_experts, "moe_router_topk": c.num_experts_per_tok,
             "moe_ffn_hidden_size": c.moe_intermediate_size,
             "moe_shared_expert_intermediate_size": c.shared_expert_intermediate_size,
             "moe_shared_expert_gate": True, "moe_router_pre_softmax": not c.norm_topk_prob,
-            "moe_layer_freq": moe_layer_freq(moe_layers),
+            "moe_layer_freq": qwen_moe_layer_freq(c),
             "moe_aux_loss_coeff": c.router_aux_loss_coef,
             "moe_router_load_balancing_type": "aux_loss", "moe_token_dispatcher_type": "alltoall"}
 
