@@ -178,7 +178,13 @@ class CausalLM:
         padding leaves the logits of the real tokens unchanged)."""
         tokens = tokens.to(self.device)
         positions = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
-        return self.model(tokens, positions, None).float()
+        return self._forward(tokens, positions).float()
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, **kwargs) -> torch.Tensor:
+        from megatron_patch.cpu_support import cpu_scope
+
+        with cpu_scope(self.device):  # a CPU model in a process with CUDA stays on the CPU
+            return self.model(tokens, positions, None, **kwargs)
 
     def continuation_logprobs(self, pairs: list[tuple[list[int], list[int]]],
                               batch_size: int = 8) -> list[tuple[float, bool]]:
@@ -267,7 +273,7 @@ class CausalLM:
                                      state.sequence_len_offset + tokens.shape[1],
                                      device=self.device)[None]
             # only the last position's logits (the context's materialize_only_last_token_logits)
-            logits = self.model(tokens, positions, None, inference_context=state)
+            logits = self._forward(tokens, positions, inference_context=state)
             state.sequence_len_offset += tokens.shape[1]
             token = self._argmax(logits)
             yield token

@@ -69,6 +69,8 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if "device" in kwargs:
             kwargs["device"] = _cpu_device(kwargs["device"])
+        if kwargs.get("pin_memory"):  # e.g. megatron's CP index tensors; no pinned CPU memory
+            kwargs["pin_memory"] = False
         if func in (torch.Tensor.cuda,):
             return args[0]
         if func is torch.Tensor.to and args:
@@ -219,6 +221,16 @@ def enable() -> bool:
     _CudaToCpuMode().__enter__()  # stays on the mode stack for the life of the process
     _ENABLED = True
     return True
+
+
+def cpu_scope(device: torch.device):
+    """Torch calls inside run on the CPU when ``device`` is the CPU in a process that has CUDA
+    (a CPU model on a GPU machine): megatron-core moves some tensors to
+    ``torch.cuda.current_device()`` on its own, e.g. the MoE router its weight at every forward.
+    A no-op for a CUDA device, and where ``enable()`` already maps CUDA to the CPU."""
+    if device.type != "cpu" or _ENABLED or not torch.cuda.is_available():
+        return contextlib.nullcontext()
+    return _CudaToCpuMode()
 
 
 def is_enabled() -> bool:

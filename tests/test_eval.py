@@ -189,3 +189,32 @@ def test_cli_generate_continues_the_prompt(checkpoint):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("The for statement")]
     assert len(lines) == 1, proc.stdout[-2000:]
+
+
+_ROUTER_ON_A_CUDA_MACHINE = """
+import types, torch
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron_patch.cpu_support import cpu_scope
+torch.cuda.is_available, torch.cuda.current_device = (lambda: True), (lambda: 0)  # a GPU machine
+router = types.SimpleNamespace(weight=torch.nn.Parameter(torch.randn(4, 8)), bias=None,
+                               config=types.SimpleNamespace(moe_router_dtype=None))
+x = torch.randn(3, 8)
+with cpu_scope(torch.device("cpu")):
+    logits = TopKRouter.gating(router, x)
+assert router.weight.device.type == "cpu" and logits.device.type == "cpu"
+torch.testing.assert_close(logits, x @ router.weight.T)
+try:
+    TopKRouter.gating(router, x)  # unscoped, megatron-core moves the weight to the GPU
+except (AssertionError, RuntimeError) as error:
+    print("unscoped:", type(error).__name__)
+"""
+
+
+def test_a_cpu_model_on_a_gpu_machine_keeps_the_router_on_the_cpu():
+    """megatron-core's router moves its weight to torch.cuda.current_device() at every forward
+    (found by the GPU evaluation test scoring a checkpoint on the CPU); CausalLM runs a CPU model
+    under cpu_scope, which keeps it there. CUDA is faked present in a process of its own."""
+    proc = subprocess.run([sys.executable, "-c", _ROUTER_ON_A_CUDA_MACHINE], capture_output=True,
+                          text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "unscoped:" in proc.stdout, proc.stdout  # the scope is what keeps it on the CPU

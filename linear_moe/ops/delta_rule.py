@@ -3,15 +3,26 @@
     S_t = (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t,    o_t = scale * q_t S_t
 
 the gated delta rule with no decay (g = 0), so the reference is that op's chunked reference.
-fla's chunk_delta_rule is ungated, so fla's Hopper guard (fla #640) does not apply.
+fla's chunk_delta_rule is ungated, so fla's Hopper guard (fla #640) does not apply. It refuses
+fp32 inputs (an assert); fp32 takes fla's fused_recurrent_delta_rule, the same recurrence step by
+step with its own backward, and says so once.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 from .dispatch import check_mode, resolve_backend
 from .gated_delta_rule import gated_delta_rule
+
+
+def _warn_fp32_chunk() -> None:
+    # once per process under Python's default warning filter (one call site)
+    warnings.warn("linear_moe: fla's chunk_delta_rule refuses fp32 inputs; DeltaNet runs fla's "
+                  "fused_recurrent_delta_rule instead (same math, sequential over the sequence); "
+                  "train in --bf16 for the chunk kernel", stacklevel=3)
 
 
 def delta_rule(
@@ -37,6 +48,9 @@ def delta_rule(
         from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
 
         fn = chunk_delta_rule if mode == "chunk" else fused_recurrent_delta_rule
+        if fn is chunk_delta_rule and q.dtype == torch.float32:
+            _warn_fp32_chunk()
+            fn = fused_recurrent_delta_rule
         h0 = None if initial_state is None else initial_state.float()
         o, state = fn(q, k, v, beta=beta, scale=scale, initial_state=h0,
                       output_final_state=output_final_state, cu_seqlens=cu_seqlens,

@@ -202,6 +202,21 @@ def test_delta_rule_fla_matches_reference(mode, head_dim):
              run("fla"), run("reference"), [q, k, v, beta, h0])
 
 
+def test_delta_rule_fla_in_fp32_matches_reference():
+    """fla's chunk_delta_rule asserts on fp32 (found by tests/gpu/test_decode_gpu.py): fp32 runs
+    its fused_recurrent kernel, forward and backward against the reference."""
+    def run(backend):
+        return lambda q, k, v, beta, h0: delta_rule(q, k, v, beta, initial_state=h0,
+                                                    output_final_state=True, backend=backend,
+                                                    mode="chunk")
+
+    inputs = [x.float() for x in _gdn_inputs(64)]
+    q, k, v, _, beta, h0 = inputs
+    with pytest.warns(UserWarning, match="fused_recurrent_delta_rule"):
+        _compare("delta_rule[fp32]", "chunk", 64, ("q", "k", "v", "beta", "initial_state"),
+                 run("fla"), run("reference"), [q, k, v, beta, h0])
+
+
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_kda_fla_matches_reference(head_dim):
     def run(backend):
