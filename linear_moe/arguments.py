@@ -293,6 +293,24 @@ def check_cuda_graphs(entry, args, uses_linear: bool) -> None:
                          "host inside the captured step)")
 
 
+def _check_context_parallel(args, uses_linear: bool) -> None:
+    cp = args.context_parallel_size
+    if cp == 1:
+        return
+    if getattr(args, "multi_latent_attention", False):
+        raise ValueError("MLA attention (the deepseek_v2 preset) has no context-parallel support "
+                         "here; use --context-parallel-size 1")
+    if args.seq_length % (2 * cp):  # megatron's CP layout: 2 * cp chunks of the sequence
+        raise ValueError(f"--seq-length {args.seq_length} is not divisible by 2 x "
+                         f"--context-parallel-size {cp}; pick a multiple of {2 * cp}")
+    chunk = args.seq_length // (2 * cp)
+    if uses_linear and chunk < args.la_conv_size:
+        raise ValueError(f"--seq-length {args.seq_length} over 2 x --context-parallel-size {cp} "
+                         f"gives chunks of {chunk} tokens, shorter than a short convolution's "
+                         f"{args.la_conv_size}; use a longer --seq-length or a smaller "
+                         "--context-parallel-size")
+
+
 def validate_args(args) -> None:
     """Check linear_moe's flags against Megatron's; fills in the per-layer pattern and the
     mixer defaults. Raises ValueError with the fix."""
@@ -320,9 +338,7 @@ def validate_args(args) -> None:
     if uses_linear and args.context_parallel_size > 1 and not entry.supports_cp:
         raise ValueError(f"mixer '{entry.name}' has no context-parallel support; use "
                          "--context-parallel-size 1")
-    if args.context_parallel_size > 1:
-        raise ValueError("context parallelism is not supported yet (SDPA softmax layers); use "
-                         "--context-parallel-size 1")
+    _check_context_parallel(args, uses_linear)
     if uses_linear and not entry.supports_tp and tp > 1:
         raise ValueError(f"mixer '{entry.name}' has no tensor-parallel support; use "
                          "--tensor-model-parallel-size 1")

@@ -54,6 +54,11 @@ def get_batch(data_iterator):
         for key in dtypes:
             torch.distributed.broadcast(batch[key], mpu.get_tensor_model_parallel_src_rank(),
                                         group=mpu.get_tensor_model_parallel_group())
+    if mpu.get_context_parallel_world_size() > 1:  # this rank's two chunks of the sequence
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False,
+                                          cp_group=mpu.get_context_parallel_group())
     return batch["tokens"], batch["labels"], batch["loss_mask"], batch["position_ids"]
 
 

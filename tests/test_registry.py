@@ -70,6 +70,15 @@ def test_cli_lists_mixers_with_support_flags():
             assert flag in line
 
 
+def test_context_parallel_support_is_what_the_mixer_can_do():
+    """A mixer claims CP exactly when it says where its op's value input is (the state passing
+    reads the op's transition with it); validate_args accepts CP for those."""
+    for name, entry in registered_mixers().items():
+        assert entry.supports_cp == (entry.builder.cp_value_arg is not None), name
+        if entry.supports_cp:
+            validate_args(parsed_args(la_module=name, context_parallel_size=2, seq_length=64))
+
+
 def test_validate_fills_pattern_and_mixer_defaults():
     args = parsed_args(la_module="gated_deltanet", layer_type_list="LN")
     validate_args(args)
@@ -106,7 +115,13 @@ def test_unfused_residual_add_equals_the_fused_one_in_bf16():
     (dict(layer_type_list="LLN"), "divides --num-layers"),
     (dict(la_mode="parallel"), "no --la-mode 'parallel'"),
     (dict(tensor_model_parallel_size=3), "not divisible by --tensor-model-parallel-size 3"),
-    (dict(context_parallel_size=2), "context-parallel"),
+    (dict(la_module="gsa", context_parallel_size=2, seq_length=64),
+     "mixer 'gsa' has no context-parallel support"),
+    (dict(context_parallel_size=2, seq_length=66), "--seq-length 66 is not divisible by 2 x"),
+    (dict(la_module="gated_deltanet", context_parallel_size=4, seq_length=24),
+     "chunks of 3 tokens, shorter than a short convolution's 4"),
+    (dict(context_parallel_size=2, seq_length=64, multi_latent_attention=True),
+     "MLA attention .* no context-parallel support"),
     (dict(expert_model_parallel_size=3), "--num-experts 8 is not divisible"),
     (dict(reset_attention_mask=True), "reset-attention-mask"),
 ])

@@ -46,12 +46,16 @@ class ShortConvolution(torch.nn.Module):
             init_tp_sharded_(self.bias, (channels,), 0,
                              lambda t: torch.nn.init.uniform_(t, -bound, bound), tp_rank, tp_size)
 
-    def forward(self, x, grad_x_into=None, cache=None):
+    def forward(self, x, grad_x_into=None, cache=None, cp=None):
         """x: [b, s, c_local] -> [b, s, c_local]; position t sees t-kernel_size+1 .. t.
         grad_x_into: where our kernel's backward writes x's gradient (see causal_conv); the
         other paths return their own, which the caller's split then copies.
         cache: a decoding mixer's DecodeCache: x continues the inputs of the previous call,
-        whose last kernel_size - 1 it keeps (zeros before the first)."""
+        whose last kernel_size - 1 it keeps (zeros before the first).
+        cp: the mixer's SequenceChunks under context parallelism: each of x's two pieces
+        continues the inputs of the chunk before it, on whichever rank that is."""
+        if cp is not None:
+            return cp.with_halo(x, self.kernel_size - 1, lambda x: self._conv(x, None))
         if cache is not None:
             width = self.kernel_size - 1
             past = cache.states.get(self)

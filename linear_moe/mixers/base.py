@@ -55,8 +55,9 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
-from linear_moe.layers import GatedRMSNorm, ShortConvolution, init_tp_sharded_
+from linear_moe.layers import GatedRMSNorm, ShortConvolution, apply_rotary, init_tp_sharded_
 from linear_moe.layers.rwkv import token_shift_delta
+from linear_moe.parallel.context_parallel import SequenceChunks
 from linear_moe.layers.layout import (
     linear_rows,
     linear_to_seq_first,
@@ -249,6 +250,10 @@ class LinearMixer(MegatronModule):
     #: (token shifts, routing, its modules' own GEMMs): it gets a [b, s, h] copy, once, where
     #: each such read of the view would copy or run strided.
     strided_input: bool = True
+    #: Under context parallelism: the position of the value input among the op's arguments
+    #: (``recurrent``; see linear_moe.parallel.context_parallel), or None for a mixer whose
+    #: recurrence is not of the form CP's state passing takes.
+    cp_value_arg: int | None = None
 
     def __init__(self, config, submodules=None, layer_number: int | None = None,
                  attn_mask_type=None, pg_collection=None, cp_comm_type=None, **unused):
@@ -260,10 +265,15 @@ class LinearMixer(MegatronModule):
             self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_size = self.tp_group.size()
         self.tp_rank = self.tp_group.rank()
+        self.cp = None  # this rank's pieces of the sequence under context parallelism
         if config.context_parallel_size > 1:
-            raise ValueError(f"mixer '{config.la_module}' has no context-parallel support yet; "
-                             "use --context-parallel-size 1 or a mixer with cp=yes "
-                             "(`linear-moe mixers`)")
+            if self.cp_value_arg is None:
+                raise ValueError(f"mixer '{config.la_module}' has no context-parallel support; "
+                                 "use --context-parallel-size 1 or a mixer with cp=yes "
+                                 "(`linear-moe mixers`)")
+            cp_group = (pg_collection.cp if pg_collection is not None
+                        else parallel_state.get_context_parallel_group())
+            self.cp = SequenceChunks(cp_group)
 
         self.hidden_size = config.hidden_size
         self.num_heads = config.la_num_heads
@@ -424,7 +434,7 @@ class LinearMixer(MegatronModule):
             rest = [by_linear[p] for p in extra]  # in the order asked
             gate = by_linear[self.g_proj] if gates else None
             convs = (self.q_conv, self.k_conv, self.v_conv)
-            q, k, v = (conv(t, grad_x_into=grads.writer(i), cache=self._decoding)
+            q, k, v = (conv(t, grad_x_into=grads.writer(i), cache=self._decoding, cp=self.cp)
                        for i, (conv, t) in enumerate(zip(convs, (q, k, v))))
         else:  # the kernels would copy slices of one output: separate GEMMs write them whole
             q, k, v, *rest = self.project_each(x, self.q_proj, self.k_proj, self.v_proj, *extra,
@@ -553,6 +563,8 @@ class LinearMixer(MegatronModule):
     def recurrent(self, op, *args, **kwargs):
         """op(*args, **kwargs) -> (o, final state); while decoding, started from the state
         the previous call left and leaving its own."""
+        if self.cp is not None:
+            return self.cp.state_passing(op, args, kwargs, self.cp_value_arg)
         cache = self._decoding
         if cache is None:
             return op(*args, **kwargs)
@@ -566,9 +578,20 @@ class LinearMixer(MegatronModule):
         """The position of this call's first token (non-zero only while decoding)."""
         return 0 if self._decoding is None else self._decoding.offset
 
+    def rotate(self, t: torch.Tensor, theta: float, fused: bool) -> torch.Tensor:
+        """RoPE on t [b, s, H, D] at its tokens' positions in the whole sequence (from the
+        decoding offset; per piece under context parallelism)."""
+        if self.cp is not None:
+            return self.cp.per_piece(
+                t, lambda piece, offset: apply_rotary(piece, theta, fused, offset=offset))
+        return apply_rotary(t, theta, fused, offset=self.position_offset)
+
     def token_shift_delta(self, x: torch.Tensor) -> torch.Tensor:
         """x_{t-1} - x_t over x [b, s, h] (zero before the first token, the previous call's
-        last token while decoding)."""
+        last token while decoding, the chunk before's under context parallelism)."""
+        if self.cp is not None:
+            folded = self.cp.fold(x)
+            return self.cp.unfold(token_shift_delta(folded, self.cp.halo(folded, 1)))
         previous = None
         if self._decoding is not None:
             previous = self._decoding.states.get("shift")

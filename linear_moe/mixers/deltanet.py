@@ -28,6 +28,7 @@ QK_ACTIVATIONS = {
 @register_mixer(
     "deltanet",
     supports_decode=True,
+    supports_cp=True,
     options=("la_allow_neg_eigval", "la_use_beta", "la_qk_activation", "la_qk_norm"),
     paper="Parallelizing Linear Transformers with the Delta Rule over Sequence Length "
           "(arXiv:2406.06484)",
@@ -36,6 +37,7 @@ QK_ACTIVATIONS = {
               "la_use_output_gate": False},
 )
 class DeltaNetMixer(LinearMixer):
+    cp_value_arg = 2  # the op's v (context parallelism)
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         if config.la_qk_activation not in QK_ACTIVATIONS:

@@ -31,6 +31,7 @@ _log_decay_cuda = torch.compile(_log_decay)
 @register_mixer(
     "gated_deltanet",
     supports_decode=True,
+    supports_cp=True,
     options=("la_allow_neg_eigval", "la_num_v_heads"),
     paper="Gated Delta Networks: Improving Mamba2 with Delta Rule (arXiv:2412.06464)",
     kernel="fla chunk_gated_delta_rule",
@@ -42,6 +43,7 @@ _log_decay_cuda = torch.compile(_log_decay)
 class GatedDeltaNetMixer(LinearMixer):
     # fla's num_v_heads (GVA): num_heads is then the value-head count (a/b/A_log/dt_bias too).
     head_sharing = "v"
+    cp_value_arg = 2  # the op's v (context parallelism)
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)

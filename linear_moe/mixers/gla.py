@@ -30,6 +30,7 @@ _log_decay_cuda = torch.compile(_log_decay)
 @register_mixer(
     "gla",
     supports_decode=True,
+    supports_cp=True,
     options=("la_gate_low_rank_dim", "la_gate_logit_normalizer", "la_clamp_min",
              "la_feature_map", "la_num_kv_heads"),
     paper="Gated Linear Attention Transformers with Hardware-Efficient Training (arXiv:2312.06635)",
@@ -39,6 +40,7 @@ _log_decay_cuda = torch.compile(_log_decay)
 )
 class GLAMixer(LinearMixer):
     head_sharing = "kv"  # fla's num_kv_heads: k, v and the key decay have --la-num-kv-heads
+    cp_value_arg = 2  # the op's v (context parallelism)
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)

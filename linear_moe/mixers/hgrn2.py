@@ -18,12 +18,14 @@ from linear_moe.registry import register_mixer
 @register_mixer(
     "hgrn2",
     supports_decode=True,
+    supports_cp=True,
     paper="HGRN2: Gated Linear RNNs with State Expansion (arXiv:2404.07904)",
     kernel="fla chunk_gla / fused_recurrent_gla (k = 1 - forget gate)",
     defaults={"la_expand_k": 1.0, "la_expand_v": 1.0, "la_use_short_conv": False,
               "la_use_output_gate": False},
 )
 class HGRN2Mixer(LinearMixer):
+    cp_value_arg = 2  # the op's v (context parallelism)
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         if config.la_use_short_conv:

@@ -16,6 +16,7 @@ from linear_moe.registry import register_mixer
 @register_mixer(
     "kda",
     supports_decode=True,
+    supports_cp=True,
     options=("la_allow_neg_eigval", "la_num_v_heads"),
     paper="Kimi Linear: Kimi Delta Attention (arXiv:2510.26692)",
     kernel="fla chunk_kda / fused_recurrent_kda",
@@ -26,6 +27,7 @@ class KDAMixer(LinearMixer):
     # fla's num_v_heads (GVA): num_heads is then the value-head count; the per-key-dim decay
     # is per value head (fla's gate_dim = num_v_heads * head_k_dim).
     head_sharing = "v"
+    cp_value_arg = 2  # the op's v (context parallelism)
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)

@@ -26,6 +26,7 @@ def lightning_log_decays(num_heads: int, layer_number: int, num_layers: int) -> 
 @register_mixer(
     "lightning_attention",
     supports_decode=True,
+    supports_cp=True,
     paper="Lightning Attention-2 / TransNormerLLM (arXiv:2307.14995), MiniMax-01 "
           "(arXiv:2501.08313)",
     kernel="fla chunk_simple_gla / fused_recurrent_simple_gla with fixed per-head decay",
@@ -33,6 +34,7 @@ def lightning_log_decays(num_heads: int, layer_number: int, num_layers: int) -> 
               "la_gate_fn": "sigmoid"},
 )
 class LightningAttentionMixer(LinearMixer):
+    cp_value_arg = 2  # the op's v (context parallelism)
     def __init__(self, config, layer_number=None, **kwargs):
         super().__init__(config, layer_number=layer_number, **kwargs)
         self.build_qkv()

@@ -8,7 +8,6 @@ per-head RMSNorm and a swish output gate, as fla's ``MultiScaleRetention``.
 import torch
 
 from linear_moe import ops
-from linear_moe.layers import apply_rotary
 from linear_moe.layers.feature_maps import elementwise_feature_map
 from linear_moe.mixers.base import LinearMixer
 from linear_moe.registry import register_mixer
@@ -21,6 +20,7 @@ def retention_log_decays(num_heads: int) -> torch.Tensor:
 @register_mixer(
     "retention",
     supports_decode=True,
+    supports_cp=True,
     options=("la_rope_theta", "la_feature_map", "la_num_kv_heads"),
     paper="Retentive Network (arXiv:2307.08621)",
     kernel="fla chunk_simple_gla / fused_recurrent_simple_gla with fixed per-head decay",
@@ -28,6 +28,7 @@ def retention_log_decays(num_heads: int) -> torch.Tensor:
 )
 class RetentionMixer(LinearMixer):
     head_sharing = "kv"  # fla's num_kv_heads: k/v heads shared by query heads
+    cp_value_arg = 2  # the op's v (context parallelism)
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
@@ -43,8 +44,7 @@ class RetentionMixer(LinearMixer):
         if self.phi is not None:  # fla's feature_map on q/k, before RoPE as fla
             q, k = self.phi(q), self.phi(k)
         fused = self.config.la_backend != "reference"
-        q = apply_rotary(q, self.config.la_rope_theta, fused, offset=self.position_offset)
-        k = apply_rotary(k, self.config.la_rope_theta, fused, offset=self.position_offset)
+        q, k = (self.rotate(t, self.config.la_rope_theta, fused) for t in (q, k))
         o, _ = self.recurrent(ops.simple_gla, q, k, v, g_gamma=self.log_decay,
                               backend=self.config.la_backend, mode=self.config.la_mode,
                               chunk_size=self.config.la_chunk_size)

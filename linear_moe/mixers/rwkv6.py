@@ -32,6 +32,7 @@ _DECAY_LOW_RANK_DIM = 64  # fla's gate_low_rank_dim
 @register_mixer(
     "rwkv6",
     supports_decode=True,
+    supports_cp=True,
     options=("la_token_shift_low_rank_dim", "la_decay_low_rank_dim"),
     paper="Eagle and Finch: RWKV with Matrix-Valued States and Dynamic Recurrence "
           "(arXiv:2404.05892)",
@@ -41,6 +42,7 @@ _DECAY_LOW_RANK_DIM = 64  # fla's gate_low_rank_dim
 )
 class RWKV6Mixer(LinearMixer):
     strided_input = False  # the token shift and the mixes read x as [b, s, h]
+    cp_value_arg = 2  # the op's v (context parallelism)
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)

@@ -43,6 +43,7 @@ def _low_rank(hidden: int, scale: float, factor: float = 1.0) -> int:
 @register_mixer(
     "rwkv7",
     supports_decode=True,
+    supports_cp=True,
     options=("la_decay_low_rank_dim",),
     paper="RWKV-7 \"Goose\" with Expressive Dynamic State Evolution (arXiv:2503.14456)",
     kernel="fla chunk_rwkv7 (chunk_dplr_delta_rule)",
@@ -53,6 +54,7 @@ def _low_rank(hidden: int, scale: float, factor: float = 1.0) -> int:
 )
 class RWKV7Mixer(LinearMixer):
     strided_input = False  # the token shift and the mixes read x as [b, s, h]
+    cp_value_arg = 3  # ops.rwkv7(r, w, k, v, ...): v (context parallelism)
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)

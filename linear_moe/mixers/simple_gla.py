@@ -13,6 +13,7 @@ from linear_moe.registry import register_mixer
 @register_mixer(
     "simple_gla",
     supports_decode=True,
+    supports_cp=True,
     options=("la_gate_logit_normalizer", "la_feature_map", "la_num_kv_heads"),
     paper="Gated Linear Attention (arXiv:2312.06635), scalar per-head gate variant",
     kernel="fla chunk_simple_gla / fused_recurrent_simple_gla",
@@ -20,6 +21,7 @@ from linear_moe.registry import register_mixer
 )
 class SimpleGLAMixer(LinearMixer):
     head_sharing = "kv"  # fla's num_kv_heads: k/v heads shared by query heads
+    cp_value_arg = 2  # the op's v (context parallelism)
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)

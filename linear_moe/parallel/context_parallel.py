@@ -1,0 +1,156 @@
+"""Context parallelism (CP) for the linear mixers, on megatron-core's sequence layout.
+
+Megatron splits a sequence into 2 * cp chunks and gives rank r chunks r and 2 * cp - 1 - r, in
+that order (``megatron.training.utils.get_batch_on_this_cp_rank``: causal attention's work then
+balances over the ranks). A mixer layer on a rank therefore holds two pieces of the sequence,
+each a contiguous run of c tokens of a known global chunk. Three things in a mixer look across
+token positions, and each gets what precedes its pieces from the other ranks:
+
+* short convolutions and token shifts read the last ``width`` inputs of the chunk before
+  (``with_halo`` / ``halo``: one all-gather of every chunk's tail);
+* the recurrence S_t = A_t S_{t-1} + B_t (every mixer with ``cp_value_arg``: A_t acts on the
+  state's key side, S is [K, V]) is affine in its initial state, so a chunk's end state is
+  M_c S_start + S_c. ``state_passing`` finds S_c (the op from a zero state) and M_c (the op with
+  a zero value input from the identity state, a [K, K] state) for both pieces, all-gathers them,
+  composes each piece's start state in global order, and runs the op from it (LASP-2's
+  all-gather of chunk states, Sun et al. 2025, arXiv:2502.07563, with the transition read off
+  the op itself, so every recurrence of that form - diagonal, scalar, delta-rule, DPLR - works
+  without op-specific code). Three op passes instead of one: a correctness-first form; the
+  op-specific one-pass form (the decay's cumulative product for the diagonal ones) is for later.
+
+The collectives are autograd functions: a gathered tensor's gradient is summed over the ranks
+(all-reduce) and each rank keeps its own part, so the states' gradients reach the ranks whose
+tokens made them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class _AllGather(torch.autograd.Function):
+    """x -> [size, *x.shape], every rank's x; backward sums the gradient over the ranks."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
+def all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    return _AllGather.apply(x, group)
+
+
+def _is_per_token(arg, batch: int, length: int) -> bool:
+    # An op's per-token inputs are [B, T, ...] with at least a head dim; its parameters
+    # (decays, bonuses, D) have no batch and sequence dims.
+    return torch.is_tensor(arg) and arg.dim() >= 3 and tuple(arg.shape[:2]) == (batch, length)
+
+
+class SequenceChunks:
+    """This rank's two pieces of megatron's CP layout, and the exchanges across them."""
+
+    def __init__(self, group):
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.chunks = (self.rank, 2 * self.size - 1 - self.rank)  # global chunk ids
+
+    def _owner(self, chunk: int) -> tuple[int, int]:
+        """(rank, piece) holding a global chunk."""
+        return (chunk, 0) if chunk < self.size else (2 * self.size - 1 - chunk, 1)
+
+    def per_piece(self, x: torch.Tensor, fn) -> torch.Tensor:
+        """fn(piece [b, c, ...], global position of its first token) over each piece of
+        x [b, 2c, ...], concatenated back."""
+        c = x.shape[1] // 2
+        return torch.cat([fn(x[:, p * c:(p + 1) * c], chunk * c)
+                          for p, chunk in enumerate(self.chunks)], 1)
+
+    # -- layout ---------------------------------------------------------------------------
+    @staticmethod
+    def fold(x: torch.Tensor) -> torch.Tensor:
+        """[b, 2c, ...] -> [2b, c, ...]: the two pieces as batch rows (row 2i + piece)."""
+        b, s = x.shape[:2]
+        return x.reshape(2 * b, s // 2, *x.shape[2:])
+
+    @staticmethod
+    def unfold(x: torch.Tensor) -> torch.Tensor:
+        b2, c = x.shape[:2]
+        return x.reshape(b2 // 2, 2 * c, *x.shape[2:])
+
+    def gather_chunks(self, folded: torch.Tensor) -> list[torch.Tensor]:
+        """A per-piece tensor [2b, ...] of every rank -> one [b, ...] per global chunk, in
+        sequence order."""
+        b = folded.shape[0] // 2
+        everyone = all_gather(folded.reshape(b, 2, *folded.shape[1:]), self.group)
+        return [everyone[rank][:, piece]
+                for rank, piece in map(self._owner, range(2 * self.size))]
+
+    # -- what precedes each piece ---------------------------------------------------------
+    def halo(self, folded: torch.Tensor, width: int) -> torch.Tensor:
+        """The last ``width`` tokens before each piece [2b, width, ...] (zeros before the
+        sequence), from folded x [2b, c, ...]."""
+        if folded.shape[1] < width:
+            raise ValueError(f"a context-parallel chunk of {folded.shape[1]} tokens is shorter "
+                             f"than the {width} tokens a short convolution / token shift reads "
+                             "before it; use a longer --seq-length or a smaller "
+                             "--context-parallel-size")
+        tails = self.gather_chunks(folded[:, folded.shape[1] - width:])
+        zeros = torch.zeros_like(tails[0])
+        before = [tails[chunk - 1] if chunk else zeros for chunk in self.chunks]
+        return torch.stack(before, 1).reshape(folded.shape[0], width, *folded.shape[2:])
+
+    def with_halo(self, x: torch.Tensor, width: int, fn) -> torch.Tensor:
+        """fn over each piece with the ``width`` tokens before it prepended, those positions
+        dropped from its output; x [b, 2c, ...] -> [b, 2c, ...]."""
+        folded = self.fold(x)
+        extended = torch.cat([self.halo(folded, width), folded], 1)
+        return self.unfold(fn(extended)[:, width:])
+
+    # -- the recurrence ---------------------------------------------------------------------
+    def state_passing(self, op, args: tuple, kwargs: dict, value_arg: int):
+        """op(*args, **kwargs) -> (o, None) over the whole sequence, run on this rank's pieces
+        (see the module docstring; no final state: that is the last rank's). ``value_arg``: the position of the op's value input
+        (the one the state's V side is built from)."""
+        if kwargs.get("initial_state") is not None:
+            raise ValueError("a recurrence under context parallelism starts from the state the "
+                             "ranks before it pass; it takes no initial_state")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("initial_state",
+                                                                "output_final_state")}
+        batch, length = args[0].shape[:2]
+        if length % 2:
+            raise ValueError(f"a context-parallel rank holds two equal pieces; its {length} "
+                             "tokens are odd")
+
+        def folded(values):
+            return [self.fold(a) if _is_per_token(a, batch, length) else a for a in values]
+
+        args = folded(args)
+        kwargs = dict(zip(kwargs, folded(kwargs.values())))
+        _, local = op(*args, output_final_state=True, **kwargs)  # S_c, from a zero state
+        value = args[value_arg]
+        key_dim = local.shape[-2]
+        probe = list(args)
+        probe[value_arg] = value.new_zeros(*value.shape[:-1], key_dim)
+        identity = torch.eye(key_dim, dtype=local.dtype, device=local.device)
+        identity = identity.expand(*local.shape[:-2], key_dim, key_dim).contiguous()
+        _, transition = op(*probe, initial_state=identity, output_final_state=True, **kwargs)
+        states, transitions = self.gather_chunks(local), self.gather_chunks(transition)
+        start = torch.zeros_like(states[0])
+        starts = []
+        for chunk in range(2 * self.size):
+            starts.append(start)
+            start = transitions[chunk] @ start + states[chunk]
+        initial = torch.stack([starts[chunk] for chunk in self.chunks], 1)
+        o, _ = op(*args, initial_state=initial.reshape(local.shape), **kwargs)
+        return self.unfold(o), None

@@ -1,0 +1,154 @@
+"""CP=2 (two gloo processes) gives the logits and gradients of CP=1, for every mixer with
+context-parallel support in a hybrid 'LN' model (the 'N' layer: SDPA over all-gathered keys and
+values), dense and with MoE; and a CP=2 training run through megatron.training gives the losses
+of the CP=1 run.
+
+Each rank feeds its two chunks of megatron's CP layout (chunks r and 2*cp-1-r of 2*cp), as
+megatron.training's get_batch_on_this_cp_rank cuts them; the CP=2 model is loaded with the CP=1
+model's weights, and its gradients are summed over the CP ranks as the data-parallel reduction
+over the dp x cp group does. The convs (GDN, KDA, DeltaNet, Mamba2 by default) and token shifts
+(RWKV) read across the chunk borders, the recurrences carry state across them, and the 'N'
+layer's keys cross them, so a missing exchange fails at ~1e-2 to 1e-1 (the logits of the same
+chunks run without context differ by that much).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_utils import run_distributed
+from model_utils import tiny_config, tiny_model
+from linear_moe.registry import registered_mixers
+
+SEQ, BATCH, VOCAB, CP = 32, 2, 128, 2
+TOL = 1e-5
+CP_MIXERS = sorted(n for n, e in registered_mixers().items() if e.supports_cp)
+CASES = [(m, False) for m in CP_MIXERS] + [("gated_deltanet", True), ("rwkv6", True)]
+
+
+def _this_rank(t, rank, cp=CP):
+    """megatron's CP layout: chunks rank and 2*cp-1-rank of 2*cp along dim 1."""
+    c = t.shape[1] // (2 * cp)
+    first, second = rank * c, (2 * cp - 1 - rank) * c
+    return torch.cat([t[:, first:first + c], t[:, second:second + c]], 1)
+
+
+def _build(la_module, cp, moe):
+    from megatron.core import tensor_parallel
+
+    moe_fields = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48,
+                      moe_token_dispatcher_type="alltoall",
+                      moe_router_load_balancing_type="none") if moe else {}
+    tensor_parallel.model_parallel_cuda_manual_seed(123)
+    torch.manual_seed(123)
+    config = tiny_config(la_module=la_module, context_parallel_size=cp, la_chunk_size=8,
+                         la_ssm_groups=2, la_ssm_state_dim=8, **moe_fields)
+    return tiny_model(config, "qwen2_moe", VOCAB, SEQ)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    return tokens, labels, torch.arange(SEQ).expand(BATCH, SEQ)
+
+
+def _cases_worker(rank, world_size, cases):
+    """Every case's CP=1 reference under one parallel state, then its CP=2 run under another;
+    {case: per-tensor max abs error or a traceback}."""
+    import traceback
+
+    from megatron.core import parallel_state as mpu
+
+    tokens, labels, positions = _batch()
+    mpu.destroy_model_parallel()
+    mpu.initialize_model_parallel(1)
+    references = {}
+    for case in cases:
+        model = _build(case[0], 1, case[1])
+        logits = model(tokens, positions, None)
+        F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1)).backward()
+        with torch.no_grad():  # the control: this rank's chunks without what precedes them
+            alone = model(_this_rank(tokens, rank), _this_rank(positions, rank), None)
+        references[case] = (logits.detach(), {n: (p.detach().clone(), p.grad.clone())
+                                              for n, p in model.named_parameters()
+                                              if p.grad is not None},
+                            (alone - _this_rank(logits, rank)).abs().max().item())
+    mpu.destroy_model_parallel()
+    mpu.initialize_model_parallel(1, context_parallel_size=CP)
+    group = mpu.get_context_parallel_group()
+    results = {}
+    for case in cases:
+        try:
+            ref_logits, ref, control = references[case]
+            model = _build(case[0], CP, case[1])
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, (weight, _) in ref.items():
+                    params[name].copy_(weight)
+            logits = model(_this_rank(tokens, rank), _this_rank(positions, rank), None)
+            # this rank's share of the mean over every token of the sequence
+            loss = F.cross_entropy(logits.reshape(-1, VOCAB),
+                                   _this_rank(labels, rank).reshape(-1), reduction="sum")
+            (loss / labels.numel()).backward()
+            errors = {"logits": (logits.detach() - _this_rank(ref_logits, rank)).abs().max().item()}
+            for name, (_, grad) in ref.items():
+                mine = params[name].grad.clone()
+                torch.distributed.all_reduce(mine, group=group)
+                errors[name] = (mine - grad).abs().max().item()
+            results[case] = (errors, control)
+        except Exception:  # noqa: BLE001 - the case's test reports it
+            results[case] = traceback.format_exc()
+    mpu.destroy_model_parallel()
+    return results
+
+
+# One xdist worker for the module (make test: --dist loadgroup), so the fixture runs once.
+pytestmark = pytest.mark.xdist_group("cp_parity")
+
+
+@pytest.fixture(scope="module")
+def cp_results():
+    return run_distributed(_cases_worker, CP, CASES)
+
+
+@pytest.mark.parametrize("la_module,moe", CASES,
+                         ids=[f"{m}-{'moe' if moe else 'dense'}" for m, moe in CASES])
+def test_cp2_matches_cp1(la_module, moe, cp_results):
+    for rank_results in cp_results:
+        result = rank_results[(la_module, moe)]
+        assert not isinstance(result, str), result
+        errors, control = result
+        assert any(".self_attention.o_proj." in n for n in errors), "mixer grads not compared"
+        assert len(errors) > 10
+        worst = max(errors, key=errors.get)
+        assert errors[worst] <= TOL, f"{worst}: max abs diff {errors[worst]:.3e}"
+    # rank 1's chunks follow others: run alone, their logits are far off, so TOL can tell
+    assert cp_results[1][(la_module, moe)][1] > 1e-3
+
+
+@pytest.mark.slow
+def test_cp2_training_gives_the_cp1_losses(tmp_path):
+    """megatron.training end to end: get_batch cuts the batch for the CP rank, the schedule
+    scales the loss by the CP size and the gradients are reduced over dp x cp; the hybrid
+    GDN model (convs, MoE, an 'N' layer) trains to the same losses at CP=2 as at CP=1."""
+    import subprocess
+    import sys
+
+    from linear_moe.data import ensure_default_dataset
+    from test_eval import _free_port
+    from test_pretrain import _command, _env, _losses, _run
+
+    data = ensure_default_dataset(tmp_path / "data")
+    cmd = _command(data, None, la_module="gated_deltanet", train_iters=6)
+    single = _losses(_run(cmd))
+    env = {**_env(), "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                           "2", "--master-port", str(_free_port()), *cmd[1:],
+                           "--context-parallel-size", "2"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    split = _losses(proc.stdout)
+    assert sorted(single) == sorted(split) == list(range(1, 7)), (single, split)
+    for iteration, loss in single.items():
+        assert split[iteration] == pytest.approx(loss, rel=1e-5), (iteration, single, split)
