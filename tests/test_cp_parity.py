@@ -1,7 +1,7 @@
 """CP=2 (two gloo processes) gives the logits and gradients of CP=1, for every mixer with
 context-parallel support in a hybrid 'LN' model (the 'N' layer: SDPA over all-gathered keys and
-values), dense and with MoE; and a CP=2 training run through megatron.training gives the losses
-of the CP=1 run.
+values), dense and with MoE. (Training through megatron.training under CP=2, resumed from a
+single-rank checkpoint: tests/test_parallel_resume.py.)
 
 Each rank feeds its two chunks of megatron's CP layout (chunks r and 2*cp-1-r of 2*cp), as
 megatron.training's get_batch_on_this_cp_rank cuts them; the CP=2 model is loaded with the CP=1
@@ -126,29 +126,3 @@ def test_cp2_matches_cp1(la_module, moe, cp_results):
     # rank 1's chunks follow others: run alone, their logits are far off, so TOL can tell
     assert cp_results[1][(la_module, moe)][1] > 1e-3
 
-
-@pytest.mark.slow
-def test_cp2_training_gives_the_cp1_losses(tmp_path):
-    """megatron.training end to end: get_batch cuts the batch for the CP rank, the schedule
-    scales the loss by the CP size and the gradients are reduced over dp x cp; the hybrid
-    GDN model (convs, MoE, an 'N' layer) trains to the same losses at CP=2 as at CP=1."""
-    import subprocess
-    import sys
-
-    from linear_moe.data import ensure_default_dataset
-    from test_eval import _free_port
-    from test_pretrain import _command, _env, _losses, _run
-
-    data = ensure_default_dataset(tmp_path / "data")
-    cmd = _command(data, None, la_module="gated_deltanet", train_iters=6)
-    single = _losses(_run(cmd))
-    env = {**_env(), "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                           "2", "--master-port", str(_free_port()), *cmd[1:],
-                           "--context-parallel-size", "2"],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    split = _losses(proc.stdout)
-    assert sorted(single) == sorted(split) == list(range(1, 7)), (single, split)
-    for iteration, loss in single.items():
-        assert split[iteration] == pytest.approx(loss, rel=1e-5), (iteration, single, split)

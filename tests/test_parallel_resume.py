@@ -1,0 +1,91 @@
+"""A single-rank run's checkpoint resumed under another parallel layout (two gloo ranks through
+megatron.training) trains on to the single-rank run's losses: pipeline parallelism (PP=2, and
+interleaved with two virtual stages a rank), context parallelism (CP=2) and expert parallelism
+(EP=2). The checkpoint is resharded at load by dist checkpointing (torch_dist), so this tests
+each layout's training step and the resharding of every parameter (per-layer mixers, experts).
+
+Why resume rather than train from scratch side by side: megatron-core seeds each pipeline
+stage and each expert-parallel rank differently, so the same --seed gives different initial
+weights under PP / EP. Megatron's non-distributed optimizer state does not reshard across EP
+(its param groups split into dense + expert optimizers), so the EP run loads the weights alone
+(--no-load-optim) and is compared with the single-rank run resumed the same way.
+"""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from test_eval import _free_port
+from test_pretrain import _command, _env, _losses, _run
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("parallel_resume")]
+SAVED, LAST = 3, 6
+MIXER = "gated_deltanet"  # short convs, a gated recurrence, MoE (the tiny qwen2_moe preset)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The single-rank run's losses, saving at SAVED, and a copier of that checkpoint."""
+    from linear_moe.data import ensure_default_dataset
+
+    root = tmp_path_factory.mktemp("parallel_resume")
+    data = ensure_default_dataset(root / "data")
+    saved = root / "single"
+    losses = _losses(_run(_command(data, saved, la_module=MIXER, train_iters=LAST,
+                                   extra=("--save-interval", str(SAVED)))))
+    assert sorted(losses) == list(range(1, LAST + 1)), losses
+
+    def checkpoint_at_saved(name):
+        copy = root / name
+        shutil.copytree(saved, copy)
+        shutil.rmtree(copy / f"iter_{LAST:07d}")
+        (copy / "latest_checkpointed_iteration.txt").write_text(str(SAVED))
+        return copy
+
+    return data, losses, checkpoint_at_saved
+
+
+def _resume(reference, name, ranks, *flags):
+    data, _, checkpoint_at_saved = reference
+    cmd = _command(data, checkpoint_at_saved(name), la_module=MIXER, train_iters=LAST,
+                   extra=("--save-interval", "1000", *flags))
+    if ranks == 1:
+        return _losses(_run(cmd))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                           str(ranks), "--master-port", str(_free_port()), *cmd[1:]],
+                          capture_output=True, text=True, timeout=600,
+                          env={**_env(), "CUDA_DEVICE_MAX_CONNECTIONS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return _losses(proc.stdout)
+
+
+def _assert_same(resumed, expected, expected_resumed=False):
+    assert sorted(resumed) == list(range(SAVED + 1, LAST + 1)), resumed
+    expected = dict(expected)
+    if not expected_resumed:
+        # megatron.training logs a process's second iteration as the mean of its first two
+        # (see test_pretrain.test_killed_run_resumes_with_identical_losses)
+        expected[SAVED + 2] = (expected[SAVED + 1] + expected[SAVED + 2]) / 2
+    for it in resumed:
+        assert resumed[it] == pytest.approx(expected[it], rel=1e-5), (it, resumed, expected)
+
+
+@pytest.mark.parametrize("flags", [
+    ("--pipeline-model-parallel-size", "2"),
+    ("--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"),
+    ("--context-parallel-size", "2"),
+], ids=["pp2", "pp2_vpp2", "cp2"])
+def test_layout_resumes_the_single_rank_run(reference, flags):
+    _assert_same(_resume(reference, "_".join(flags).strip("-"), 2, *flags), reference[1])
+
+
+def test_ep2_resumes_the_single_rank_weights(reference):
+    fresh_optimizer = ("--no-load-optim", "--no-load-rng")
+    single = _resume(reference, "single_weights", 1, *fresh_optimizer)
+    ep2 = _resume(reference, "ep2_weights", 2, *fresh_optimizer,
+                  "--expert-model-parallel-size", "2",
+                  # gloo has no all_to_all_single with split sizes
+                  "--moe-token-dispatcher-type", "allgather")
+    _assert_same(ep2, single, expected_resumed=True)
