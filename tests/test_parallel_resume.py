@@ -44,12 +44,41 @@ def reference(tmp_path_factory):
         (copy / "latest_checkpointed_iteration.txt").write_text(str(SAVED))
         return copy
 
-    return data, losses, checkpoint_at_saved
+    return data, losses, checkpoint_at_saved, saved, {}
+
+
+_LOGITS = """
+import json, sys, torch
+from linear_moe.inference import CausalLM
+lm = CausalLM.from_checkpoint(sys.argv[1], device="cpu")
+tokens = torch.arange(48).remainder(lm.vocab_size).view(2, 24)
+print(json.dumps(lm.logits(tokens)[..., :lm.vocab_size].tolist()))
+"""
+
+
+def _single_process_logits(checkpoint):
+    """The logits of a checkpoint loaded into one CPU process (linear_moe.inference, which
+    evaluation and HF export use), whatever layout saved it."""
+    import json
+
+    import torch
+
+    proc = subprocess.run([sys.executable, "-c", _LOGITS, str(checkpoint)], capture_output=True,
+                          text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 def _resume(reference, name, ranks, *flags):
-    data, _, checkpoint_at_saved = reference
-    cmd = _command(data, checkpoint_at_saved(name), la_module=MIXER, train_iters=LAST,
+    """The losses of the resumed run (once per name: the tests share the runs)."""
+    data, _, checkpoint_at_saved, _, runs = reference
+    if name not in runs:
+        runs[name] = _run_resumed(data, checkpoint_at_saved(name), ranks, flags)
+    return runs[name]
+
+
+def _run_resumed(data, checkpoint, ranks, flags):
+    cmd = _command(data, checkpoint, la_module=MIXER, train_iters=LAST,
                    extra=("--save-interval", "1000", *flags))
     if ranks == 1:
         return _losses(_run(cmd))
@@ -72,13 +101,32 @@ def _assert_same(resumed, expected, expected_resumed=False):
         assert resumed[it] == pytest.approx(expected[it], rel=1e-5), (it, resumed, expected)
 
 
+PP2 = ("--pipeline-model-parallel-size", "2")
+
+
 @pytest.mark.parametrize("flags", [
-    ("--pipeline-model-parallel-size", "2"),
+    PP2,
     ("--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"),
     ("--context-parallel-size", "2"),
 ], ids=["pp2", "pp2_vpp2", "cp2"])
 def test_layout_resumes_the_single_rank_run(reference, flags):
-    _assert_same(_resume(reference, "_".join(flags).strip("-"), 2, *flags), reference[1])
+    _assert_same(_resume(reference, _name(flags), 2, *flags), reference[1])
+
+
+def _name(flags):
+    return "_".join(flags).strip("-")
+
+
+def test_pp2_checkpoint_loads_into_one_process(reference):
+    """The other way round: the final checkpoint a PP=2 run saved, put back together in one
+    process, gives the single-rank run's final model's logits."""
+    single = reference[3]
+    _resume(reference, _name(PP2), 2, *PP2)
+    saved = single.parent / _name(PP2)
+    assert (saved / "latest_checkpointed_iteration.txt").read_text().strip() == str(LAST)
+    pp2 = _single_process_logits(saved)
+    expected = _single_process_logits(single)
+    assert (pp2 - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
 def test_ep2_resumes_the_single_rank_weights(reference):
