@@ -293,6 +293,24 @@ def check_cuda_graphs(entry, args, uses_linear: bool) -> None:
                          "host inside the captured step)")
 
 
+def _check_packed_documents(entry, args, uses_linear: bool) -> None:
+    """--reset-attention-mask: documents packed into a sample do not see each other (the
+    mixers restart their state at each eod, SDPA masks across them)."""
+    if uses_linear and not entry.supports_varlen:
+        raise ValueError(f"mixer '{entry.name}' has no packed-document (varlen) support; drop "
+                         "--reset-attention-mask or use a mixer with varlen=yes "
+                         "(`linear-moe mixers`)")
+    if args.context_parallel_size > 1:
+        raise ValueError("--reset-attention-mask with --context-parallel-size > 1 is not "
+                         "supported; use one of them")
+    if getattr(args, "multi_latent_attention", False):
+        raise ValueError("--reset-attention-mask is not supported with MLA attention (the "
+                         "deepseek_v2 preset); drop it")
+    if getattr(args, "cuda_graph_impl", "none") != "none":
+        raise ValueError("--reset-attention-mask finds the documents on the host each step, "
+                         "which a CUDA graph cannot capture; drop --cuda-graph-impl")
+
+
 def _check_context_parallel(args, uses_linear: bool) -> None:
     cp = args.context_parallel_size
     if cp == 1:
@@ -343,8 +361,7 @@ def validate_args(args) -> None:
         raise ValueError(f"mixer '{entry.name}' has no tensor-parallel support; use "
                          "--tensor-model-parallel-size 1")
     if getattr(args, "reset_attention_mask", False):
-        raise ValueError("--reset-attention-mask needs per-document state resets that the "
-                         "mixers do not implement yet; drop the flag")
+        _check_packed_documents(entry, args, uses_linear)
     if args.normalization != "RMSNorm":
         raise ValueError(f"--normalization {args.normalization} is not supported; use RMSNorm")
     if recomputes_layer_norms(args) and importlib.util.find_spec("transformer_engine") is None:

@@ -59,7 +59,15 @@ def get_batch(data_iterator):
 
         batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False,
                                           cp_group=mpu.get_context_parallel_group())
-    return batch["tokens"], batch["labels"], batch["loss_mask"], batch["position_ids"]
+    packed_seq_params = None
+    if args.reset_attention_mask:  # the packed documents' borders (validate_args: CP = 1)
+        from megatron.training import get_tokenizer
+
+        from linear_moe.layers.documents import packed_documents
+
+        packed_seq_params = packed_documents(batch["tokens"], get_tokenizer().eod)
+    return (batch["tokens"], batch["labels"], batch["loss_mask"], batch["position_ids"],
+            packed_seq_params)
 
 
 def loss_func(loss_mask, output_tensor):
@@ -77,11 +85,11 @@ def forward_step(data_iterator, model):
 
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
-    tokens, labels, loss_mask, position_ids = get_batch(data_iterator)
+    tokens, labels, loss_mask, position_ids, packed_seq_params = get_batch(data_iterator)
     timers("batch-generator").stop()
     # attention_mask=None: the softmax layers are causal (SDPA is_causal), the mixers are causal
-    # by construction.
-    output = model(tokens, position_ids, None, labels=labels)
+    # by construction; packed documents (--reset-attention-mask) come as packed_seq_params.
+    output = model(tokens, position_ids, None, labels=labels, packed_seq_params=packed_seq_params)
     return output, partial(loss_func, loss_mask)
 
 

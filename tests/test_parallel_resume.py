@@ -3,6 +3,8 @@ megatron.training) trains on to the single-rank run's losses: pipeline paralleli
 interleaved with two virtual stages a rank), context parallelism (CP=2) and expert parallelism
 (EP=2). The checkpoint is resharded at load by dist checkpointing (torch_dist), so this tests
 each layout's training step and the resharding of every parameter (per-layer mixers, experts).
+The other way round, the final checkpoints of the PP=2 and EP=2 runs loaded into one process
+(what evaluation and HF export do) give the single-rank model's logits.
 
 Why resume rather than train from scratch side by side: megatron-core seeds each pipeline
 stage and each expert-parallel rank differently, so the same --seed gives different initial
@@ -57,11 +59,13 @@ print(json.dumps(lm.logits(tokens)[..., :lm.vocab_size].tolist()))
 
 
 def _single_process_logits(checkpoint):
-    """The logits of a checkpoint loaded into one CPU process (linear_moe.inference, which
-    evaluation and HF export use), whatever layout saved it."""
+    """The logits of a run's final checkpoint loaded into one CPU process (linear_moe.inference,
+    which evaluation and HF export use), whatever layout saved it."""
     import json
 
     import torch
+
+    assert (checkpoint / "latest_checkpointed_iteration.txt").read_text().strip() == str(LAST)
 
     proc = subprocess.run([sys.executable, "-c", _LOGITS, str(checkpoint)], capture_output=True,
                           text=True, env=_env(), timeout=600)
@@ -122,18 +126,27 @@ def test_pp2_checkpoint_loads_into_one_process(reference):
     process, gives the single-rank run's final model's logits."""
     single = reference[3]
     _resume(reference, _name(PP2), 2, *PP2)
-    saved = single.parent / _name(PP2)
-    assert (saved / "latest_checkpointed_iteration.txt").read_text().strip() == str(LAST)
-    pp2 = _single_process_logits(saved)
+    pp2 = _single_process_logits(single.parent / _name(PP2))
     expected = _single_process_logits(single)
     assert (pp2 - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
+FRESH_OPTIMIZER = ("--no-load-optim", "--no-load-rng")
+# gloo has no all_to_all_single with split sizes
+EP2 = ("--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "allgather")
+
+
 def test_ep2_resumes_the_single_rank_weights(reference):
-    fresh_optimizer = ("--no-load-optim", "--no-load-rng")
-    single = _resume(reference, "single_weights", 1, *fresh_optimizer)
-    ep2 = _resume(reference, "ep2_weights", 2, *fresh_optimizer,
-                  "--expert-model-parallel-size", "2",
-                  # gloo has no all_to_all_single with split sizes
-                  "--moe-token-dispatcher-type", "allgather")
+    single = _resume(reference, "single_weights", 1, *FRESH_OPTIMIZER)
+    ep2 = _resume(reference, "ep2_weights", 2, *FRESH_OPTIMIZER, *EP2)
     _assert_same(ep2, single, expected_resumed=True)
+
+
+def test_ep2_checkpoint_loads_into_one_process(reference):
+    """The experts an EP=2 run saved, one half a rank, put back together in one process."""
+    _resume(reference, "single_weights", 1, *FRESH_OPTIMIZER)
+    _resume(reference, "ep2_weights", 2, *FRESH_OPTIMIZER, *EP2)
+    root = reference[3].parent
+    ep2 = _single_process_logits(root / "ep2_weights")
+    expected = _single_process_logits(root / "single_weights")
+    assert (ep2 - expected).abs().max() <= 1e-4 * expected.abs().max()

@@ -70,6 +70,12 @@ def test_cli_lists_mixers_with_support_flags():
             assert flag in line
 
 
+def test_packed_documents_are_accepted_for_the_varlen_mixers():
+    for name, entry in registered_mixers().items():
+        if entry.supports_varlen:
+            validate_args(parsed_args(la_module=name, reset_attention_mask=True))
+
+
 def test_context_parallel_support_is_what_the_mixer_can_do():
     """A mixer claims CP exactly when it says where its op's value input is (the state passing
     reads the op's transition with it); validate_args accepts CP for those."""
@@ -123,7 +129,9 @@ def test_unfused_residual_add_equals_the_fused_one_in_bf16():
     (dict(context_parallel_size=2, seq_length=64, multi_latent_attention=True),
      "MLA attention .* no context-parallel support"),
     (dict(expert_model_parallel_size=3), "--num-experts 8 is not divisible"),
-    (dict(reset_attention_mask=True), "reset-attention-mask"),
+    (dict(la_module="gsa", reset_attention_mask=True), "mixer 'gsa' has no packed-document"),
+    (dict(reset_attention_mask=True, context_parallel_size=2, seq_length=64),
+     "--reset-attention-mask with --context-parallel-size"),
 ])
 def test_validate_errors_name_the_fix(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -46,14 +46,18 @@ class ShortConvolution(torch.nn.Module):
             init_tp_sharded_(self.bias, (channels,), 0,
                              lambda t: torch.nn.init.uniform_(t, -bound, bound), tp_rank, tp_size)
 
-    def forward(self, x, grad_x_into=None, cache=None, cp=None):
+    def forward(self, x, grad_x_into=None, cache=None, cp=None, documents=None):
         """x: [b, s, c_local] -> [b, s, c_local]; position t sees t-kernel_size+1 .. t.
         grad_x_into: where our kernel's backward writes x's gradient (see causal_conv); the
         other paths return their own, which the caller's split then copies.
         cache: a decoding mixer's DecodeCache: x continues the inputs of the previous call,
         whose last kernel_size - 1 it keeps (zeros before the first).
         cp: the mixer's SequenceChunks under context parallelism: each of x's two pieces
-        continues the inputs of the chunk before it, on whichever rank that is."""
+        continues the inputs of the chunk before it, on whichever rank that is.
+        documents: the packed stream's Documents (x [1, T, c]): each document's first positions
+        read no tokens before it."""
+        if documents is not None:
+            return self._conv_documents(x, documents)
         if cp is not None:
             return cp.with_halo(x, self.kernel_size - 1, lambda x: self._conv(x, None))
         if cache is not None:
@@ -65,6 +69,22 @@ class ShortConvolution(torch.nn.Module):
             cache.states[self] = x[:, x.shape[1] - width:]
             return self._conv(x, None)[:, width:]
         return self._conv(x, grad_x_into)
+
+    def _conv_documents(self, x, documents):
+        weight = self.weight.squeeze(1).to(x.dtype)  # [c, k]; tap i reads x[t - (k-1) + i]
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.fused and x.is_cuda:
+            from fla.modules.causal_conv1d import causal_conv1d
+
+            return causal_conv1d(x, weight, bias, activation=self.activation, backend="triton",
+                                 cu_seqlens=documents.cu_seqlens)[0]
+        k = self.kernel_size
+        y = x * weight[:, k - 1]
+        for i in range(k - 1):
+            y = y + documents.previous(x, k - 1 - i) * weight[:, i]
+        if bias is not None:
+            y = y + bias
+        return F.silu(y) if self.activation == "silu" else y
 
     def _conv(self, x, grad_x_into):
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -56,6 +56,7 @@ from megatron.core.transformer.utils import (
 )
 
 from linear_moe.layers import GatedRMSNorm, ShortConvolution, apply_rotary, init_tp_sharded_
+from linear_moe.layers.documents import Documents
 from linear_moe.layers.rwkv import token_shift_delta
 from linear_moe.parallel.context_parallel import SequenceChunks
 from linear_moe.layers.layout import (
@@ -303,6 +304,7 @@ class LinearMixer(MegatronModule):
             self.value_dim = num_v_heads * self.head_v_dim
 
         self._decoding: DecodeCache | None = None  # set during a decoding forward
+        self._documents: Documents | None = None  # set during a packed-documents forward
         # The input is gathered over the sequence once (forward), so in-projections must not
         # gather again.
         self._in_config = copy.copy(config)
@@ -434,7 +436,7 @@ class LinearMixer(MegatronModule):
             rest = [by_linear[p] for p in extra]  # in the order asked
             gate = by_linear[self.g_proj] if gates else None
             convs = (self.q_conv, self.k_conv, self.v_conv)
-            q, k, v = (conv(t, grad_x_into=grads.writer(i), cache=self._decoding, cp=self.cp)
+            q, k, v = (self.convolve(conv, t, grad_x_into=grads.writer(i))
                        for i, (conv, t) in enumerate(zip(convs, (q, k, v))))
         else:  # the kernels would copy slices of one output: separate GEMMs write them whole
             q, k, v, *rest = self.project_each(x, self.q_proj, self.k_proj, self.v_proj, *extra,
@@ -443,6 +445,12 @@ class LinearMixer(MegatronModule):
         return (self.expand_heads(self.heads(q, self.head_k_dim)),
                 self.expand_heads(self.heads(k, self.head_k_dim)),
                 self.expand_heads(self.heads(v, self.head_v_dim)), *rest, gate)
+
+    def convolve(self, conv: ShortConvolution, t: torch.Tensor, grad_x_into=None):
+        """A short conv over t [b, s, c] in this forward's sequence context: the decoding
+        state, the context-parallel halo or the packed documents' borders."""
+        return conv(t, grad_x_into=grad_x_into, cache=self._decoding, cp=self.cp,
+                    documents=self._documents)
 
     def expand_heads(self, t: torch.Tensor) -> torch.Tensor:
         """[b, s, n, ...] with n local shared heads -> [b, s, H_local, ...]: each head repeated
@@ -565,6 +573,8 @@ class LinearMixer(MegatronModule):
         the previous call left and leaving its own."""
         if self.cp is not None:
             return self.cp.state_passing(op, args, kwargs, self.cp_value_arg)
+        if self._documents is not None:  # each document from a zero state
+            return op(*args, cu_seqlens=self._documents.cu_seqlens, **kwargs)
         cache = self._decoding
         if cache is None:
             return op(*args, **kwargs)
@@ -592,6 +602,8 @@ class LinearMixer(MegatronModule):
         if self.cp is not None:
             folded = self.cp.fold(x)
             return self.cp.unfold(token_shift_delta(folded, self.cp.halo(folded, 1)))
+        if self._documents is not None:
+            return self._documents.previous(x, 1) - x
         previous = None
         if self._decoding is not None:
             previous = self._decoding.states.get("shift")
@@ -599,10 +611,6 @@ class LinearMixer(MegatronModule):
         return token_shift_delta(x, previous)
 
     def _forward(self, hidden_states, packed_seq_params):
-        if packed_seq_params is not None:
-            raise NotImplementedError(
-                f"mixer '{self.config.la_module}' has no packed-sequence (varlen) support yet; "
-                "train without --reset-position-ids/packed sequences")
         x = hidden_states
         if self.config.sequence_parallel and self.tp_size > 1:
             # Every rank then holds the full sequence and gets its full gradient (the
@@ -610,8 +618,34 @@ class LinearMixer(MegatronModule):
             x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False,
                                                      group=self.tp_group)
         # Batch-first for the ops; see the module docstring.
-        o = self.mix(x.transpose(0, 1) if self.strided_input else swap_leading_dims(x))
-        return self.project_out(o)
+        x = x.transpose(0, 1) if self.strided_input else swap_leading_dims(x)
+        if packed_seq_params is None:
+            return self.project_out(self.mix(x))
+        b, s = x.shape[:2]
+        self._documents = self._packed_documents(packed_seq_params, b * s)
+        try:  # the rows as one stream of documents (fla's varlen layout)
+            o = self.mix(x.reshape(1, b * s, x.shape[2]))
+        finally:
+            self._documents = None
+        return self.project_out(o.view(b, s, o.shape[-1]))
+
+    def _packed_documents(self, packed_seq_params, tokens: int) -> Documents:
+        from linear_moe.registry import get_mixer
+
+        if not get_mixer(self.config.la_module).supports_varlen:
+            raise NotImplementedError(
+                f"mixer '{self.config.la_module}' has no packed-document (varlen) support; "
+                "train without --reset-attention-mask or with a mixer with varlen=yes "
+                "(`linear-moe mixers`)")
+        if packed_seq_params.qkv_format != "sbhd" or packed_seq_params.cu_seqlens_q is None:
+            raise NotImplementedError(
+                "linear mixers take packed documents as sbhd batches with cu_seqlens_q over the "
+                "flattened rows (linear_moe.pretrain.get_batch under --reset-attention-mask)")
+        documents = Documents(packed_seq_params.cu_seqlens_q)
+        if documents.length != tokens:
+            raise ValueError(f"cu_seqlens_q covers {documents.length} tokens, the batch has "
+                             f"{tokens}")
+        return documents
 
     def project_out(self, o):
         """o [b, s, value_dim / tp] -> (out [s, b, h], bias): o_proj's GEMM writes the [s, b]

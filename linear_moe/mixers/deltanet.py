@@ -29,6 +29,7 @@ QK_ACTIVATIONS = {
     "deltanet",
     supports_decode=True,
     supports_cp=True,
+    supports_varlen=True,
     options=("la_allow_neg_eigval", "la_use_beta", "la_qk_activation", "la_qk_norm"),
     paper="Parallelizing Linear Transformers with the Delta Rule over Sequence Length "
           "(arXiv:2406.06484)",

@@ -32,6 +32,7 @@ _log_decay_cuda = torch.compile(_log_decay)
     "gated_deltanet",
     supports_decode=True,
     supports_cp=True,
+    supports_varlen=True,
     options=("la_allow_neg_eigval", "la_num_v_heads"),
     paper="Gated Delta Networks: Improving Mamba2 with Delta Rule (arXiv:2412.06464)",
     kernel="fla chunk_gated_delta_rule",

@@ -31,6 +31,7 @@ _log_decay_cuda = torch.compile(_log_decay)
     "gla",
     supports_decode=True,
     supports_cp=True,
+    supports_varlen=True,
     options=("la_gate_low_rank_dim", "la_gate_logit_normalizer", "la_clamp_min",
              "la_feature_map", "la_num_kv_heads"),
     paper="Gated Linear Attention Transformers with Hardware-Efficient Training (arXiv:2312.06635)",

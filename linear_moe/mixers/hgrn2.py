@@ -19,6 +19,7 @@ from linear_moe.registry import register_mixer
     "hgrn2",
     supports_decode=True,
     supports_cp=True,
+    supports_varlen=True,
     paper="HGRN2: Gated Linear RNNs with State Expansion (arXiv:2404.07904)",
     kernel="fla chunk_gla / fused_recurrent_gla (k = 1 - forget gate)",
     defaults={"la_expand_k": 1.0, "la_expand_v": 1.0, "la_use_short_conv": False,

@@ -17,6 +17,7 @@ from linear_moe.registry import register_mixer
     "kda",
     supports_decode=True,
     supports_cp=True,
+    supports_varlen=True,
     options=("la_allow_neg_eigval", "la_num_v_heads"),
     paper="Kimi Linear: Kimi Delta Attention (arXiv:2510.26692)",
     kernel="fla chunk_kda / fused_recurrent_kda",

@@ -27,6 +27,7 @@ def lightning_log_decays(num_heads: int, layer_number: int, num_layers: int) -> 
     "lightning_attention",
     supports_decode=True,
     supports_cp=True,
+    supports_varlen=True,
     paper="Lightning Attention-2 / TransNormerLLM (arXiv:2307.14995), MiniMax-01 "
           "(arXiv:2501.08313)",
     kernel="fla chunk_simple_gla / fused_recurrent_simple_gla with fixed per-head decay",

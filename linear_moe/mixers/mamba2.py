@@ -47,6 +47,7 @@ def refuse_unproven_chunk_backward(config) -> None:
     "mamba2",
     supports_decode=True,
     supports_cp=True,
+    supports_varlen=True,
     options=("la_ssm_state_dim", "la_ssm_groups", "la_ssm_d_has_hdim",
              "la_ssm_norm_before_gate", "la_ssm_dt_min", "la_ssm_dt_max",
              "la_ssm_dt_init_floor", "la_ssm_dt_limit", "la_ssm_a_init_range"),
@@ -101,9 +102,9 @@ class Mamba2Mixer(LinearMixer):
         # norm keeps z for backward, and a kept slice would keep the whole fused output
         xs, B, C, dt, z = self.project(x, self.x_proj, self.B_proj, self.C_proj, self.dt_proj,
                                        separate=(self.z_proj,))
-        xs = self.heads(self.x_conv(xs, cache=self._decoding, cp=self.cp), self.head_v_dim)
-        B = self._groups_to_heads(self.B_conv(B, cache=self._decoding, cp=self.cp))
-        C = self._groups_to_heads(self.C_conv(C, cache=self._decoding, cp=self.cp))
+        xs = self.heads(self.convolve(self.x_conv, xs), self.head_v_dim)
+        B = self._groups_to_heads(self.convolve(self.B_conv, B))
+        C = self._groups_to_heads(self.convolve(self.C_conv, C))
         dt = F.softplus(self.per_head(dt) + self.dt_bias.float())  # [b, s, H]
         if self.dt_limit != (0.0, float("inf")):  # fla's dt_limit
             dt = dt.clamp(*self.dt_limit)

@@ -21,6 +21,7 @@ def retention_log_decays(num_heads: int) -> torch.Tensor:
     "retention",
     supports_decode=True,
     supports_cp=True,
+    supports_varlen=True,
     options=("la_rope_theta", "la_feature_map", "la_num_kv_heads"),
     paper="Retentive Network (arXiv:2307.08621)",
     kernel="fla chunk_simple_gla / fused_recurrent_simple_gla with fixed per-head decay",

@@ -33,6 +33,7 @@ _DECAY_LOW_RANK_DIM = 64  # fla's gate_low_rank_dim
     "rwkv6",
     supports_decode=True,
     supports_cp=True,
+    supports_varlen=True,
     options=("la_token_shift_low_rank_dim", "la_decay_low_rank_dim"),
     paper="Eagle and Finch: RWKV with Matrix-Valued States and Dynamic Recurrence "
           "(arXiv:2404.05892)",

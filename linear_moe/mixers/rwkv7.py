@@ -44,6 +44,7 @@ def _low_rank(hidden: int, scale: float, factor: float = 1.0) -> int:
     "rwkv7",
     supports_decode=True,
     supports_cp=True,
+    supports_varlen=True,
     options=("la_decay_low_rank_dim",),
     paper="RWKV-7 \"Goose\" with Expressive Dynamic State Evolution (arXiv:2503.14456)",
     kernel="fla chunk_rwkv7 (chunk_dplr_delta_rule)",

@@ -14,6 +14,7 @@ from linear_moe.registry import register_mixer
     "simple_gla",
     supports_decode=True,
     supports_cp=True,
+    supports_varlen=True,
     options=("la_gate_logit_normalizer", "la_feature_map", "la_num_kv_heads"),
     paper="Gated Linear Attention (arXiv:2312.06635), scalar per-head gate variant",
     kernel="fla chunk_simple_gla / fused_recurrent_simple_gla",

@@ -20,6 +20,8 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from linear_moe.layers.documents import Documents
+
 
 class SDPACoreAttention(MegatronModule):
     """Drop-in for megatron-core's DotProductAttention (same constructor and forward)."""
@@ -44,8 +46,14 @@ class SDPACoreAttention(MegatronModule):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         """query [sq, b, nq, d], key/value [sk, b, nkv, d] -> [sq, b, nq * d]."""
+        documents = None
         if packed_seq_params is not None:
-            raise NotImplementedError("packed sequences need TransformerEngine attention")
+            if packed_seq_params.qkv_format != "sbhd" or self.cp is not None:
+                raise NotImplementedError(
+                    "SDPA attention takes packed documents as sbhd batches with cu_seqlens_q "
+                    "over the flattened rows (--reset-attention-mask), without context "
+                    "parallelism; THD needs TransformerEngine attention")
+            documents = Documents(packed_seq_params.cu_seqlens_q)
         if attention_bias is not None:
             raise NotImplementedError("attention_bias is not supported by SDPA core attention")
         mask_type = attn_mask_type or self.attn_mask_type
@@ -54,6 +62,10 @@ class SDPACoreAttention(MegatronModule):
         # refused in arguments.py), so SDPA's is_causal path replaces it.
         causal = mask_type == AttnMaskType.causal
         mask = None if causal or attention_mask is None else ~attention_mask  # True = keep
+        if documents is not None:  # causal within each document (a dense mask: memory s^2)
+            if not causal:
+                raise NotImplementedError("packed documents need causal attention")
+            mask, causal = documents.causal_mask(q.shape[0]), False
         dropout_p = self.dropout_p if self.training else 0.0
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p else contextlib.nullcontext():
             if self.cp is not None:

@@ -1,0 +1,45 @@
+"""Packed documents on CUDA with fla's varlen kernels (tests/test_varlen.py's check on the GPU):
+a batch of eod-separated documents gives each document's logits as if it ran alone, for every
+mixer with varlen support, in fp32 (fla's kernels take fp32; tf32 dot products bound them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linear_moe.registry import registered_mixers
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+VOCAB, SEQ, EOD = 128, 200, 0
+VARLEN = sorted(n for n, e in registered_mixers().items() if e.supports_varlen)
+
+
+@pytest.mark.parametrize("mixer", VARLEN)
+def test_packed_documents_on_fla_equal_each_document_alone(mixer, megatron_single_gpu):
+    from linear_moe.layers.documents import packed_documents
+    from model_utils import tiny_config, tiny_model
+
+    torch.manual_seed(0)
+    # head dims 64 (fla's kernels want >= 16), documents over one of fla's 64-token chunks
+    config = tiny_config(la_module=mixer, la_backend="fla", hidden_size=256,
+                         num_attention_heads=4, kv_channels=64, ffn_hidden_size=512,
+                         la_num_heads=2)
+    model = tiny_model(config, "qwen2_moe", VOCAB, SEQ).cuda().eval()
+    tokens = torch.randint(1, VOCAB, (2, SEQ), device="cuda")
+    tokens[0, 70] = tokens[0, 150] = tokens[1, 99] = EOD
+    packed = packed_documents(tokens, EOD)
+    offsets = packed.cu_seqlens_q.tolist()
+    with torch.no_grad():
+        logits = model(tokens, torch.arange(SEQ, device="cuda").expand(2, SEQ), None,
+                       packed_seq_params=packed).reshape(-1, VOCAB)
+        flat, worst = tokens.reshape(-1), 0.0
+        for start, end in zip(offsets[:-1], offsets[1:]):
+            alone = model(flat[start:end][None],
+                          torch.arange(end - start, device="cuda")[None], None)[0]
+            worst = max(worst, (alone - logits[start:end]).abs().max().item())
+    scale = logits.abs().max().item()
+    assert worst <= 2e-3 * max(scale, 1.0), (worst, scale)
