@@ -29,6 +29,11 @@ def test_decoding_on_fla_gives_the_full_forward_logits(mixer, mode, megatron_sin
 
     if mode not in get_mixer(mixer).modes:
         pytest.skip(f"{mixer} has no {mode} mode")
+    from linear_moe.ops import fla_compat
+
+    if mixer == "mamba2" and mode == "chunk" and fla_compat.hopper_guard_active():
+        pytest.skip("mamba2's chunk mode is refused at build on this GPU (its backward; see "
+                    "linear_moe/mixers/mamba2.py)")
     torch.manual_seed(0)
     # head dims 64 (fla's kernels want >= 16): hidden 256, two mixer heads, expand_k 0.5
     config = tiny_config(la_module=mixer, la_backend="fla", la_mode=mode, hidden_size=256,
