@@ -18,6 +18,13 @@ RowParallelLinear out); per-head parameters are sharded with ``init_tp_sharded_`
 parallelism the input is gathered once here, so the projections run on the full sequence and
 the output projection reduce-scatters back.
 
+Sequence context: the three things in a mixer that look across positions (the op's recurrence,
+short convolutions, token shifts) go through ``recurrent``, ``convolve`` and
+``token_shift_delta``, which take what precedes the tokens from the forward's context: the
+previous call's state while decoding, the other ranks' chunks under context parallelism
+(linear_moe.parallel.context_parallel, for mixers with ``cp_value_arg``), nothing across a
+document's start with packed documents (linear_moe.layers.documents).
+
 Head sharing (fla's ``num_kv_heads`` / ``num_v_heads``): ``num_heads`` is the number of heads the
 recurrence and the output run over (one state per head; per-head decays, betas, norms). q, k
 and v each have ``num_q_heads`` / ``num_k_heads`` / ``num_v_heads`` heads, equal to ``num_heads``
@@ -58,7 +65,6 @@ from megatron.core.transformer.utils import (
 from linear_moe.layers import GatedRMSNorm, ShortConvolution, apply_rotary, init_tp_sharded_
 from linear_moe.layers.documents import Documents
 from linear_moe.layers.rwkv import token_shift_delta
-from linear_moe.parallel.context_parallel import SequenceChunks
 from linear_moe.layers.layout import (
     linear_rows,
     linear_to_seq_first,
@@ -66,6 +72,7 @@ from linear_moe.layers.layout import (
     swap_leading_dims,
     weight_grads,
 )
+from linear_moe.parallel.context_parallel import SequenceChunks
 
 
 @dataclass
@@ -570,7 +577,8 @@ class LinearMixer(MegatronModule):
 
     def recurrent(self, op, *args, **kwargs):
         """op(*args, **kwargs) -> (o, final state); while decoding, started from the state
-        the previous call left and leaving its own."""
+        the previous call left and leaving its own; under context parallelism, from the state
+        the chunks before leave (no final state); with packed documents, each from zero."""
         if self.cp is not None:
             return self.cp.state_passing(op, args, kwargs, self.cp_value_arg)
         if self._documents is not None:  # each document from a zero state
@@ -627,7 +635,7 @@ class LinearMixer(MegatronModule):
             o = self.mix(x.reshape(1, b * s, x.shape[2]))
         finally:
             self._documents = None
-        return self.project_out(o.view(b, s, o.shape[-1]))
+        return self.project_out(o.reshape(b, s, o.shape[-1]))
 
     def _packed_documents(self, packed_seq_params, tokens: int) -> Documents:
         from linear_moe.registry import get_mixer
