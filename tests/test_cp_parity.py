@@ -1,6 +1,6 @@
 """CP=2 (two gloo processes) gives the logits and gradients of CP=1, for every mixer with
 context-parallel support in a hybrid 'LN' model (the 'N' layer: SDPA over all-gathered keys and
-values), dense and with MoE. (Training through megatron.training under CP=2, resumed from a
+values), dense and with MoE, and under TP=2 x CP=2 (four ranks). (Training through megatron.training under CP=2, resumed from a
 single-rank checkpoint: tests/test_parallel_resume.py.)
 
 Each rank feeds its two chunks of megatron's CP layout (chunks r and 2*cp-1-r of 2*cp), as
@@ -33,7 +33,7 @@ def _this_rank(t, rank, cp=CP):
     return torch.cat([t[:, first:first + c], t[:, second:second + c]], 1)
 
 
-def _build(la_module, cp, moe):
+def _build(la_module, cp, moe, tp=1, glu=True):
     from megatron.core import tensor_parallel
 
     moe_fields = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48,
@@ -41,8 +41,10 @@ def _build(la_module, cp, moe):
                       moe_router_load_balancing_type="none") if moe else {}
     tensor_parallel.model_parallel_cuda_manual_seed(123)
     torch.manual_seed(123)
+    mlp = {} if glu else dict(gated_linear_unit=False, activation_func=F.gelu)
     config = tiny_config(la_module=la_module, context_parallel_size=cp, la_chunk_size=8,
-                         la_ssm_groups=2, la_ssm_state_dim=8, **moe_fields)
+                         la_ssm_groups=2, la_ssm_state_dim=8, tensor_model_parallel_size=tp,
+                         sequence_parallel=tp > 1, **mlp, **moe_fields)
     return tiny_model(config, "qwen2_moe", VOCAB, SEQ)
 
 
@@ -126,3 +128,71 @@ def test_cp2_matches_cp1(la_module, moe, cp_results):
     # rank 1's chunks follow others: run alone, their logits are far off, so TOL can tell
     assert cp_results[1][(la_module, moe)][1] > 1e-3
 
+
+
+TP_CP = (2, 2)
+TP_CP_CASES = [("gated_deltanet", True), ("rwkv7", False), ("retention", False)]
+
+
+def _tp_cp_worker(rank, world_size, cases):
+    """TP=2 x CP=2 (four ranks) against the one-rank model: weights sliced along their TP dim,
+    this CP rank's chunks in; gradients summed over CP (and over TP for the sequence-parallel
+    norms), each rank's TP shard compared."""
+    from megatron.core import parallel_state as mpu
+
+    from test_tp_parity import _reduce_sequence_parallel_grads
+
+    tokens, labels, positions = _batch()
+    mpu.destroy_model_parallel()
+    mpu.initialize_model_parallel(1)
+    references = {}
+    for case in cases:
+        # no GLU: megatron interleaves a GLU's halves per TP rank, which chunking cannot slice
+        # no GLU: megatron interleaves a GLU's halves per TP rank, which chunking cannot slice
+        model = _build(case[0], 1, case[1], glu=False)
+        logits = model(tokens, positions, None)
+        F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1)).backward()
+        references[case] = (logits.detach(), {n: (p.detach().clone(), p.grad.clone())
+                                              for n, p in model.named_parameters()
+                                              if p.grad is not None})
+    mpu.destroy_model_parallel()
+    tp, cp = TP_CP
+    mpu.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    cp_rank, tp_rank = mpu.get_context_parallel_rank(), mpu.get_tensor_model_parallel_rank()
+    results = {}
+    for case in cases:
+        ref_logits, ref = references[case]
+        model = _build(case[0], cp, case[1], tp=tp, glu=False)
+        params = dict(model.named_parameters())
+
+        def shard(name, full):
+            p = params[name]
+            if getattr(p, "tensor_model_parallel", False):
+                return full.chunk(2, dim=p.partition_dim)[tp_rank]
+            return full
+
+        with torch.no_grad():
+            for name, (weight, _) in ref.items():
+                params[name].copy_(shard(name, weight))
+        logits = model(_this_rank(tokens, cp_rank), _this_rank(positions, cp_rank), None)
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB),
+                               _this_rank(labels, cp_rank).reshape(-1), reduction="sum")
+        (loss / labels.numel()).backward()
+        _reduce_sequence_parallel_grads(model, mpu.get_tensor_model_parallel_group())
+        errors = {"logits": (logits.detach() - _this_rank(ref_logits, cp_rank)).abs().max().item()}
+        for name, (_, grad) in ref.items():
+            mine = params[name].grad.clone()
+            torch.distributed.all_reduce(mine, group=mpu.get_context_parallel_group())
+            errors[name] = (mine - shard(name, grad)).abs().max().item()
+        results[case] = errors
+    mpu.destroy_model_parallel()
+    return results
+
+
+@pytest.mark.slow
+def test_tp2_cp2_matches_one_rank():
+    for rank_results in run_distributed(_tp_cp_worker, 4, TP_CP_CASES):
+        for case, errors in rank_results.items():
+            assert any(".self_attention.o_proj." in n for n in errors), case
+            worst = max(errors, key=errors.get)
+            assert errors[worst] <= TOL, f"{case} {worst}: max abs diff {errors[worst]:.3e}"

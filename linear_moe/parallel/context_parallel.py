@@ -120,8 +120,8 @@ class SequenceChunks:
     # -- the recurrence ---------------------------------------------------------------------
     def state_passing(self, op, args: tuple, kwargs: dict, value_arg: int):
         """op(*args, **kwargs) -> (o, None) over the whole sequence, run on this rank's pieces
-        (see the module docstring; no final state: that is the last rank's). ``value_arg``: the position of the op's value input
-        (the one the state's V side is built from)."""
+        (see the module docstring; no final state: that is the last rank's). ``value_arg``:
+        the position of the op's value input (the one the state's V side is built from)."""
         if kwargs.get("initial_state") is not None:
             raise ValueError("a recurrence under context parallelism starts from the state the "
                              "ranks before it pass; it takes no initial_state")
