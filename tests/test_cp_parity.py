@@ -1,7 +1,8 @@
 """CP=2 (two gloo processes) gives the logits and gradients of CP=1, for every mixer with
 context-parallel support in a hybrid 'LN' model (the 'N' layer: SDPA over all-gathered keys and
-values), dense and with MoE, and under TP=2 x CP=2 (four ranks). (Training through megatron.training under CP=2, resumed from a
-single-rank checkpoint: tests/test_parallel_resume.py.)
+values), dense and with MoE, and under TP=2 x CP=2 (four ranks). (Training through
+megatron.training under CP=2, resumed from a single-rank checkpoint:
+tests/test_parallel_resume.py.)
 
 Each rank feeds its two chunks of megatron's CP layout (chunks r and 2*cp-1-r of 2*cp), as
 megatron.training's get_batch_on_this_cp_rank cuts them; the CP=2 model is loaded with the CP=1
