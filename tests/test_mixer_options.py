@@ -131,7 +131,7 @@ def _options_worker(rank, world_size):
     from megatron.core import parallel_state as mpu
 
     from linear_moe import ops
-    from linear_moe.mixers import retention as retention_module
+    from linear_moe.mixers import base as mixer_base  # LinearMixer.rotate applies RoPE
 
     mpu.initialize_model_parallel(1)
     torch.manual_seed(1)
@@ -185,8 +185,8 @@ def _options_worker(rank, world_size):
             r[f"affine_out/{name}"] = (m(x)[0] - ref(x)[0]).abs().max().item()
 
     # feature maps on q/k (gla, simple_gla, retention; retention's RoPE disabled to compare).
-    orig_rotary = retention_module.apply_rotary
-    retention_module.apply_rotary = lambda t, theta, fused=False, offset=0: t
+    orig_rotary = mixer_base.apply_rotary
+    mixer_base.apply_rotary = lambda t, theta, fused=False, offset=0: t
     try:
         for name, op in (("gla", "gla"), ("simple_gla", "simple_gla"),
                          ("retention", "simple_gla")):
@@ -200,7 +200,7 @@ def _options_worker(rank, world_size):
             r[f"fmap_elu/{name}"] = max(
                 (got["elu"][i] - (F.elu(got[None][i]) + 1)).abs().max().item() for i in (0, 1))
     finally:
-        retention_module.apply_rotary = orig_rotary
+        mixer_base.apply_rotary = orig_rotary
 
     # deltanet options against the plain-torch fla DeltaNet forward.
     for case, overrides in DELTANET_CASES.items():
