@@ -52,25 +52,29 @@ def reference(tmp_path_factory):
 _LOGITS = """
 import json, sys, torch
 from linear_moe.inference import CausalLM
-lm = CausalLM.from_checkpoint(sys.argv[1], device="cpu")
-tokens = torch.arange(48).remainder(lm.vocab_size).view(2, 24)
-print(json.dumps(lm.logits(tokens)[..., :lm.vocab_size].tolist()))
+rows = []
+for path in sys.argv[1:]:
+    lm = CausalLM.from_checkpoint(path, device="cpu")
+    tokens = torch.arange(48).remainder(lm.vocab_size).view(2, 24)
+    rows.append(lm.logits(tokens)[..., :lm.vocab_size].tolist())
+print(json.dumps(rows))
 """
 
 
-def _single_process_logits(checkpoint):
-    """The logits of a run's final checkpoint loaded into one CPU process (linear_moe.inference,
-    which evaluation and HF export use), whatever layout saved it."""
+def _single_process_logits(*checkpoints):
+    """The logits of runs' final checkpoints, each loaded into one CPU process (one process
+    for all: linear_moe.inference, which evaluation and HF export use), whatever layout saved
+    them."""
     import json
 
     import torch
 
-    assert (checkpoint / "latest_checkpointed_iteration.txt").read_text().strip() == str(LAST)
-
-    proc = subprocess.run([sys.executable, "-c", _LOGITS, str(checkpoint)], capture_output=True,
-                          text=True, env=_env(), timeout=600)
+    for checkpoint in checkpoints:
+        assert (checkpoint / "latest_checkpointed_iteration.txt").read_text().strip() == str(LAST)
+    proc = subprocess.run([sys.executable, "-c", _LOGITS, *map(str, checkpoints)],
+                          capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return [torch.tensor(rows) for rows in json.loads(proc.stdout.strip().splitlines()[-1])]
 
 
 def _resume(reference, name, ranks, *flags):
@@ -126,8 +130,7 @@ def test_pp2_checkpoint_loads_into_one_process(reference):
     process, gives the single-rank run's final model's logits."""
     single = reference[3]
     _resume(reference, _name(PP2), 2, *PP2)
-    pp2 = _single_process_logits(single.parent / _name(PP2))
-    expected = _single_process_logits(single)
+    pp2, expected = _single_process_logits(single.parent / _name(PP2), single)
     assert (pp2 - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
@@ -147,6 +150,5 @@ def test_ep2_checkpoint_loads_into_one_process(reference):
     _resume(reference, "single_weights", 1, *FRESH_OPTIMIZER)
     _resume(reference, "ep2_weights", 2, *FRESH_OPTIMIZER, *EP2)
     root = reference[3].parent
-    ep2 = _single_process_logits(root / "ep2_weights")
-    expected = _single_process_logits(root / "single_weights")
+    ep2, expected = _single_process_logits(root / "ep2_weights", root / "single_weights")
     assert (ep2 - expected).abs().max() <= 1e-4 * expected.abs().max()
