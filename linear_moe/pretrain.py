@@ -31,7 +31,10 @@ def get_batch(data_iterator):
 
     No host synchronisation (--cuda-graph-impl full_iteration captures this): TP = 1 only moves
     the batch to the device, TP > 1 broadcasts at the fixed [micro-batch, seq-length] shape
-    instead of megatron-core's broadcast_data, which first exchanges the sizes via the host."""
+    instead of megatron-core's broadcast_data, which first exchanges the sizes via the host.
+    Under context parallelism each rank keeps its two chunks (megatron's layout); with
+    --reset-attention-mask the packed documents come back as PackedSeqParams (found on the
+    host, so validate_args refuses that with CUDA graphs), else None."""
     from megatron.core import mpu
     from megatron.training import get_args
 
