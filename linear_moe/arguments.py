@@ -311,10 +311,13 @@ def _check_packed_documents(entry, args, uses_linear: bool) -> None:
                          "which a CUDA graph cannot capture; drop --cuda-graph-impl")
 
 
-def _check_context_parallel(args, uses_linear: bool) -> None:
+def _check_context_parallel(entry, args, uses_linear: bool) -> None:
     cp = args.context_parallel_size
     if cp == 1:
         return
+    if uses_linear and not entry.supports_cp:
+        raise ValueError(f"mixer '{entry.name}' has no context-parallel support; use "
+                         "--context-parallel-size 1")
     if getattr(args, "multi_latent_attention", False):
         raise ValueError("MLA attention (the deepseek_v2 preset) has no context-parallel support "
                          "here; use --context-parallel-size 1")
@@ -353,10 +356,7 @@ def validate_args(args) -> None:
     if args.num_attention_heads % tp:
         raise ValueError(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
                          f"--tensor-model-parallel-size {tp}")
-    if uses_linear and args.context_parallel_size > 1 and not entry.supports_cp:
-        raise ValueError(f"mixer '{entry.name}' has no context-parallel support; use "
-                         "--context-parallel-size 1")
-    _check_context_parallel(args, uses_linear)
+    _check_context_parallel(entry, args, uses_linear)
     if uses_linear and not entry.supports_tp and tp > 1:
         raise ValueError(f"mixer '{entry.name}' has no tensor-parallel support; use "
                          "--tensor-model-parallel-size 1")

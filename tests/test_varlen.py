@@ -35,7 +35,7 @@ def test_document_offsets_cut_after_each_eod():
     offsets = document_offsets(tokens, 0)
     assert offsets.tolist() == [0, 2, 4, 5, 7, 8] and offsets.dtype == torch.int32
     documents = Documents(offsets)
-    assert documents.segment_ids().tolist() == [0, 0, 1, 1, 2, 3, 3, 4]
+    assert documents.segment_ids.tolist() == [0, 0, 1, 1, 2, 3, 3, 4]
     x = torch.arange(1.0, 9.0).view(1, 8, 1)
     assert documents.previous(x, 1).flatten().tolist() == [0, 1, 0, 3, 0, 0, 6, 0]
     mask = documents.causal_mask(2)

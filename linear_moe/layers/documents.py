@@ -9,6 +9,7 @@ token. The softmax layers take the same offsets as a block-diagonal causal mask.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -50,8 +51,10 @@ class Documents:
     def length(self) -> int:
         return int(self.cu_seqlens[-1])
 
+    @functools.cached_property
     def segment_ids(self) -> torch.Tensor:
-        """[T] the document of each token of the stream."""
+        """[T] the document of each token of the stream (once per forward: the convs' taps and
+        the token shift all read it)."""
         lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
         return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device),
                                        lengths)
@@ -60,7 +63,7 @@ class Documents:
         """x [1, T, ...] shifted by ``lag`` tokens along the stream, zero where that crosses
         the start of a document."""
         shifted = F.pad(x, (0,) * (2 * (x.dim() - 2)) + (lag, 0))[:, :x.shape[1]]
-        segments = self.segment_ids()
+        segments = self.segment_ids
         same = torch.zeros_like(segments, dtype=torch.bool)
         same[lag:] = segments[lag:] == segments[:-lag]
         return shifted * same.view(1, -1, *([1] * (x.dim() - 2))).to(x.dtype)
@@ -68,6 +71,6 @@ class Documents:
     def causal_mask(self, batch: int) -> torch.Tensor:
         """[b, 1, s, s] True where a token of a row may attend: itself and the earlier tokens of
         its document (T = b * s)."""
-        segments = self.segment_ids().view(batch, 1, -1)
+        segments = self.segment_ids.view(batch, 1, -1)
         same = segments[..., :, None] == segments[..., None, :]
         return same & torch.ones_like(same[0, 0]).tril()

@@ -57,7 +57,7 @@ class ShortConvolution(torch.nn.Module):
         documents: the packed stream's Documents (x [1, T, c]): each document's first positions
         read no tokens before it."""
         if documents is not None:
-            return self._conv_documents(x, documents)
+            return self._conv(x, None, documents)
         if cp is not None:
             return cp.with_halo(x, self.kernel_size - 1, lambda x: self._conv(x, None))
         if cache is not None:
@@ -70,37 +70,30 @@ class ShortConvolution(torch.nn.Module):
             return self._conv(x, None)[:, width:]
         return self._conv(x, grad_x_into)
 
-    def _conv_documents(self, x, documents):
-        weight = self.weight.squeeze(1).to(x.dtype)  # [c, k]; tap i reads x[t - (k-1) + i]
+    def _conv(self, x, grad_x_into, documents=None):
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        # out[t] = sum_j w[j] x[t - (k-1) + j]: the same taps on every path
+        weight = self.weight.squeeze(1).to(x.dtype)
         if self.fused and x.is_cuda:
-            from fla.modules.causal_conv1d import causal_conv1d
-
-            return causal_conv1d(x, weight, bias, activation=self.activation, backend="triton",
-                                 cu_seqlens=documents.cu_seqlens)[0]
-        k = self.kernel_size
-        y = x * weight[:, k - 1]
-        for i in range(k - 1):
-            y = y + documents.previous(x, k - 1 - i) * weight[:, i]
-        if bias is not None:
-            y = y + bias
-        return F.silu(y) if self.activation == "silu" else y
-
-    def _conv(self, x, grad_x_into):
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.fused and x.is_cuda:
-            # out[t] = sum_j w[j] x[t - (k-1) + j]: the same taps as the conv1d below
-            weight = self.weight.squeeze(1).to(x.dtype)
-            if self.kernel == "ours":
+            if self.kernel == "ours" and documents is None:
                 from linear_moe.ops.causal_conv import causal_conv
 
                 return causal_conv(x, weight, bias, self.activation, grad_x_into)
             from fla.modules.causal_conv1d import causal_conv1d
 
-            return causal_conv1d(x, weight, bias, activation=self.activation,
-                                 backend="triton")[0]
-        s = x.shape[1]
-        y = F.conv1d(x.transpose(1, 2), self.weight.to(x.dtype), bias,
-                     padding=self.kernel_size - 1, groups=x.shape[-1])[..., :s]
-        y = y.transpose(1, 2)
+            return causal_conv1d(x, weight, bias, activation=self.activation, backend="triton",
+                                 cu_seqlens=None if documents is None
+                                 else documents.cu_seqlens)[0]
+        if documents is None:
+            s = x.shape[1]
+            y = F.conv1d(x.transpose(1, 2), self.weight.to(x.dtype), bias,
+                         padding=self.kernel_size - 1, groups=x.shape[-1])[..., :s]
+            y = y.transpose(1, 2)
+        else:  # tap by tap, each reading nothing before its document's start
+            k = self.kernel_size
+            y = x * weight[:, k - 1]
+            for i in range(k - 1):
+                y = y + documents.previous(x, k - 1 - i) * weight[:, i]
+            if bias is not None:
+                y = y + bias
         return F.silu(y) if self.activation == "silu" else y

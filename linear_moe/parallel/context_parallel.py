@@ -145,12 +145,13 @@ class SequenceChunks:
         identity = torch.eye(key_dim, dtype=local.dtype, device=local.device)
         identity = identity.expand(*local.shape[:-2], key_dim, key_dim).contiguous()
         _, transition = op(*probe, initial_state=identity, output_final_state=True, **kwargs)
-        states, transitions = self.gather_chunks(local), self.gather_chunks(transition)
-        start = torch.zeros_like(states[0])
+        value_dim = local.shape[-1]  # one all-gather for both: [.., K, V + K]
+        chunks = self.gather_chunks(torch.cat([local, transition], -1))
+        start = torch.zeros_like(chunks[0][..., :value_dim])
         starts = []
-        for chunk in range(2 * self.size):
+        for chunk in chunks:  # in sequence order: S_end = M S_start + S_local
             starts.append(start)
-            start = transitions[chunk] @ start + states[chunk]
+            start = chunk[..., value_dim:] @ start + chunk[..., :value_dim]
         initial = torch.stack([starts[chunk] for chunk in self.chunks], 1)
         o, _ = op(*args, initial_state=initial.reshape(local.shape), **kwargs)
         return self.unfold(o), None
