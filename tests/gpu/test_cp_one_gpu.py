@@ -1,0 +1,123 @@
+"""Context parallelism through fla's kernels on one GPU: two gloo processes share the GPU (NCCL
+refuses two ranks on one device), each runs its two chunks of megatron's CP layout with fla's
+chunked kernels, and the result is compared with the same model run whole on the GPU.
+
+The CPU suite (tests/test_cp_parity.py) proves the state passing in fp32 on the reference ops;
+this proves it on the kernels that train: fla's initial_state / final state, the transition
+probe (zero values from the identity state) and the conv halos, in fp32 at a length where each
+piece spans several of fla's 64-token chunks. Two GPUs with NCCL and bf16 training:
+test_cp_gpu.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_utils import run_distributed
+from linear_moe.registry import registered_mixers
+from test_cp_parity import _this_rank
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+SEQ, BATCH, VOCAB, CP = 512, 2, 256, 2  # pieces of 128 tokens: two of fla's chunks each
+TOL = 2e-3  # ||cp - whole|| / ||whole||; fla's fp32 kernels, summed in another order
+CP_MIXERS = sorted(n for n, e in registered_mixers().items() if e.supports_cp)
+
+
+def _build(la_module, cp):
+    from megatron.core import tensor_parallel
+
+    from model_utils import tiny_config, tiny_model
+
+    tensor_parallel.model_parallel_cuda_manual_seed(123)
+    torch.manual_seed(123)
+    config = tiny_config(la_module=la_module, context_parallel_size=cp, la_ssm_groups=2,
+                         la_ssm_state_dim=16)
+    return tiny_model(config, "qwen2_moe", VOCAB, SEQ).cuda()
+
+
+def _relative(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def _worker(rank, world_size, mixers):
+    import traceback
+
+    from megatron.core import parallel_state as mpu
+
+    torch.cuda.set_device(0)
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g).cuda()
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g).cuda()
+    positions = torch.arange(SEQ, device="cuda").expand(BATCH, SEQ)
+    references = {}
+    mpu.destroy_model_parallel()
+    mpu.initialize_model_parallel(1)
+    for name in mixers:
+        model = _build(name, 1)
+        logits = model(tokens, positions, None)
+        F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1)).backward()
+        with torch.no_grad():  # the control: this rank's chunks without what precedes them
+            alone = model(_this_rank(tokens, rank), _this_rank(positions, rank), None)
+        references[name] = (logits.detach(), {n: (p.detach().clone(), p.grad.clone())
+                                              for n, p in model.named_parameters()
+                                              if p.grad is not None},
+                            _relative(alone, _this_rank(logits, rank)))
+    mpu.destroy_model_parallel()
+    mpu.initialize_model_parallel(1, context_parallel_size=CP)
+    group = mpu.get_context_parallel_group()
+    results = {}
+    for name in mixers:
+        try:
+            ref_logits, ref, control = references[name]
+            model = _build(name, CP)
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for n, (weight, _) in ref.items():
+                    params[n].copy_(weight)
+            logits = model(_this_rank(tokens, rank), _this_rank(positions, rank), None)
+            loss = F.cross_entropy(logits.reshape(-1, VOCAB),
+                                   _this_rank(labels, rank).reshape(-1), reduction="sum")
+            (loss / labels.numel()).backward()
+            errors = {"logits": _relative(logits.detach(), _this_rank(ref_logits, rank))}
+            for n, (_, grad) in ref.items():
+                mine = params[n].grad.clone()
+                torch.distributed.all_reduce(mine, group=group)  # gloo: CUDA tensors staged
+                errors[n] = _relative(mine, grad)
+            results[name] = (errors, control)
+        except Exception:  # noqa: BLE001 - the test reports it
+            results[name] = traceback.format_exc()
+    mpu.destroy_model_parallel()
+    return results
+
+
+@pytest.fixture(scope="module")
+def cp_results():
+    return run_distributed(_worker, CP, CP_MIXERS)
+
+
+@pytest.mark.parametrize("la_module", CP_MIXERS)
+def test_cp2_on_fla_kernels_matches_the_whole_sequence(la_module, cp_results):
+    path = os.environ.get("LINEAR_MOE_GPU_RESULTS")
+    for rank, rank_results in enumerate(cp_results):
+        result = rank_results[la_module]
+        assert not isinstance(result, str), result
+        errors, control = result
+        worst = max(errors, key=errors.get)
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps({"test": "cp_one_gpu", "mixer": la_module, "rank": rank,
+                                    "logits": errors["logits"], "worst": worst,
+                                    "worst_rel": errors[worst], "control": control}) + "\n")
+        assert any(".self_attention.o_proj." in n for n in errors), "mixer grads not compared"
+        assert errors[worst] <= TOL, f"rank {rank} {worst}: relative error {errors[worst]:.3e}"
+    # rank 1's chunks follow others: alone they are far off, so TOL can tell a missing exchange
+    assert cp_results[1][la_module][1] > 10 * TOL, cp_results[1][la_module][1]
