@@ -19,6 +19,9 @@ from linear_moe.registry import registered_mixers
 VOCAB, SEQ, EOD = 128, 40, 0
 TOL = 1e-5
 VARLEN = sorted(n for n, e in registered_mixers().items() if e.supports_varlen)
+# MoM: no load-balancing loss (a mean over the whole batch, not per document); with a capacity,
+# each document's share of its own length
+CASES = [(n, ()) for n in VARLEN] + [("mom_gla", (("la_mom_capacity_factor", 0.5),))]
 
 
 def _documents_batch():
@@ -43,7 +46,7 @@ def test_document_offsets_cut_after_each_eod():
     assert mask[1, 0].int().tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1]]
 
 
-def _errors_worker(rank, world_size, mixers):
+def _errors_worker(rank, world_size, cases):
     import traceback
 
     from megatron.core import parallel_state as mpu
@@ -58,12 +61,14 @@ def _errors_worker(rank, world_size, mixers):
     positions = torch.arange(SEQ).expand(2, SEQ)
     weights = torch.randn(2 * SEQ, VOCAB, generator=torch.Generator().manual_seed(5))
     results = {}
-    for mixer in mixers:
+    for case in cases:
+        mixer, overrides = case
         try:
             tensor_parallel.model_parallel_cuda_manual_seed(123)
             torch.manual_seed(123)
             model = tiny_model(tiny_config(la_module=mixer, la_chunk_size=8, la_ssm_groups=2,
-                                           la_ssm_state_dim=8), "qwen2_moe", VOCAB, SEQ)
+                                           la_ssm_state_dim=8, la_mom_aux_loss_coeff=0.0,
+                                           **dict(overrides)), "qwen2_moe", VOCAB, SEQ)
             logits = model(tokens, positions, None, packed_seq_params=packed).reshape(-1, VOCAB)
             (logits * weights).sum().backward()
             grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -79,9 +84,9 @@ def _errors_worker(rank, world_size, mixers):
                            for n, p in model.named_parameters()})
             with torch.no_grad():
                 unpacked = model(tokens, positions, None).reshape(-1, VOCAB)
-            results[mixer] = (errors, (unpacked - logits).abs().max().item())
+            results[case] = (errors, (unpacked - logits).abs().max().item())
         except Exception:  # noqa: BLE001 - the case's test reports it
-            results[mixer] = traceback.format_exc()
+            results[case] = traceback.format_exc()
     return results
 
 
@@ -90,12 +95,13 @@ pytestmark = pytest.mark.xdist_group("varlen")
 
 @pytest.fixture(scope="module")
 def varlen_results():
-    return run_distributed(_errors_worker, 1, VARLEN)[0]
+    return run_distributed(_errors_worker, 1, CASES)[0]
 
 
-@pytest.mark.parametrize("mixer", VARLEN)
-def test_packed_documents_equal_each_document_alone(mixer, varlen_results):
-    result = varlen_results[mixer]
+@pytest.mark.parametrize("case", CASES, ids=[n + "".join(f"-{k}={v}" for k, v in o)
+                                             for n, o in CASES])
+def test_packed_documents_equal_each_document_alone(case, varlen_results):
+    result = varlen_results[case]
     assert not isinstance(result, str), result
     errors, without_borders = result
     assert any(".self_attention.o_proj." in n for n in errors), "mixer grads not compared"

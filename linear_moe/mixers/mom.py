@@ -11,7 +11,9 @@ memories' outputs (plus the shared memory's), then the usual per-head norm, gate
     --la-mom-shared-memory / --no-la-mom-shared-memory
     --la-mom-aux-loss-coeff  Switch-style load-balancing loss M * sum_m f_m * P_m
 
-Sub-sequences run through the op as packed varlen sequences (cu_seqlens), on both backends.
+Sub-sequences run through the op as packed varlen sequences (cu_seqlens), on both backends; with
+packed documents (--reset-attention-mask) each document is a sequence of its own, its capacity
+a share of its own length.
 """
 
 from __future__ import annotations
@@ -81,45 +83,57 @@ class MixtureOfMemories(LinearMixer):
         states[m] = states[m].index_copy(0, rows, final.to(states[m].dtype))
         return o
 
-    def _route(self, x):
-        """x [b, s, h] -> routing weights [b, s, M] (0 where not routed) and the aux loss."""
-        s = x.shape[1]
-        probs = torch.softmax(self.router(x).float(), dim=-1)  # [b, s, M]
+    def _segments(self, b: int, s: int, device):
+        """The independent sequences of the flattened [b*s] stream: (segment of each token [N],
+        cu_seqlens [n + 1]): the rows, or with packed documents the documents."""
+        if self._documents is not None:
+            return self._documents.segment_ids, self._documents.cu_seqlens
+        cu = torch.arange(0, (b + 1) * s, s, device=device, dtype=torch.int32)
+        return torch.arange(b, device=device).repeat_interleave(s), cu
+
+    def _route(self, x, segment, cu):
+        """x [b, s, h] -> routing weights [b*s, M] (0 where not routed) and the aux loss."""
+        probs = torch.softmax(self.router(x).float(), dim=-1).flatten(0, 1)  # [N, M]
         weights, chosen = probs.topk(self.topk, dim=-1)
         weights = weights / weights.sum(-1, keepdim=True)
         # Each rank combines only its heads' outputs: all-reduce the weights' gradient.
         weights = copy_to_tensor_model_parallel_region(weights, group=self.tp_group)
-        routed = torch.zeros_like(probs).scatter(-1, chosen, weights)  # [b, s, M]
+        routed = torch.zeros_like(probs).scatter(-1, chosen, weights)  # [N, M]
         if self.config.la_mom_capacity_factor > 0:
-            capacity = max(1, int(self.config.la_mom_capacity_factor * s * self.topk
-                                  / self.num_memories))
-            taken = (routed > 0).long().cumsum(1)  # position of each token in its memory's queue
-            routed = routed * (taken <= capacity)
+            # per sequence (row or document): a memory takes its first `capacity` tokens there
+            lengths = (cu[1:] - cu[:-1]).double()
+            capacity = (self.config.la_mom_capacity_factor * lengths * self.topk
+                        / self.num_memories).floor().clamp_min(1)
+            queued = (routed > 0).long().cumsum(0)  # [N, M]
+            before = F.pad(queued, (0, 0, 1, 0))[cu[:-1].long()]  # queued before each sequence
+            taken = queued - before[segment]  # position of each token in its memory's queue
+            routed = routed * (taken <= capacity[segment, None])
         coeff = self.config.la_mom_aux_loss_coeff
         aux = None
         if coeff > 0 and self.training:
-            fraction = (routed > 0).float().mean((0, 1)) / self.topk
-            aux = coeff * self.num_memories * (fraction * probs.mean((0, 1))).sum()
+            fraction = (routed > 0).float().mean(0) / self.topk
+            aux = coeff * self.num_memories * (fraction * probs.mean(0)).sum()
         return routed, aux
 
     def mix(self, x):
         b, s = x.shape[:2]
         q = self.heads(self.q_proj(x)[0], self.head_k_dim)
-        routed, aux = self._route(x)
+        segment, cu_segments = self._segments(b, s, x.device)
+        routed, aux = self._route(x, segment, cu_segments)
         out = None
         for m, memory in enumerate(self.memories):
             inputs = self.memory_inputs(memory, x)
             if m < self.num_memories:
-                weight = routed[..., m]  # [b, s]
-                selected = weight.reshape(-1).nonzero().squeeze(-1)
+                weight = routed[:, m]  # [N]
+                selected = weight.nonzero().squeeze(-1)
                 if selected.numel() == 0:
                     continue
-                lengths = (weight > 0).sum(1)
+                # memory m's sub-sequence of each row / document, in order
+                lengths = torch.bincount(segment[selected], minlength=len(cu_segments) - 1)
                 cu = F.pad(lengths[lengths > 0].cumsum(0), (1, 0)).to(torch.int32)
             else:  # the shared memory: every token, weight 1
                 weight, selected = None, torch.arange(b * s, device=x.device)
-                lengths = torch.full((b,), s, device=x.device)
-                cu = torch.arange(0, (b + 1) * s, s, device=x.device, dtype=torch.int32)
+                lengths, cu = cu_segments[1:] - cu_segments[:-1], cu_segments
             pick = lambda t: t.reshape(b * s, *t.shape[2:])[selected].unsqueeze(0)
             packed = (pick(q), [pick(t) for t in inputs], cu)
             if self._decoding is None:
@@ -128,7 +142,7 @@ class MixtureOfMemories(LinearMixer):
                 rows = (lengths > 0).nonzero().squeeze(-1)
                 o = self._run_memory_decoding(m, rows, b, *packed)[0]
             if weight is not None:
-                o = o * weight.reshape(-1)[selected][:, None, None].to(o.dtype)
+                o = o * weight[selected][:, None, None].to(o.dtype)
             full = o.new_zeros(b * s, *o.shape[1:]).index_add(0, selected, o)
             out = full if out is None else out + full
         out = out.reshape(b, s, *out.shape[1:])
@@ -140,6 +154,7 @@ class MixtureOfMemories(LinearMixer):
 @register_mixer(
     "mom_gla",
     supports_decode=True,
+    supports_varlen=True,
     cuda_graph=False,  # routing packs tokens by nonzero(): data-dependent shapes, host syncs
     options=("la_gate_low_rank_dim", "la_gate_logit_normalizer", "la_mom_num_memories",
              "la_mom_topk", "la_mom_capacity_factor", "la_mom_shared_memory",
@@ -177,6 +192,7 @@ class MoMGLAMixer(MixtureOfMemories):
 @register_mixer(
     "mom_gated_deltanet",
     supports_decode=True,
+    supports_varlen=True,
     cuda_graph=False,  # routing packs tokens by nonzero(): data-dependent shapes, host syncs
     options=("la_mom_num_memories", "la_mom_topk", "la_mom_capacity_factor",
              "la_mom_shared_memory", "la_mom_aux_loss_coeff"),

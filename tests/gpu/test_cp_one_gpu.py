@@ -35,12 +35,19 @@ CP_MIXERS = sorted(n for n, e in registered_mixers().items() if e.supports_cp)
 def _build(la_module, cp):
     from megatron.core import tensor_parallel
 
+    from linear_moe.ops import fla_compat
     from model_utils import tiny_config, tiny_model
 
     tensor_parallel.model_parallel_cuda_manual_seed(123)
     torch.manual_seed(123)
-    config = tiny_config(la_module=la_module, context_parallel_size=cp, la_ssm_groups=2,
-                         la_ssm_state_dim=16)
+    # mamba2's chunk mode is refused at build on Hopper + Triton < 3.7.1 (its backward)
+    mode = ("fused_recurrent" if la_module == "mamba2" and fla_compat.hopper_guard_active()
+            else "chunk")
+    # head dims 64-128: the ones fla_compat's Hopper guard has proven (and fla wants >= 16)
+    config = tiny_config(la_module=la_module, context_parallel_size=cp, la_backend="fla",
+                         la_mode=mode, hidden_size=256, num_attention_heads=4, kv_channels=64,
+                         ffn_hidden_size=512, la_num_heads=2, la_ssm_groups=2,
+                         la_ssm_state_dim=64)
     return tiny_model(config, "qwen2_moe", VOCAB, SEQ).cuda()
 
 
@@ -62,20 +69,26 @@ def _worker(rank, world_size, mixers):
     mpu.destroy_model_parallel()
     mpu.initialize_model_parallel(1)
     for name in mixers:
-        model = _build(name, 1)
-        logits = model(tokens, positions, None)
-        F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1)).backward()
-        with torch.no_grad():  # the control: this rank's chunks without what precedes them
-            alone = model(_this_rank(tokens, rank), _this_rank(positions, rank), None)
-        references[name] = (logits.detach(), {n: (p.detach().clone(), p.grad.clone())
-                                              for n, p in model.named_parameters()
-                                              if p.grad is not None},
-                            _relative(alone, _this_rank(logits, rank)))
+        try:
+            model = _build(name, 1)
+            logits = model(tokens, positions, None)
+            F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1)).backward()
+            with torch.no_grad():  # the control: this rank's chunks without what precedes them
+                alone = model(_this_rank(tokens, rank), _this_rank(positions, rank), None)
+            references[name] = (logits.detach(), {n: (p.detach().clone(), p.grad.clone())
+                                                  for n, p in model.named_parameters()
+                                                  if p.grad is not None},
+                                _relative(alone, _this_rank(logits, rank)))
+        except Exception:  # noqa: BLE001 - the mixer's test reports it
+            references[name] = "reference run: " + traceback.format_exc()
     mpu.destroy_model_parallel()
     mpu.initialize_model_parallel(1, context_parallel_size=CP)
     group = mpu.get_context_parallel_group()
     results = {}
     for name in mixers:
+        if isinstance(references[name], str):
+            results[name] = references[name]
+            continue
         try:
             ref_logits, ref, control = references[name]
             model = _build(name, CP)
