@@ -197,3 +197,28 @@ def test_tp2_cp2_matches_one_rank():
             assert any(".self_attention.o_proj." in n for n in errors), case
             worst = max(errors, key=errors.get)
             assert errors[worst] <= TOL, f"{case} {worst}: max abs diff {errors[worst]:.3e}"
+
+
+def _state_passing_worker(rank, world_size):
+    """linear attention with its normaliser (a tuple state (S, z)) through state_passing, with
+    the probe pass and with the identity shortcut, against the whole sequence; {form: error}."""
+    from linear_moe.ops import linear_attn
+    from linear_moe.parallel.context_parallel import SequenceChunks
+
+    g = torch.Generator().manual_seed(5)
+    q, k = (F.elu(torch.randn(2, 64, 2, 8, generator=g)) + 1 for _ in range(2))
+    v = torch.randn(2, 64, 2, 8, generator=g)
+    whole, _ = linear_attn(q, k, v, normalize=True, chunk_size=8)
+    chunks = SequenceChunks(torch.distributed.group.WORLD)
+    mine = [_this_rank(t, rank) for t in (q, k, v)]
+    errors = {}
+    for identity in (False, True):
+        o, _ = chunks.state_passing(linear_attn, tuple(mine),
+                                    dict(normalize=True, chunk_size=8), 2, identity)
+        errors[identity] = (o - _this_rank(whole, rank)).abs().max().item()
+    return errors
+
+
+def test_state_passing_carries_a_normaliser_with_and_without_the_probe():
+    for errors in run_distributed(_state_passing_worker, CP):
+        assert max(errors.values()) <= TOL, errors

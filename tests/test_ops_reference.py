@@ -191,6 +191,25 @@ def test_gdn_varlen_equals_separate_sequences():
         assert max_err(o_n, o_ref) <= ATOL and max_err(ht_n, ht_ref) <= ATOL
 
 
+def test_normalised_linear_attn_varlen_equals_separate_sequences():
+    """The numerator's state and the normaliser's key sum both restart per sequence, each from
+    its own initial state (packed documents, decoding a batch of them)."""
+    from linear_moe.ops import linear_attn
+
+    g = torch.Generator().manual_seed(11)
+    q, k = (F.elu(torch.randn(1, 150, H, K, generator=g)) + 1 for _ in range(2))
+    v = torch.randn(1, 150, H, V, generator=g)
+    S0, z0 = torch.randn(4, H, K, V, generator=g), torch.rand(4, H, K, generator=g) * 5
+    o, (S, z) = linear_attn(q, k, v, normalize=True, initial_state=(S0, z0),
+                            output_final_state=True, cu_seqlens=CU_SEQLENS, chunk_size=16)
+    for n, (s, e) in enumerate(zip(CU_SEQLENS[:-1].tolist(), CU_SEQLENS[1:].tolist())):
+        o_n, (S_n, z_n) = linear_attn(q[:, s:e], k[:, s:e], v[:, s:e], normalize=True,
+                                      initial_state=(S0[n:n + 1], z0[n:n + 1]),
+                                      output_final_state=True, chunk_size=16)
+        assert max_err(o[:, s:e], o_n) <= ATOL and max_err(S[n:n + 1], S_n) <= ATOL
+        assert max_err(z[n:n + 1], z_n) <= ATOL
+
+
 def test_varlen_rejects_bad_layouts():
     q, k, v, gk, _ = gla_inputs(10)
     with pytest.raises(ValueError, match="batch size 1"):

@@ -262,6 +262,8 @@ class LinearMixer(MegatronModule):
     #: (``recurrent``; see linear_moe.parallel.context_parallel), or None for a mixer whose
     #: recurrence is not of the form CP's state passing takes.
     cp_value_arg: int | None = None
+    #: The recurrence has no decay (its transition is the identity): CP skips the probe pass.
+    cp_identity_transition: bool = False
 
     def __init__(self, config, submodules=None, layer_number: int | None = None,
                  attn_mask_type=None, pg_collection=None, cp_comm_type=None, **unused):
@@ -580,7 +582,8 @@ class LinearMixer(MegatronModule):
         the previous call left and leaving its own; under context parallelism, from the state
         the chunks before leave (no final state); with packed documents, each from zero."""
         if self.cp is not None:
-            return self.cp.state_passing(op, args, kwargs, self.cp_value_arg)
+            return self.cp.state_passing(op, args, kwargs, self.cp_value_arg,
+                                         self.cp_identity_transition)
         if self._documents is not None:  # each document from a zero state
             return op(*args, cu_seqlens=self._documents.cu_seqlens, **kwargs)
         cache = self._decoding

@@ -15,6 +15,8 @@ from linear_moe.registry import register_mixer
 @register_mixer(
     "based",
     supports_decode=True,
+    supports_cp=True,
+    supports_varlen=True,
     options=("la_feature_dim",),
     paper="Simple linear attention language models balance the recall-throughput tradeoff "
           "(arXiv:2402.18668)",
@@ -25,6 +27,8 @@ from linear_moe.registry import register_mixer
               "la_use_output_gate": False},
 )
 class BasedMixer(LinearMixer):
+    cp_value_arg = 2  # the op's v (context parallelism)
+    cp_identity_transition = True  # no decay: the state (and normaliser) only add up
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         # q/k live in the small space the Taylor map expands, not in hidden * expand_k.

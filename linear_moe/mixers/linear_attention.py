@@ -18,6 +18,8 @@ from linear_moe.registry import register_mixer
 @register_mixer(
     "linear_attention",
     supports_decode=True,
+    supports_cp=True,
+    supports_varlen=True,
     options=("la_feature_map", "la_feature_map_norm", "la_norm_q", "la_norm_k", "la_dpfp_nu",
              "la_num_kv_heads"),
     paper="Transformers are RNNs (arXiv:2006.16236); feature maps: DPFP (arXiv:2102.11174), "
@@ -27,6 +29,8 @@ from linear_moe.registry import register_mixer
               "la_use_output_gate": False, "la_feature_map": "elu"},
 )
 class LinearAttentionMixer(LinearMixer):
+    cp_value_arg = 2  # the op's v (context parallelism)
+    cp_identity_transition = True  # no decay: the state (and normaliser) only add up
     head_sharing = "kv"  # fla's num_kv_heads: k/v heads shared by query heads
 
     def __init__(self, config, **kwargs):

@@ -24,6 +24,8 @@ _LN_EPS = 1e-5  # fla's layer_norm default
 @register_mixer(
     "rebased",
     supports_decode=True,
+    supports_cp=True,
+    supports_varlen=True,
     options=("la_feature_dim",),
     paper="Linear Transformers with Learnable Kernel Functions are Better In-Context Models "
           "(arXiv:2402.10644)",
@@ -36,6 +38,8 @@ _LN_EPS = 1e-5  # fla's layer_norm default
               "la_output_norm": "identity", "la_use_output_gate": False},
 )
 class ReBasedMixer(LinearMixer):
+    cp_value_arg = 2  # the op's v (context parallelism)
+    cp_identity_transition = True  # no decay: the state (and normaliser) only add up
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         self.head_k_dim = config.la_feature_dim

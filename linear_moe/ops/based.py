@@ -72,12 +72,14 @@ def _check(name, q, k, v, mode, modes):
                          f"{q.shape[-1]}; use mode 'chunk'")
 
 
-def _expanded(phi, q, k, v, scale, eps, backend, chunk_size, initial_state, output_final_state):
+def _expanded(phi, q, k, v, scale, eps, backend, chunk_size, initial_state, output_final_state,
+              cu_seqlens):
     """Linear attention with normaliser on phi(sqrt(scale) q), phi(sqrt(scale) k)."""
     r = math.sqrt(scale)
     return linear_attn(phi(q * r), phi(k * r), v, scale=1.0, normalize=True, eps=eps,
                        initial_state=initial_state, output_final_state=output_final_state,
-                       backend=backend, mode="chunk", chunk_size=chunk_size)
+                       cu_seqlens=cu_seqlens, backend=backend, mode="chunk",
+                       chunk_size=chunk_size)
 
 
 def based(
@@ -89,27 +91,29 @@ def based(
     eps: float = 1e-6,
     initial_state: tuple | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     mode: str = "chunk",
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, tuple | None]:
     """q, k [B, T, H, d] (before the Taylor map), v [B, T, H, V] -> (o [B, T, H, V] in
     q.dtype, final state or None): the state is linear_attn's over the Taylor features, so a
-    stateful call (decoding) takes the chunk form whatever the mode.
+    stateful or packed (cu_seqlens) call takes the chunk form whatever the mode.
 
     scale defaults to d^-1/2 (fla's based layer); eps 1e-6 is fla's parallel kernels' own.
     """
     _check("based", q, k, v, mode, BASED_MODES)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    stateful = initial_state is not None or output_final_state
+    # fla's parallel / fused_chunk kernels take neither states nor packed sequences
+    stateful = initial_state is not None or output_final_state or cu_seqlens is not None
     if resolve_backend(backend, q) == "fla" and mode != "chunk" and not stateful:
         from fla.ops.based import fused_chunk_based, parallel_based
 
         kernel = parallel_based if mode == "parallel" else fused_chunk_based
         return kernel(q, k, v, scale=scale, use_norm=True), None  # eps fixed at 1e-6 by fla
     return _expanded(taylor_feature_map, q, k, v, scale, eps, backend, chunk_size,
-                     initial_state, output_final_state)
+                     initial_state, output_final_state, cu_seqlens)
 
 
 def rebased(
@@ -120,6 +124,7 @@ def rebased(
     eps: float = 1e-5,
     initial_state: tuple | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     mode: str = "chunk",
     chunk_size: int = 64,
@@ -130,7 +135,8 @@ def rebased(
     The scale is d^-1/2, as fla's parallel_rebased(use_scale=True); eps 1e-5 is fla's layer's.
     """
     _check("rebased", q, k, v, mode, REBASED_MODES)
-    stateful = initial_state is not None or output_final_state
+    # fla's parallel / fused_chunk kernels take neither states nor packed sequences
+    stateful = initial_state is not None or output_final_state or cu_seqlens is not None
     if resolve_backend(backend, q) == "fla" and mode == "parallel" and not stateful:
         from fla.ops.rebased import parallel_rebased
 
@@ -143,4 +149,4 @@ def rebased(
     # chunk stays in the input dtype: fp32 quadratic features through fla's chunk_simple_gla
     # came out wrong (o 7.8e-2, dq 1.5 on the H200), bf16 ones cost dq/dk ~8e-2 (README).
     return _expanded(quadratic_feature_map, q, k, v, q.shape[-1] ** -0.5, eps, backend,
-                     chunk_size, initial_state, output_final_state)
+                     chunk_size, initial_state, output_final_state, cu_seqlens)

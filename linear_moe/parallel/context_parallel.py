@@ -118,10 +118,17 @@ class SequenceChunks:
         return self.unfold(fn(extended)[:, width:])
 
     # -- the recurrence ---------------------------------------------------------------------
-    def state_passing(self, op, args: tuple, kwargs: dict, value_arg: int):
+    def state_passing(self, op, args: tuple, kwargs: dict, value_arg: int,
+                      identity_transition: bool = False):
         """op(*args, **kwargs) -> (o, None) over the whole sequence, run on this rank's pieces
         (see the module docstring; no final state: that is the last rank's). ``value_arg``:
-        the position of the op's value input (the one the state's V side is built from)."""
+        the position of the op's value input (the one the state's V side is built from).
+
+        The op's state is S [..., K, V], or a tuple (S, z, ...) whose further entries are
+        key-side vectors [..., K] or None (linear attention's normaliser z_t = z_{t-1} + k_t:
+        S's column for a value of 1, so the same transition carries it).
+        ``identity_transition``: the recurrence has no decay (M = I), so the probe pass is
+        skipped."""
         if kwargs.get("initial_state") is not None:
             raise ValueError("a recurrence under context parallelism starts from the state the "
                              "ranks before it pass; it takes no initial_state")
@@ -138,20 +145,42 @@ class SequenceChunks:
         args = folded(args)
         kwargs = dict(zip(kwargs, folded(kwargs.values())))
         _, local = op(*args, output_final_state=True, **kwargs)  # S_c, from a zero state
-        value = args[value_arg]
-        key_dim = local.shape[-2]
-        probe = list(args)
-        probe[value_arg] = value.new_zeros(*value.shape[:-1], key_dim)
-        identity = torch.eye(key_dim, dtype=local.dtype, device=local.device)
-        identity = identity.expand(*local.shape[:-2], key_dim, key_dim).contiguous()
-        _, transition = op(*probe, initial_state=identity, output_final_state=True, **kwargs)
-        value_dim = local.shape[-1]  # one all-gather for both: [.., K, V + K]
-        chunks = self.gather_chunks(torch.cat([local, transition], -1))
-        start = torch.zeros_like(chunks[0][..., :value_dim])
+        tuple_state = isinstance(local, tuple)
+        parts = local if tuple_state else (local,)
+        extras = [i for i, e in enumerate(parts[1:], 1) if e is not None]
+        S = parts[0]
+        key_dim, value_dim = S.shape[-2:]
+        # [.., K, V + extras]: the extras as S's further columns, composed alike
+        packed = torch.cat([S, *(parts[i].unsqueeze(-1).to(S.dtype) for i in extras)], -1)
+        if identity_transition:
+            chunks = self.gather_chunks(packed)
+            transitions = None
+        else:
+            value = args[value_arg]
+            probe = list(args)
+            probe[value_arg] = value.new_zeros(*value.shape[:-1], key_dim)
+            identity = torch.eye(key_dim, dtype=S.dtype, device=S.device)
+            identity = identity.expand(*S.shape[:-2], key_dim, key_dim).contiguous()
+            probe_state = (identity, *(None for _ in parts[1:])) if tuple_state else identity
+            _, transition = op(*probe, initial_state=probe_state, output_final_state=True,
+                               **kwargs)
+            if tuple_state:
+                transition = transition[0]
+            width = packed.shape[-1]  # one all-gather for both: [.., K, width + K]
+            everything = self.gather_chunks(torch.cat([packed, transition.to(S.dtype)], -1))
+            chunks = [c[..., :width] for c in everything]
+            transitions = [c[..., width:] for c in everything]
+        start = torch.zeros_like(chunks[0])
         starts = []
-        for chunk in chunks:  # in sequence order: S_end = M S_start + S_local
+        for i, chunk in enumerate(chunks):  # in sequence order: S_end = M S_start + S_local
             starts.append(start)
-            start = chunk[..., value_dim:] @ start + chunk[..., :value_dim]
+            start = (start if transitions is None else transitions[i] @ start) + chunk
         initial = torch.stack([starts[chunk] for chunk in self.chunks], 1)
-        o, _ = op(*args, initial_state=initial.reshape(local.shape), **kwargs)
+        initial = initial.reshape(*S.shape[:-1], packed.shape[-1])
+        if tuple_state:
+            columns = iter(initial[..., value_dim + j] for j in range(len(extras)))
+            initial = (initial[..., :value_dim].contiguous(),
+                       *(next(columns).to(parts[i].dtype) if i in extras else None
+                         for i in range(1, len(parts))))
+        o, _ = op(*args, initial_state=initial, **kwargs)
         return self.unfold(o), None
