@@ -80,7 +80,7 @@ def test_context_parallel_support_is_what_the_mixer_can_do():
     """A mixer claims CP exactly when it says where its op's value input is (the state passing
     reads the op's transition with it); validate_args accepts CP for those."""
     for name, entry in registered_mixers().items():
-        assert entry.supports_cp == (entry.builder.cp_value_arg is not None), name
+        assert entry.supports_cp == entry.builder.has_cp_support(), name
         if entry.supports_cp:
             validate_args(parsed_args(la_module=name, context_parallel_size=2, seq_length=64))
 
@@ -121,21 +121,33 @@ def test_unfused_residual_add_equals_the_fused_one_in_bf16():
     (dict(layer_type_list="LLN"), "divides --num-layers"),
     (dict(la_mode="parallel"), "no --la-mode 'parallel'"),
     (dict(tensor_model_parallel_size=3), "not divisible by --tensor-model-parallel-size 3"),
-    (dict(la_module="gsa", context_parallel_size=2, seq_length=64),
-     "mixer 'gsa' has no context-parallel support"),
+    (dict(la_module="mom_gla", context_parallel_size=2, seq_length=64),
+     "mixer 'mom_gla' has no context-parallel support"),
     (dict(context_parallel_size=2, seq_length=66), "--seq-length 66 is not divisible by 2 x"),
     (dict(la_module="gated_deltanet", context_parallel_size=4, seq_length=24),
      "chunks of 3 tokens, shorter than a short convolution's 4"),
     (dict(context_parallel_size=2, seq_length=64, multi_latent_attention=True),
      "MLA attention .* no context-parallel support"),
     (dict(expert_model_parallel_size=3), "--num-experts 8 is not divisible"),
-    (dict(la_module="gsa", reset_attention_mask=True), "mixer 'gsa' has no packed-document"),
     (dict(reset_attention_mask=True, context_parallel_size=2, seq_length=64),
      "--reset-attention-mask with --context-parallel-size"),
 ])
 def test_validate_errors_name_the_fix(overrides, message):
     with pytest.raises(ValueError, match=message):
         validate_args(parsed_args(**overrides))
+
+
+def test_packed_documents_refused_for_a_mixer_without_varlen(monkeypatch):
+    """Every shipped mixer takes packed documents; one registered without them is refused."""
+    import dataclasses
+
+    from linear_moe import registry
+
+    entry = registry.get_mixer("gsa")
+    monkeypatch.setitem(registry._REGISTRY, "gsa", dataclasses.replace(entry,
+                                                                      supports_varlen=False))
+    with pytest.raises(ValueError, match="mixer 'gsa' has no packed-document"):
+        validate_args(parsed_args(la_module="gsa", reset_attention_mask=True))
 
 
 def test_preset_flags_come_first_so_user_flags_win():

@@ -265,6 +265,11 @@ class LinearMixer(MegatronModule):
     #: The recurrence has no decay (its transition is the identity): CP skips the probe pass.
     cp_identity_transition: bool = False
 
+    @classmethod
+    def has_cp_support(cls) -> bool:
+        """A value argument for the generic state passing, or a ``cp_recurrent`` of its own."""
+        return cls.cp_value_arg is not None or cls.cp_recurrent is not LinearMixer.cp_recurrent
+
     def __init__(self, config, submodules=None, layer_number: int | None = None,
                  attn_mask_type=None, pg_collection=None, cp_comm_type=None, **unused):
         super().__init__(config=config)
@@ -277,7 +282,7 @@ class LinearMixer(MegatronModule):
         self.tp_rank = self.tp_group.rank()
         self.cp = None  # this rank's pieces of the sequence under context parallelism
         if config.context_parallel_size > 1:
-            if self.cp_value_arg is None:
+            if not self.has_cp_support():
                 raise ValueError(f"mixer '{config.la_module}' has no context-parallel support; "
                                  "use --context-parallel-size 1 or a mixer with cp=yes "
                                  "(`linear-moe mixers`)")
@@ -582,8 +587,7 @@ class LinearMixer(MegatronModule):
         the previous call left and leaving its own; under context parallelism, from the state
         the chunks before leave (no final state); with packed documents, each from zero."""
         if self.cp is not None:
-            return self.cp.state_passing(op, args, kwargs, self.cp_value_arg,
-                                         self.cp_identity_transition)
+            return self.cp_recurrent(op, args, kwargs)
         if self._documents is not None:  # each document from a zero state
             return op(*args, cu_seqlens=self._documents.cu_seqlens, **kwargs)
         cache = self._decoding
@@ -593,6 +597,11 @@ class LinearMixer(MegatronModule):
                       output_final_state=True, **kwargs)
         cache.states["recurrent"] = state
         return o, state
+
+    def cp_recurrent(self, op, args: tuple, kwargs: dict):
+        """``recurrent`` under context parallelism: from the state the chunks before leave."""
+        return self.cp.state_passing(op, args, kwargs, self.cp_value_arg,
+                                     self.cp_identity_transition)
 
     @property
     def position_offset(self) -> int:

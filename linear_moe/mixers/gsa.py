@@ -28,6 +28,8 @@ from linear_moe.registry import register_mixer
 @register_mixer(
     "gsa",
     supports_decode=True,
+    supports_cp=True,
+    supports_varlen=True,
     options=("la_gsa_num_slots", "la_gsa_gate_logit_normalizer"),
     paper="Gated Slot Attention for Efficient Linear-Time Sequence Modeling (arXiv:2409.07146)",
     kernel="fla chunk_gsa / fused_recurrent_gsa",
@@ -55,6 +57,35 @@ class GSAMixer(LinearMixer):
                 self.num_local_heads, self.head_v_dim, dtype=self.config.params_dtype))
             init_tp_sharded_(self.norm_weight, (self.num_heads, self.head_v_dim), 0,
                              torch.nn.init.ones_, self.tp_rank, self.tp_size)
+
+    def cp_recurrent(self, op, args, kwargs):
+        """GSA under context parallelism. Both memories decay per slot, K~ on its slot columns
+        and V~ on its slot rows, by alpha = exp(g), and neither one's update reads the other
+        (the softmax only reads K~ for the output), so a piece's end states are
+        (K~_start diag(a), diag(a) V~_start) + its own from zero, with a = exp(sum of the
+        piece's g): one op pass from zero states, one all-gather, one pass from the composed
+        start states (no probe pass: the transition is read off g)."""
+        cp = self.cp
+        batch, length = args[0].shape[:2]
+        folded = [cp.fold(a) for a in args]  # q, k, v, s, g: all per token
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("initial_state",
+                                                                "output_final_state")}
+        _, (hk, hv) = op(*folded, output_final_state=True, **kwargs)  # [2b,H,K,M], [2b,H,M,V]
+        decay = folded[4].float().sum(1).exp()  # [2b, H, M]
+        K, M, V = hk.shape[-2], hk.shape[-1], hv.shape[-1]
+        hk, hv = hk.float(), hv.float()
+        chunks = cp.gather_chunks(torch.cat([hk.flatten(-2), hv.flatten(-2), decay], -1))
+        start_k, start_v = torch.zeros_like(hk[:batch]), torch.zeros_like(hv[:batch])
+        starts = []
+        for chunk in chunks:  # in sequence order
+            starts.append((start_k, start_v))
+            local_k, local_v, a = chunk.split((K * M, M * V, M), -1)
+            start_k = start_k * a[..., None, :] + local_k.unflatten(-1, (K, M))
+            start_v = start_v * a[..., :, None] + local_v.unflatten(-1, (M, V))
+        initial = tuple(torch.stack([starts[c][i] for c in cp.chunks], 1).flatten(0, 1)
+                        for i in (0, 1))
+        o, _ = op(*folded, initial_state=initial, **kwargs)
+        return cp.unfold(o), None
 
     def mix(self, x):
         q, k, v, f, gate = self.qkv(x, self.f_proj)

@@ -25,6 +25,10 @@ def test_packed_documents_on_fla_equal_each_document_alone(mixer, megatron_singl
 
     from linear_moe.ops import fla_compat
 
+    if mixer == "mom_gla":  # a fault poisons the process's CUDA context for the tests after it
+        pytest.skip("fla 0.6.0's chunk_gla faults (CUDA misaligned address) on fp32 runs of many "
+                    "short packed sequences, as MoM's memories feed it here (H100, session 20; "
+                    "reproducer: scripts/probes/gla_varlen_short.py fp32 3,1,2,5,1,1,4,2,7,1,3,2)")
     # mamba2's chunk mode is refused at build on Hopper + Triton < 3.7.1 (its backward)
     mode = ("fused_recurrent" if mixer == "mamba2" and fla_compat.hopper_guard_active()
             else "chunk")
