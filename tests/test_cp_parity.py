@@ -56,49 +56,67 @@ def _batch():
     return tokens, labels, torch.arange(SEQ).expand(BATCH, SEQ)
 
 
-def _cases_worker(rank, world_size, cases):
-    """Every case's CP=1 reference under one parallel state, then its CP=2 run under another;
-    {case: per-tensor max abs error or a traceback}."""
+def _parallel_worker(rank, world_size, cases, tp=1):
+    """Every case's one-rank reference, then its run under TP=tp x CP=2 (world_size = 2 tp):
+    weights copied from the reference (sliced along their TP dim), this CP rank's chunks in,
+    gradients summed over CP (and over TP for the sequence-parallel norms), each rank's shard
+    compared; {case: (per-tensor max abs error, control) or a traceback}."""
     import traceback
 
     from megatron.core import parallel_state as mpu
 
+    from test_tp_parity import _reduce_sequence_parallel_grads
+
+    # no GLU under TP: megatron interleaves a GLU's halves per TP rank, which slicing cannot
+    glu = tp == 1
     tokens, labels, positions = _batch()
     mpu.destroy_model_parallel()
     mpu.initialize_model_parallel(1)
+    cp_rank = rank // tp  # megatron's rank order is tp-cp-...: TP varies fastest
     references = {}
     for case in cases:
-        model = _build(case[0], 1, case[1])
+        model = _build(case[0], 1, case[1], glu=glu)
         logits = model(tokens, positions, None)
         F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1)).backward()
         with torch.no_grad():  # the control: this rank's chunks without what precedes them
-            alone = model(_this_rank(tokens, rank), _this_rank(positions, rank), None)
+            alone = model(_this_rank(tokens, cp_rank), _this_rank(positions, cp_rank), None)
         references[case] = (logits.detach(), {n: (p.detach().clone(), p.grad.clone())
                                               for n, p in model.named_parameters()
                                               if p.grad is not None},
-                            (alone - _this_rank(logits, rank)).abs().max().item())
+                            (alone - _this_rank(logits, cp_rank)).abs().max().item())
     mpu.destroy_model_parallel()
-    mpu.initialize_model_parallel(1, context_parallel_size=CP)
-    group = mpu.get_context_parallel_group()
+    mpu.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=CP)
+    assert cp_rank == mpu.get_context_parallel_rank()
+    tp_rank = mpu.get_tensor_model_parallel_rank()
     results = {}
     for case in cases:
         try:
             ref_logits, ref, control = references[case]
-            model = _build(case[0], CP, case[1])
+            model = _build(case[0], CP, case[1], tp=tp, glu=glu)
             params = dict(model.named_parameters())
+
+            def shard(name, full):
+                p = params[name]
+                if getattr(p, "tensor_model_parallel", False):
+                    return full.chunk(tp, dim=p.partition_dim)[tp_rank]
+                return full
+
             with torch.no_grad():
                 for name, (weight, _) in ref.items():
-                    params[name].copy_(weight)
-            logits = model(_this_rank(tokens, rank), _this_rank(positions, rank), None)
+                    params[name].copy_(shard(name, weight))
+            logits = model(_this_rank(tokens, cp_rank), _this_rank(positions, cp_rank), None)
             # this rank's share of the mean over every token of the sequence
             loss = F.cross_entropy(logits.reshape(-1, VOCAB),
-                                   _this_rank(labels, rank).reshape(-1), reduction="sum")
+                                   _this_rank(labels, cp_rank).reshape(-1), reduction="sum")
             (loss / labels.numel()).backward()
-            errors = {"logits": (logits.detach() - _this_rank(ref_logits, rank)).abs().max().item()}
+            if tp > 1:
+                _reduce_sequence_parallel_grads(model, mpu.get_tensor_model_parallel_group())
+            errors = {"logits": (logits.detach()
+                                 - _this_rank(ref_logits, cp_rank)).abs().max().item()}
             for name, (_, grad) in ref.items():
                 mine = params[name].grad.clone()
-                torch.distributed.all_reduce(mine, group=group)
-                errors[name] = (mine - grad).abs().max().item()
+                torch.distributed.all_reduce(mine, group=mpu.get_context_parallel_group())
+                errors[name] = (mine - shard(name, grad)).abs().max().item()
             results[case] = (errors, control)
         except Exception:  # noqa: BLE001 - the case's test reports it
             results[case] = traceback.format_exc()
@@ -112,7 +130,7 @@ pytestmark = pytest.mark.xdist_group("cp_parity")
 
 @pytest.fixture(scope="module")
 def cp_results():
-    return run_distributed(_cases_worker, CP, CASES)
+    return run_distributed(_parallel_worker, CP, CASES)
 
 
 @pytest.mark.parametrize("la_module,moe", CASES,
@@ -131,69 +149,16 @@ def test_cp2_matches_cp1(la_module, moe, cp_results):
 
 
 
-TP_CP = (2, 2)
+TP = 2
 TP_CP_CASES = [("gated_deltanet", True), ("rwkv7", False), ("retention", False)]
-
-
-def _tp_cp_worker(rank, world_size, cases):
-    """TP=2 x CP=2 (four ranks) against the one-rank model: weights sliced along their TP dim,
-    this CP rank's chunks in; gradients summed over CP (and over TP for the sequence-parallel
-    norms), each rank's TP shard compared."""
-    from megatron.core import parallel_state as mpu
-
-    from test_tp_parity import _reduce_sequence_parallel_grads
-
-    tokens, labels, positions = _batch()
-    mpu.destroy_model_parallel()
-    mpu.initialize_model_parallel(1)
-    references = {}
-    for case in cases:
-        # no GLU: megatron interleaves a GLU's halves per TP rank, which chunking cannot slice
-        # no GLU: megatron interleaves a GLU's halves per TP rank, which chunking cannot slice
-        model = _build(case[0], 1, case[1], glu=False)
-        logits = model(tokens, positions, None)
-        F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1)).backward()
-        references[case] = (logits.detach(), {n: (p.detach().clone(), p.grad.clone())
-                                              for n, p in model.named_parameters()
-                                              if p.grad is not None})
-    mpu.destroy_model_parallel()
-    tp, cp = TP_CP
-    mpu.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
-    cp_rank, tp_rank = mpu.get_context_parallel_rank(), mpu.get_tensor_model_parallel_rank()
-    results = {}
-    for case in cases:
-        ref_logits, ref = references[case]
-        model = _build(case[0], cp, case[1], tp=tp, glu=False)
-        params = dict(model.named_parameters())
-
-        def shard(name, full):
-            p = params[name]
-            if getattr(p, "tensor_model_parallel", False):
-                return full.chunk(2, dim=p.partition_dim)[tp_rank]
-            return full
-
-        with torch.no_grad():
-            for name, (weight, _) in ref.items():
-                params[name].copy_(shard(name, weight))
-        logits = model(_this_rank(tokens, cp_rank), _this_rank(positions, cp_rank), None)
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB),
-                               _this_rank(labels, cp_rank).reshape(-1), reduction="sum")
-        (loss / labels.numel()).backward()
-        _reduce_sequence_parallel_grads(model, mpu.get_tensor_model_parallel_group())
-        errors = {"logits": (logits.detach() - _this_rank(ref_logits, cp_rank)).abs().max().item()}
-        for name, (_, grad) in ref.items():
-            mine = params[name].grad.clone()
-            torch.distributed.all_reduce(mine, group=mpu.get_context_parallel_group())
-            errors[name] = (mine - shard(name, grad)).abs().max().item()
-        results[case] = errors
-    mpu.destroy_model_parallel()
-    return results
 
 
 @pytest.mark.slow
 def test_tp2_cp2_matches_one_rank():
-    for rank_results in run_distributed(_tp_cp_worker, 4, TP_CP_CASES):
-        for case, errors in rank_results.items():
+    for rank_results in run_distributed(_parallel_worker, TP * CP, TP_CP_CASES, TP):
+        for case, result in rank_results.items():
+            assert not isinstance(result, str), result
+            errors = result[0]
             assert any(".self_attention.o_proj." in n for n in errors), case
             worst = max(errors, key=errors.get)
             assert errors[worst] <= TOL, f"{case} {worst}: max abs diff {errors[worst]:.3e}"

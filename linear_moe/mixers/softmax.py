@@ -87,7 +87,10 @@ class SDPACoreAttention(MegatronModule):
             chunks = self.cp.gather_chunks(self.cp.fold(t.transpose(1, 2)))
             return torch.cat(chunks, 1).transpose(1, 2)
 
-        keys, values = whole(k), whole(v)
+        if k.shape == v.shape:  # one all-gather for both
+            keys, values = whole(torch.cat([k, v], -1)).chunk(2, -1)
+        else:
+            keys, values = whole(k), whole(v)
 
         def attend(piece, offset):  # piece [b, s_piece, n, d] at global position offset
             end = offset + piece.shape[1]
