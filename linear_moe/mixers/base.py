@@ -599,9 +599,18 @@ class LinearMixer(MegatronModule):
         return o, state
 
     def cp_recurrent(self, op, args: tuple, kwargs: dict):
-        """``recurrent`` under context parallelism: from the state the chunks before leave."""
+        """``recurrent`` under context parallelism: from the state the chunks before leave
+        (one op pass for a GLA-form op whose ``cp_log_decay`` is known, else three)."""
+        log_decay = self.cp_log_decay(args, kwargs)
+        if log_decay is not None:
+            return self.cp.diagonal_state_passing(op, args, kwargs, log_decay)
         return self.cp.state_passing(op, args, kwargs, self.cp_value_arg,
                                      self.cp_identity_transition)
+
+    def cp_log_decay(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """For a GLA-form op (o_t = scale q_t S_t, S_t = diag(exp g_t) S_{t-1} + k_t^T v_t):
+        its per-token log decay [b, T, H, K | 1] from the op's arguments; None otherwise."""
+        return None
 
     @property
     def position_offset(self) -> int:

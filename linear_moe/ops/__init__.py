@@ -11,7 +11,7 @@ from .kda import kda
 from .linear_attn import linear_attn
 from .rwkv6 import rwkv6
 from .rwkv7 import rwkv7
-from .simple_gla import simple_gla
+from .simple_gla import simple_gla, simple_gla_log_decay
 from .ssd import ssd
 
-__all__ = ["based", "rebased", "linear_attn", "delta_rule", "gla", "gsa", "gated_delta_rule", "kda", "resolve_backend", "rwkv6", "rwkv7", "simple_gla", "ssd"]
+__all__ = ["based", "rebased", "linear_attn", "delta_rule", "gla", "gsa", "gated_delta_rule", "kda", "resolve_backend", "rwkv6", "rwkv7", "simple_gla", "simple_gla_log_decay", "ssd"]

@@ -49,11 +49,19 @@ def simple_gla(
     if resolve_backend(backend, q) == "fla":
         return _simple_gla_fla(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
                                cu_seqlens, mode)
-    log_decay = g if g is not None else g_gamma.to(q.device).expand(B, T, H)
-    gk = log_decay.unsqueeze(-1).expand(B, T, H, K)
+    gk = simple_gla_log_decay(q, g, g_gamma).expand(B, T, H, K)
     return gla(q, k, v, gk, scale=scale, initial_state=initial_state,
                output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                backend="reference", chunk_size=chunk_size)
+
+
+def simple_gla_log_decay(q: torch.Tensor, g: torch.Tensor | None = None,
+                         g_gamma: torch.Tensor | None = None, **unused) -> torch.Tensor:
+    """simple_gla's log decay per token [B, T, H, 1] (g, or the fixed g_gamma over every
+    token), as context parallelism's one-pass form reads it."""
+    B, T, H = q.shape[:3]
+    log_decay = g if g is not None else g_gamma.to(q.device).expand(B, T, H)
+    return log_decay.unsqueeze(-1)
 
 
 def _simple_gla_fla(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens,

@@ -15,8 +15,8 @@ token positions, and each gets what precedes its pieces from the other ranks:
   composes each piece's start state in global order, and runs the op from it (LASP-2's
   all-gather of chunk states, Sun et al. 2025, arXiv:2502.07563, with the transition read off
   the op itself, so every recurrence of that form - diagonal, scalar, delta-rule, DPLR - works
-  without op-specific code). Three op passes instead of one: a correctness-first form; the
-  op-specific one-pass form (the decay's cumulative product for the diagonal ones) is for later.
+  without op-specific code). Three op passes instead of one; the GLA-form ops (diagonal
+  decay, read inclusive) take the one-pass form instead (``diagonal_state_passing``).
 
 The collectives are autograd functions: a gathered tensor's gradient is summed over the ranks
 (all-reduce) and each rank keeps its own part, so the states' gradients reach the ranks whose
@@ -184,3 +184,36 @@ class SequenceChunks:
                          for i in range(1, len(parts))))
         o, _ = op(*args, initial_state=initial, **kwargs)
         return self.unfold(o), None
+
+    def diagonal_state_passing(self, op, args: tuple, kwargs: dict, log_decay: torch.Tensor):
+        """state_passing in one op pass for the GLA-form ops (o_t = scale q_t S_t,
+        S_t = diag(exp g_t) S_{t-1} + k_t^T v_t; args start q, k, v): the op runs from a zero
+        state, and the start state's share, scale (q_t * exp(G_t)) S_start with G_t the
+        piece's running log decay through t, is added after (LASP-2's form; the transition
+        is exp of the piece's total log decay, so no probe pass). ``log_decay`` [b, T, H, K]
+        or [b, T, H, 1], per token (a fixed decay expanded over T)."""
+        if kwargs.get("initial_state") is not None:
+            raise ValueError("a recurrence under context parallelism starts from the state the "
+                             "ranks before it pass; it takes no initial_state")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("initial_state",
+                                                                "output_final_state")}
+        batch, length = args[0].shape[:2]
+        args = [self.fold(a) if _is_per_token(a, batch, length) else a for a in args]
+        kwargs = {k: self.fold(v) if _is_per_token(v, batch, length) else v
+                  for k, v in kwargs.items()}
+        o, local = op(*args, output_final_state=True, **kwargs)  # [2b, c, H, V], [2b, H, K, V]
+        q = args[0]
+        running = self.fold(log_decay).float().cumsum(1)  # [2b, c, H, K | 1]
+        total = running[:, -1].expand(*local.shape[:-1])  # [2b, H, K]
+        chunks = self.gather_chunks(torch.cat([local.float(), total.unsqueeze(-1)], -1))
+        start = torch.zeros_like(chunks[0][..., :-1])
+        starts = []
+        for chunk in chunks:  # in sequence order: S_end = exp(total) S_start + S_local
+            starts.append(start)
+            start = chunk[..., -1:].exp() * start + chunk[..., :-1]
+        initial = torch.stack([starts[chunk] for chunk in self.chunks], 1).flatten(0, 1)
+        scale = kwargs.get("scale")
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        carried = torch.einsum("bthk,bhkv->bthv", q.float() * running.exp(), initial) * scale
+        return self.unfold((o.float() + carried).to(o.dtype)), None
+
