@@ -24,7 +24,9 @@ from linear_moe.registry import registered_mixers
 SEQ, BATCH, VOCAB, CP = 32, 2, 128, 2
 TOL = 1e-5
 CP_MIXERS = sorted(n for n, e in registered_mixers().items() if e.supports_cp)
-CASES = [(m, False) for m in CP_MIXERS] + [("gated_deltanet", True), ("rwkv6", True)]
+# (mixer, MoE, config overrides); MoM with a capacity: its queues continue across the ranks
+CASES = ([(m, False, ()) for m in CP_MIXERS] + [("gated_deltanet", True, ()), ("rwkv6", True, ())]
+         + [("mom_gla", False, (("la_mom_capacity_factor", 0.5),))])
 
 
 def _this_rank(t, rank, cp=CP):
@@ -34,7 +36,7 @@ def _this_rank(t, rank, cp=CP):
     return torch.cat([t[:, first:first + c], t[:, second:second + c]], 1)
 
 
-def _build(la_module, cp, moe, tp=1, glu=True):
+def _build(la_module, cp, moe, overrides=(), tp=1, glu=True):
     from megatron.core import tensor_parallel
 
     moe_fields = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48,
@@ -45,7 +47,7 @@ def _build(la_module, cp, moe, tp=1, glu=True):
     mlp = {} if glu else dict(gated_linear_unit=False, activation_func=F.gelu)
     config = tiny_config(la_module=la_module, context_parallel_size=cp, la_chunk_size=8,
                          la_ssm_groups=2, la_ssm_state_dim=8, tensor_model_parallel_size=tp,
-                         sequence_parallel=tp > 1, **mlp, **moe_fields)
+                         sequence_parallel=tp > 1, **mlp, **moe_fields, **dict(overrides))
     return tiny_model(config, "qwen2_moe", VOCAB, SEQ)
 
 
@@ -75,7 +77,7 @@ def _parallel_worker(rank, world_size, cases, tp=1):
     cp_rank = rank // tp  # megatron's rank order is tp-cp-...: TP varies fastest
     references = {}
     for case in cases:
-        model = _build(case[0], 1, case[1], glu=glu)
+        model = _build(case[0], 1, case[1], case[2], glu=glu)
         logits = model(tokens, positions, None)
         F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1)).backward()
         with torch.no_grad():  # the control: this rank's chunks without what precedes them
@@ -92,7 +94,7 @@ def _parallel_worker(rank, world_size, cases, tp=1):
     for case in cases:
         try:
             ref_logits, ref, control = references[case]
-            model = _build(case[0], CP, case[1], tp=tp, glu=glu)
+            model = _build(case[0], CP, case[1], case[2], tp=tp, glu=glu)
             params = dict(model.named_parameters())
 
             def shard(name, full):
@@ -133,11 +135,11 @@ def cp_results():
     return run_distributed(_parallel_worker, CP, CASES)
 
 
-@pytest.mark.parametrize("la_module,moe", CASES,
-                         ids=[f"{m}-{'moe' if moe else 'dense'}" for m, moe in CASES])
-def test_cp2_matches_cp1(la_module, moe, cp_results):
+@pytest.mark.parametrize("case", CASES, ids=[
+    f"{m}-{'moe' if moe else 'dense'}" + "".join(f"-{k}={v}" for k, v in o) for m, moe, o in CASES])
+def test_cp2_matches_cp1(case, cp_results):
     for rank_results in cp_results:
-        result = rank_results[(la_module, moe)]
+        result = rank_results[case]
         assert not isinstance(result, str), result
         errors, control = result
         assert any(".self_attention.o_proj." in n for n in errors), "mixer grads not compared"
@@ -145,12 +147,12 @@ def test_cp2_matches_cp1(la_module, moe, cp_results):
         worst = max(errors, key=errors.get)
         assert errors[worst] <= TOL, f"{worst}: max abs diff {errors[worst]:.3e}"
     # rank 1's chunks follow others: run alone, their logits are far off, so TOL can tell
-    assert cp_results[1][(la_module, moe)][1] > 1e-3
+    assert cp_results[1][case][1] > 1e-3
 
 
 
 TP = 2
-TP_CP_CASES = [("gated_deltanet", True), ("rwkv7", False), ("retention", False)]
+TP_CP_CASES = [("gated_deltanet", True, ()), ("rwkv7", False, ()), ("retention", False, ())]
 
 
 @pytest.mark.slow

@@ -121,8 +121,6 @@ def test_unfused_residual_add_equals_the_fused_one_in_bf16():
     (dict(layer_type_list="LLN"), "divides --num-layers"),
     (dict(la_mode="parallel"), "no --la-mode 'parallel'"),
     (dict(tensor_model_parallel_size=3), "not divisible by --tensor-model-parallel-size 3"),
-    (dict(la_module="mom_gla", context_parallel_size=2, seq_length=64),
-     "mixer 'mom_gla' has no context-parallel support"),
     (dict(context_parallel_size=2, seq_length=66), "--seq-length 66 is not divisible by 2 x"),
     (dict(la_module="gated_deltanet", context_parallel_size=4, seq_length=24),
      "chunks of 3 tokens, shorter than a short convolution's 4"),
@@ -137,17 +135,21 @@ def test_validate_errors_name_the_fix(overrides, message):
         validate_args(parsed_args(**overrides))
 
 
-def test_packed_documents_refused_for_a_mixer_without_varlen(monkeypatch):
-    """Every shipped mixer takes packed documents; one registered without them is refused."""
+@pytest.mark.parametrize("support,flags,message", [
+    ("supports_varlen", dict(reset_attention_mask=True), "mixer 'gsa' has no packed-document"),
+    ("supports_cp", dict(context_parallel_size=2, seq_length=64),
+     "mixer 'gsa' has no context-parallel support"),
+])
+def test_a_mixer_registered_without_a_support_is_refused(monkeypatch, support, flags, message):
+    """Every shipped mixer takes packed documents and CP; one registered without is refused."""
     import dataclasses
 
     from linear_moe import registry
 
-    entry = registry.get_mixer("gsa")
-    monkeypatch.setitem(registry._REGISTRY, "gsa", dataclasses.replace(entry,
-                                                                      supports_varlen=False))
-    with pytest.raises(ValueError, match="mixer 'gsa' has no packed-document"):
-        validate_args(parsed_args(la_module="gsa", reset_attention_mask=True))
+    entry = dataclasses.replace(registry.get_mixer("gsa"), **{support: False})
+    monkeypatch.setitem(registry._REGISTRY, "gsa", entry)
+    with pytest.raises(ValueError, match=message):
+        validate_args(parsed_args(la_module="gsa", **flags))
 
 
 def test_preset_flags_come_first_so_user_flags_win():

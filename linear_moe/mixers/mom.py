@@ -31,7 +31,9 @@ from linear_moe.registry import register_mixer
 
 class MixtureOfMemories(LinearMixer):
     """Routing, capacity, packing and the load-balancing loss; subclasses define one memory's
-    projections (``memory_inputs``) and recurrence (``run_memory``)."""
+    projections (``memory_inputs``) and recurrence (``memory_op``)."""
+
+    cp_value_arg = 2  # the memory op's v (context parallelism)
 
     strided_input = False  # routing and the memories' projections read x as [b, s, h]
 
@@ -61,9 +63,34 @@ class MixtureOfMemories(LinearMixer):
         """-> (k, v, *gates) in [b, s, H, *] for every position."""
         raise NotImplementedError
 
+    def memory_op(self, q, inputs):
+        """-> (op, args, kwargs): one memory's recurrence over q and its ``memory_inputs``, the
+        op's per-token arguments (q first) in [b, s, H, *]."""
+        raise NotImplementedError
+
     def run_memory(self, q, inputs, cu_seqlens, initial_state=None, output_final_state=False):
         """-> (o, final state [sequences, H, K, V] or None) over the packed sub-sequences."""
-        raise NotImplementedError
+        op, args, kwargs = self.memory_op(q, inputs)
+        return op(*args, cu_seqlens=cu_seqlens, initial_state=initial_state,
+                  output_final_state=output_final_state, **kwargs)
+
+    def _run_memory_masked(self, q, inputs, routed):
+        """Under context parallelism: the memory over the whole sequence, the tokens not routed
+        to it (routed [b, s] False) made no-ops by zeroing every per-token argument but q
+        (no write, log decay 0, beta 0: the state passes them unchanged), so that the
+        sequence's state passing carries it across the ranks; o [b, s, H, V]."""
+        op, args, kwargs = self.memory_op(q, inputs)
+        keep = routed.to(q.dtype)
+        args = (args[0], *(a * keep.view(*keep.shape, *([1] * (a.dim() - 2))).to(a.dtype)
+                           for a in args[1:]))
+        return self.recurrent(op, *args, **kwargs)[0]
+
+    def cp_log_decay(self, args, kwargs):
+        return self.memory_log_decay(args)
+
+    def memory_log_decay(self, args):
+        """The memory op's per-token log decay if it is GLA-form (CP's one-pass form)."""
+        return None
 
     @classmethod
     def decode_unsupported(cls, config):
@@ -99,11 +126,14 @@ class MixtureOfMemories(LinearMixer):
         # Each rank combines only its heads' outputs: all-reduce the weights' gradient.
         weights = copy_to_tensor_model_parallel_region(weights, group=self.tp_group)
         routed = torch.zeros_like(probs).scatter(-1, chosen, weights)  # [N, M]
-        if self.config.la_mom_capacity_factor > 0:
+        factor = self.config.la_mom_capacity_factor
+        if factor > 0 and self.cp is not None:
+            row = torch.tensor(x.shape[1] * self.cp.size, dtype=torch.float64)  # whole row
+            routed = routed * (self._cp_queue_positions(routed, x.shape[0])
+                               <= self._capacity(row).to(x.device))
+        elif factor > 0:
             # per sequence (row or document): a memory takes its first `capacity` tokens there
-            lengths = (cu[1:] - cu[:-1]).double()
-            capacity = (self.config.la_mom_capacity_factor * lengths * self.topk
-                        / self.num_memories).floor().clamp_min(1)
+            capacity = self._capacity((cu[1:] - cu[:-1]).double())
             queued = (routed > 0).long().cumsum(0)  # [N, M]
             before = F.pad(queued, (0, 0, 1, 0))[cu[:-1].long()]  # queued before each sequence
             taken = queued - before[segment]  # position of each token in its memory's queue
@@ -111,9 +141,34 @@ class MixtureOfMemories(LinearMixer):
         coeff = self.config.la_mom_aux_loss_coeff
         aux = None
         if coeff > 0 and self.training:
-            fraction = (routed > 0).float().mean(0) / self.topk
-            aux = coeff * self.num_memories * (fraction * probs.mean(0)).sum()
+            # Switch's M * sum_m f_m P_m over the whole sequence; under CP each rank adds its
+            # tokens' share of P (so the ranks' gradients sum to the sequence's) with the
+            # sequence's f
+            routed_count, tokens = (routed > 0).float().sum(0), probs.shape[0]
+            if self.cp is not None:
+                torch.distributed.all_reduce(routed_count, group=self.cp.group)
+                tokens *= self.cp.size
+            fraction = routed_count / tokens / self.topk
+            aux = coeff * self.num_memories * (fraction * probs.sum(0) / tokens).sum()
         return routed, aux
+
+    def _capacity(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Tokens a memory may take from sequences of ``lengths`` tokens (fp64)."""
+        capacity = self.config.la_mom_capacity_factor * lengths * self.topk / self.num_memories
+        return capacity.floor().clamp_min(1)
+
+    def _cp_queue_positions(self, routed, b):
+        """Under CP: each token's position in its memory's queue for its row, counting the
+        routed tokens of the chunks before its piece on the other ranks; routed [b*2c, M]."""
+        M = routed.shape[-1]
+        queued = (routed > 0).long().view(2 * b, -1, M).cumsum(1)  # folded: row 2i + piece
+        totals = self.cp.gather_chunks(queued[:, -1])  # per global chunk [b, M]
+        before, offsets = torch.zeros_like(totals[0]), []
+        for total in totals:  # in sequence order
+            offsets.append(before)
+            before = before + total
+        offset = torch.stack([offsets[c] for c in self.cp.chunks], 1).flatten(0, 1)
+        return (queued + offset[:, None]).view(-1, M)
 
     def mix(self, x):
         b, s = x.shape[:2]
@@ -123,8 +178,16 @@ class MixtureOfMemories(LinearMixer):
         out = None
         for m, memory in enumerate(self.memories):
             inputs = self.memory_inputs(memory, x)
-            if m < self.num_memories:
-                weight = routed[:, m]  # [N]
+            weight = routed[:, m] if m < self.num_memories else None  # None: the shared one
+            if self.cp is not None:  # every rank runs every memory: the state passing is a
+                # collective; the whole sequence, the tokens not routed to it as no-ops
+                mask = (torch.ones(b, s, dtype=torch.bool, device=x.device) if weight is None
+                        else weight.view(b, s) > 0)
+                o = self._run_memory_masked(q, inputs, mask)
+                o = o if weight is None else o * weight.view(b, s, 1, 1).to(o.dtype)
+                out = o if out is None else out + o
+                continue
+            if weight is not None:
                 selected = weight.nonzero().squeeze(-1)
                 if selected.numel() == 0:
                     continue
@@ -132,7 +195,7 @@ class MixtureOfMemories(LinearMixer):
                 lengths = torch.bincount(segment[selected], minlength=len(cu_segments) - 1)
                 cu = F.pad(lengths[lengths > 0].cumsum(0), (1, 0)).to(torch.int32)
             else:  # the shared memory: every token, weight 1
-                weight, selected = None, torch.arange(b * s, device=x.device)
+                selected = torch.arange(b * s, device=x.device)
                 lengths, cu = cu_segments[1:] - cu_segments[:-1], cu_segments
             pick = lambda t: t.reshape(b * s, *t.shape[2:])[selected].unsqueeze(0)
             packed = (pick(q), [pick(t) for t in inputs], cu)
@@ -145,7 +208,7 @@ class MixtureOfMemories(LinearMixer):
                 o = o * weight[selected][:, None, None].to(o.dtype)
             full = o.new_zeros(b * s, *o.shape[1:]).index_add(0, selected, o)
             out = full if out is None else out + full
-        out = out.reshape(b, s, *out.shape[1:])
+        out = out.reshape(b, s, *out.shape[-2:])
         if aux is not None:
             out = MoEAuxLossAutoScaler.apply(out, aux)
         return self.output(out, x)
@@ -154,6 +217,7 @@ class MixtureOfMemories(LinearMixer):
 @register_mixer(
     "mom_gla",
     supports_decode=True,
+    supports_cp=True,
     supports_varlen=True,
     cuda_graph=False,  # routing packs tokens by nonzero(): data-dependent shapes, host syncs
     options=("la_gate_low_rank_dim", "la_gate_logit_normalizer", "la_mom_num_memories",
@@ -182,16 +246,19 @@ class MoMGLAMixer(MixtureOfMemories):
         gk = self.heads(self.up(memory["gk_up"], memory["gk_down"](x)), self.head_k_dim)
         return k, v, F.logsigmoid(gk.float()) / self.config.la_gate_logit_normalizer
 
-    def run_memory(self, q, inputs, cu_seqlens, initial_state=None, output_final_state=False):
-        k, v, gk = inputs
-        return ops.gla(q, k, v, gk, cu_seqlens=cu_seqlens, initial_state=initial_state,
-                       output_final_state=output_final_state, backend=self.config.la_backend,
-                       mode=self.config.la_mode, chunk_size=self.config.la_chunk_size)
+    def memory_op(self, q, inputs):
+        return ops.gla, (q, *inputs), dict(backend=self.config.la_backend,
+                                           mode=self.config.la_mode,
+                                           chunk_size=self.config.la_chunk_size)
+
+    def memory_log_decay(self, args):
+        return args[3]  # ops.gla's gk
 
 
 @register_mixer(
     "mom_gated_deltanet",
     supports_decode=True,
+    supports_cp=True,
     supports_varlen=True,
     cuda_graph=False,  # routing packs tokens by nonzero(): data-dependent shapes, host syncs
     options=("la_mom_num_memories", "la_mom_topk", "la_mom_capacity_factor",
@@ -222,11 +289,9 @@ class MoMGatedDeltaNetMixer(MixtureOfMemories):
         a, b = self.per_head(memory["a"](x)[0]), self.per_head(memory["b"](x)[0])
         return k, v, a, b
 
-    def run_memory(self, q, inputs, cu_seqlens, initial_state=None, output_final_state=False):
+    def memory_op(self, q, inputs):
         k, v, a, b = inputs
         g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
-        return ops.gated_delta_rule(q, k, v, g, b.sigmoid(), use_qk_l2norm=True,
-                                    cu_seqlens=cu_seqlens, initial_state=initial_state,
-                                    output_final_state=output_final_state,
-                                    backend=self.config.la_backend, mode=self.config.la_mode,
-                                    chunk_size=self.config.la_chunk_size)
+        return ops.gated_delta_rule, (q, k, v, g, b.sigmoid()), dict(
+            use_qk_l2norm=True, backend=self.config.la_backend, mode=self.config.la_mode,
+            chunk_size=self.config.la_chunk_size)
