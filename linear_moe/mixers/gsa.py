@@ -66,10 +66,8 @@ class GSAMixer(LinearMixer):
         piece's g): one op pass from zero states, one all-gather, one pass from the composed
         start states (no probe pass: the transition is read off g)."""
         cp = self.cp
-        batch, length = args[0].shape[:2]
-        folded = [cp.fold(a) for a in args]  # q, k, v, s, g: all per token
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("initial_state",
-                                                                "output_final_state")}
+        batch = args[0].shape[0]
+        folded, kwargs = cp.fold_op_inputs(args, kwargs)  # q, k, v, s, g: all per token
         _, (hk, hv) = op(*folded, output_final_state=True, **kwargs)  # [2b,H,K,M], [2b,H,M,V]
         decay = folded[4].float().sum(1).exp()  # [2b, H, M]
         K, M, V = hk.shape[-2], hk.shape[-1], hv.shape[-1]

@@ -118,6 +118,24 @@ class SequenceChunks:
         return self.unfold(fn(extended)[:, width:])
 
     # -- the recurrence ---------------------------------------------------------------------
+    def fold_op_inputs(self, args: tuple, kwargs: dict) -> tuple[list, dict]:
+        """An op's arguments with the per-token ones folded (the pieces as batch rows) and
+        the state arguments dropped (the state passing sets them)."""
+        if kwargs.get("initial_state") is not None:
+            raise ValueError("a recurrence under context parallelism starts from the state the "
+                             "ranks before it pass; it takes no initial_state")
+        batch, length = args[0].shape[:2]
+        if length % 2:
+            raise ValueError(f"a context-parallel rank holds two equal pieces; its {length} "
+                             "tokens are odd")
+
+        def folded(value):
+            return self.fold(value) if _is_per_token(value, batch, length) else value
+
+        return ([folded(a) for a in args],
+                {k: folded(v) for k, v in kwargs.items()
+                 if k not in ("initial_state", "output_final_state")})
+
     def state_passing(self, op, args: tuple, kwargs: dict, value_arg: int,
                       identity_transition: bool = False):
         """op(*args, **kwargs) -> (o, None) over the whole sequence, run on this rank's pieces
@@ -129,21 +147,7 @@ class SequenceChunks:
         S's column for a value of 1, so the same transition carries it).
         ``identity_transition``: the recurrence has no decay (M = I), so the probe pass is
         skipped."""
-        if kwargs.get("initial_state") is not None:
-            raise ValueError("a recurrence under context parallelism starts from the state the "
-                             "ranks before it pass; it takes no initial_state")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("initial_state",
-                                                                "output_final_state")}
-        batch, length = args[0].shape[:2]
-        if length % 2:
-            raise ValueError(f"a context-parallel rank holds two equal pieces; its {length} "
-                             "tokens are odd")
-
-        def folded(values):
-            return [self.fold(a) if _is_per_token(a, batch, length) else a for a in values]
-
-        args = folded(args)
-        kwargs = dict(zip(kwargs, folded(kwargs.values())))
+        args, kwargs = self.fold_op_inputs(args, kwargs)
         _, local = op(*args, output_final_state=True, **kwargs)  # S_c, from a zero state
         tuple_state = isinstance(local, tuple)
         parts = local if tuple_state else (local,)
@@ -192,15 +196,7 @@ class SequenceChunks:
         piece's running log decay through t, is added after (LASP-2's form; the transition
         is exp of the piece's total log decay, so no probe pass). ``log_decay`` [b, T, H, K]
         or [b, T, H, 1], per token (a fixed decay expanded over T)."""
-        if kwargs.get("initial_state") is not None:
-            raise ValueError("a recurrence under context parallelism starts from the state the "
-                             "ranks before it pass; it takes no initial_state")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("initial_state",
-                                                                "output_final_state")}
-        batch, length = args[0].shape[:2]
-        args = [self.fold(a) if _is_per_token(a, batch, length) else a for a in args]
-        kwargs = {k: self.fold(v) if _is_per_token(v, batch, length) else v
-                  for k, v in kwargs.items()}
+        args, kwargs = self.fold_op_inputs(args, kwargs)
         o, local = op(*args, output_final_state=True, **kwargs)  # [2b, c, H, V], [2b, H, K, V]
         q = args[0]
         running = self.fold(log_decay).float().cumsum(1)  # [2b, c, H, K | 1]
