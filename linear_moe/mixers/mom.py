@@ -80,17 +80,9 @@ class MixtureOfMemories(LinearMixer):
         (no write, log decay 0, beta 0: the state passes them unchanged), so that the
         sequence's state passing carries it across the ranks; o [b, s, H, V]."""
         op, args, kwargs = self.memory_op(q, inputs)
-        keep = routed.to(q.dtype)
-        args = (args[0], *(a * keep.view(*keep.shape, *([1] * (a.dim() - 2))).to(a.dtype)
+        args = (args[0], *(a * routed.view(*routed.shape, *([1] * (a.dim() - 2))).to(a.dtype)
                            for a in args[1:]))
         return self.recurrent(op, *args, **kwargs)[0]
-
-    def cp_log_decay(self, args, kwargs):
-        return self.memory_log_decay(args)
-
-    def memory_log_decay(self, args):
-        """The memory op's per-token log decay if it is GLA-form (CP's one-pass form)."""
-        return None
 
     @classmethod
     def decode_unsupported(cls, config):
@@ -251,8 +243,8 @@ class MoMGLAMixer(MixtureOfMemories):
                                            mode=self.config.la_mode,
                                            chunk_size=self.config.la_chunk_size)
 
-    def memory_log_decay(self, args):
-        return args[3]  # ops.gla's gk
+    def cp_log_decay(self, args, kwargs):
+        return args[3]  # ops.gla's gk: one pass under context parallelism
 
 
 @register_mixer(
