@@ -603,7 +603,8 @@ class LinearMixer(MegatronModule):
         (one op pass for a GLA-form op whose ``cp_log_decay`` is known, else three)."""
         log_decay = self.cp_log_decay(args, kwargs)
         if log_decay is not None:
-            return self.cp.diagonal_state_passing(op, args, kwargs, log_decay)
+            return self.cp.diagonal_state_passing(op, args, kwargs, log_decay,
+                                                  self.cp_reads_previous_state)
         return self.cp.state_passing(op, args, kwargs, self.cp_value_arg,
                                      self.cp_identity_transition)
 
@@ -611,6 +612,9 @@ class LinearMixer(MegatronModule):
         """For a GLA-form op (o_t = scale q_t S_t, S_t = diag(exp g_t) S_{t-1} + k_t^T v_t):
         its per-token log decay [b, T, H, K | 1] from the op's arguments; None otherwise."""
         return None
+
+    #: With ``cp_log_decay``: the op's output reads S_{t-1} instead of S_t (RWKV-6).
+    cp_reads_previous_state: bool = False
 
     @property
     def position_offset(self) -> int:

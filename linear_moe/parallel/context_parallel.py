@@ -189,13 +189,16 @@ class SequenceChunks:
         o, _ = op(*args, initial_state=initial, **kwargs)
         return self.unfold(o), None
 
-    def diagonal_state_passing(self, op, args: tuple, kwargs: dict, log_decay: torch.Tensor):
+    def diagonal_state_passing(self, op, args: tuple, kwargs: dict, log_decay: torch.Tensor,
+                               reads_previous: bool = False):
         """state_passing in one op pass for the GLA-form ops (o_t = scale q_t S_t,
         S_t = diag(exp g_t) S_{t-1} + k_t^T v_t; args start q, k, v): the op runs from a zero
         state, and the start state's share, scale (q_t * exp(G_t)) S_start with G_t the
         piece's running log decay through t, is added after (LASP-2's form; the transition
         is exp of the piece's total log decay, so no probe pass). ``log_decay`` [b, T, H, K]
-        or [b, T, H, 1], per token (a fixed decay expanded over T)."""
+        or [b, T, H, 1], per token (a fixed decay expanded over T). ``reads_previous``: the
+        output reads S_{t-1} (RWKV-6: o_t = scale r_t (S_{t-1} + bonus)), so G_t stops at
+        t - 1."""
         args, kwargs = self.fold_op_inputs(args, kwargs)
         o, local = op(*args, output_final_state=True, **kwargs)  # [2b, c, H, V], [2b, H, K, V]
         q = args[0]
@@ -210,6 +213,7 @@ class SequenceChunks:
         initial = torch.stack([starts[chunk] for chunk in self.chunks], 1).flatten(0, 1)
         scale = kwargs.get("scale")
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        carried = torch.einsum("bthk,bhkv->bthv", q.float() * running.exp(), initial) * scale
+        read = running - self.fold(log_decay).float() if reads_previous else running
+        carried = torch.einsum("bthk,bhkv->bthv", q.float() * read.exp(), initial) * scale
         return self.unfold((o.float() + carried).to(o.dtype)), None
 
