@@ -604,6 +604,7 @@ class LinearMixer(MegatronModule):
         log_decay = self.cp_log_decay(args, kwargs)
         if log_decay is not None:
             return self.cp.diagonal_state_passing(op, args, kwargs, log_decay,
+                                                  *self.cp_query(args, kwargs),
                                                   self.cp_reads_previous_state)
         return self.cp.state_passing(op, args, kwargs, self.cp_value_arg,
                                      self.cp_identity_transition)
@@ -612,6 +613,10 @@ class LinearMixer(MegatronModule):
         """For a GLA-form op (o_t = scale q_t S_t, S_t = diag(exp g_t) S_{t-1} + k_t^T v_t):
         its per-token log decay [b, T, H, K | 1] from the op's arguments; None otherwise."""
         return None
+
+    def cp_query(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, float | None]:
+        """With ``cp_log_decay``: the op's query and scale (None: the op's default K^-1/2)."""
+        return args[0], kwargs.get("scale")
 
     #: With ``cp_log_decay``: the op's output reads S_{t-1} instead of S_t (RWKV-6).
     cp_reads_previous_state: bool = False

@@ -190,18 +190,19 @@ class SequenceChunks:
         return self.unfold(o), None
 
     def diagonal_state_passing(self, op, args: tuple, kwargs: dict, log_decay: torch.Tensor,
+                               query: torch.Tensor, scale: float | None = None,
                                reads_previous: bool = False):
-        """state_passing in one op pass for the GLA-form ops (o_t = scale q_t S_t,
-        S_t = diag(exp g_t) S_{t-1} + k_t^T v_t; args start q, k, v): the op runs from a zero
+        """state_passing in one op pass for the GLA-form ops (o_t = scale q_t S_t + terms
+        without the state, S_t = diag(exp g_t) S_{t-1} + k_t^T v_t): the op runs from a zero
         state, and the start state's share, scale (q_t * exp(G_t)) S_start with G_t the
         piece's running log decay through t, is added after (LASP-2's form; the transition
         is exp of the piece's total log decay, so no probe pass). ``log_decay`` [b, T, H, K]
-        or [b, T, H, 1], per token (a fixed decay expanded over T). ``reads_previous``: the
-        output reads S_{t-1} (RWKV-6: o_t = scale r_t (S_{t-1} + bonus)), so G_t stops at
-        t - 1."""
+        or [b, T, H, 1], per token (a fixed decay expanded over T); ``query`` the op's q
+        [b, T, H, K] and ``scale`` its scale (None: K^-1/2). ``reads_previous``: the output
+        reads S_{t-1} (RWKV-6: o_t = scale r_t (S_{t-1} + bonus)), so G_t stops at t - 1."""
         args, kwargs = self.fold_op_inputs(args, kwargs)
         o, local = op(*args, output_final_state=True, **kwargs)  # [2b, c, H, V], [2b, H, K, V]
-        q = args[0]
+        q = self.fold(query)
         running = self.fold(log_decay).float().cumsum(1)  # [2b, c, H, K | 1]
         total = running[:, -1].expand(*local.shape[:-1])  # [2b, H, K]
         chunks = self.gather_chunks(torch.cat([local.float(), total.unsqueeze(-1)], -1))
@@ -211,7 +212,6 @@ class SequenceChunks:
             starts.append(start)
             start = chunk[..., -1:].exp() * start + chunk[..., :-1]
         initial = torch.stack([starts[chunk] for chunk in self.chunks], 1).flatten(0, 1)
-        scale = kwargs.get("scale")
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         read = running - self.fold(log_decay).float() if reads_previous else running
         carried = torch.einsum("bthk,bhkv->bthv", q.float() * read.exp(), initial) * scale
