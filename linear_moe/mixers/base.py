@@ -600,26 +600,15 @@ class LinearMixer(MegatronModule):
 
     def cp_recurrent(self, op, args: tuple, kwargs: dict):
         """``recurrent`` under context parallelism: from the state the chunks before leave
-        (one op pass for a GLA-form op whose ``cp_log_decay`` is known, else three)."""
-        log_decay = self.cp_log_decay(args, kwargs)
-        if log_decay is not None:
-            return self.cp.diagonal_state_passing(op, args, kwargs, log_decay,
-                                                  *self.cp_query(args, kwargs),
-                                                  self.cp_reads_previous_state)
+        (one op pass for a diagonal-decay op, ops.DIAGONAL_DECAY; else three, or two without
+        decay)."""
+        from linear_moe.ops import DIAGONAL_DECAY
+
+        diagonal = DIAGONAL_DECAY.get(op)
+        if diagonal is not None:
+            return self.cp.diagonal_state_passing(op, args, kwargs, *diagonal(args, kwargs))
         return self.cp.state_passing(op, args, kwargs, self.cp_value_arg,
                                      self.cp_identity_transition)
-
-    def cp_log_decay(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        """For a GLA-form op (o_t = scale q_t S_t, S_t = diag(exp g_t) S_{t-1} + k_t^T v_t):
-        its per-token log decay [b, T, H, K | 1] from the op's arguments; None otherwise."""
-        return None
-
-    def cp_query(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, float | None]:
-        """With ``cp_log_decay``: the op's query and scale (None: the op's default K^-1/2)."""
-        return args[0], kwargs.get("scale")
-
-    #: With ``cp_log_decay``: the op's output reads S_{t-1} instead of S_t (RWKV-6).
-    cp_reads_previous_state: bool = False
 
     @property
     def position_offset(self) -> int:

@@ -57,9 +57,6 @@ class GLAMixer(LinearMixer):
                                  self.num_k_heads * self.head_k_dim, bias=True)
         self.build_output()
 
-    def cp_log_decay(self, args, kwargs):
-        return args[3]  # ops.gla's gk: one pass under context parallelism
-
     def mix(self, x):
         q, k, v, gk_low, gate = self.qkv(x, self.gk_down)
         gk = self.expand_heads(self.heads(self.up(self.gk_up, gk_low), self.head_k_dim))

@@ -37,9 +37,6 @@ class HGRN2Mixer(LinearMixer):
         self.i_proj = self.column(h, self.value_dim)  # input
         self.build_output()
 
-    def cp_log_decay(self, args, kwargs):
-        return args[3]  # ops.gla's gk: one pass under context parallelism
-
     def mix(self, x):
         gates = (self.g_proj,) if self.use_output_gate else ()
         q, f, i, *gate = self.project_each(x, self.q_proj, self.f_proj, self.i_proj, *gates)

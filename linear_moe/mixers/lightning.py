@@ -43,9 +43,6 @@ class LightningAttentionMixer(LinearMixer):
         decays = lightning_log_decays(self.num_heads, layer_number or 1, config.num_layers)
         self.register_buffer("log_decay", decays[self.local_heads()], persistent=False)
 
-    def cp_log_decay(self, args, kwargs):
-        return ops.simple_gla_log_decay(args[0], **kwargs)  # one pass under CP
-
     def mix(self, x):
         *qkv, gate = self.qkv(x)
         q, k, v = (F.silu(t) for t in qkv)

@@ -97,15 +97,6 @@ class Mamba2Mixer(LinearMixer):
         t = self.heads(t, self.state_dim)
         return t.repeat_interleave(self.num_local_heads // self.local_groups, dim=2)
 
-    # Under context parallelism SSD takes the one-pass form: it is simple_gla with q = C,
-    # g = dt * A and scale 1 (ops.ssd), the D skip term being free of the state.
-    def cp_log_decay(self, args, kwargs):
-        x, dt, A = args[:3]
-        return (A.float() * dt.float()).unsqueeze(-1)
-
-    def cp_query(self, args, kwargs):
-        return args[4], 1.0  # C
-
     def mix(self, x):
         # z, the output gate, has its own GEMM beside the fused one (project's separate): the
         # norm keeps z for backward, and a kept slice would keep the whole fused output

@@ -243,9 +243,6 @@ class MoMGLAMixer(MixtureOfMemories):
                                            mode=self.config.la_mode,
                                            chunk_size=self.config.la_chunk_size)
 
-    def cp_log_decay(self, args, kwargs):
-        return args[3]  # ops.gla's gk: one pass under context parallelism
-
 
 @register_mixer(
     "mom_gated_deltanet",

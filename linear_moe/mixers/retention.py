@@ -40,9 +40,6 @@ class RetentionMixer(LinearMixer):
         self.register_buffer("log_decay", retention_log_decays(self.num_heads)[
             self.local_heads()], persistent=False)
 
-    def cp_log_decay(self, args, kwargs):
-        return ops.simple_gla_log_decay(args[0], **kwargs)  # one pass under CP
-
     def mix(self, x):
         q, k, v, gate = self.qkv(x)
         if self.phi is not None:  # fla's feature_map on q/k, before RoPE as fla

@@ -44,7 +44,6 @@ _DECAY_LOW_RANK_DIM = 64  # fla's gate_low_rank_dim
 class RWKV6Mixer(LinearMixer):
     strided_input = False  # the token shift and the mixes read x as [b, s, h]
     cp_value_arg = 2  # the op's v (context parallelism)
-    cp_reads_previous_state = True  # o_t = r_t (S_{t-1} + bonus): CP's one-pass form
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
@@ -96,9 +95,6 @@ class RWKV6Mixer(LinearMixer):
         self.o_gate = GatedRMSNorm(self.head_v_dim, config.layernorm_epsilon, config.la_gate_fn,
                                    dtype, self.tp_group, use_norm=False)
         self.o_proj = self.row(self.value_dim)
-
-    def cp_log_decay(self, args, kwargs):
-        return args[3]  # ops.rwkv6's w: one pass under context parallelism
 
     def mix(self, x):
         delta = self.token_shift_delta(x)  # x [b, s, h]

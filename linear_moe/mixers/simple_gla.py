@@ -31,9 +31,6 @@ class SimpleGLAMixer(LinearMixer):
         self.g_decay_proj = self.column(self.hidden_size, self.num_heads, bias=True)
         self.build_output()
 
-    def cp_log_decay(self, args, kwargs):
-        return ops.simple_gla_log_decay(args[0], **kwargs)  # one pass under CP
-
     def mix(self, x):
         q, k, v, g, gate = self.qkv(x, self.g_decay_proj)
         if self.phi is not None:  # fla's feature_map on q/k (--la-feature-map)

@@ -14,4 +14,20 @@ from .rwkv7 import rwkv7
 from .simple_gla import simple_gla, simple_gla_log_decay
 from .ssd import ssd
 
-__all__ = ["based", "rebased", "linear_attn", "delta_rule", "gla", "gsa", "gated_delta_rule", "kda", "resolve_backend", "rwkv6", "rwkv7", "simple_gla", "simple_gla_log_decay", "ssd"]
+# The diagonal-decay ops (o_t = scale q_t S_t + state-free terms, S_t = diag(exp g_t) S_{t-1}
+# + k_t^T v_t): their (log decay [B, T, H, K | 1], query, scale or None for K^-1/2, whether o_t
+# reads S_{t-1}) from their arguments, for context parallelism's one-pass form
+# (linear_moe.parallel.context_parallel.SequenceChunks.diagonal_state_passing).
+DIAGONAL_DECAY = {
+    gla: lambda args, kw: (args[3], args[0], kw.get("scale"), False),
+    simple_gla: lambda args, kw: (simple_gla_log_decay(args[0], *args[3:], **kw), args[0],
+                                  kw.get("scale"), False),
+    rwkv6: lambda args, kw: (args[3], args[0], kw.get("scale"), True),  # o_t = r_t S_{t-1} + ..
+    # SSD is simple_gla with q = C, g = dt * A, scale 1 (the D skip is state-free)
+    ssd: lambda args, kw: ((args[2].float() * args[1].float()).unsqueeze(-1), args[4], 1.0,
+                           False),
+}
+
+__all__ = ["DIAGONAL_DECAY", "based", "rebased", "linear_attn", "delta_rule", "gla", "gsa",
+           "gated_delta_rule", "kda", "resolve_backend", "rwkv6", "rwkv7", "simple_gla",
+           "simple_gla_log_decay", "ssd"]
