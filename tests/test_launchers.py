@@ -1,6 +1,8 @@
-"""The example launchers: shellcheck-clean, every run_{pretrain,finetune}_<base>.sh trains a few
-tiny iterations on the CPU (finetune from the pretrain checkpoint), and bad settings stop
-before anything is launched with a one-line reason."""
+"""The example launchers: shellcheck-clean, every run_pretrain_<base>.sh trains a few tiny
+iterations on the CPU, run_finetune_<base>.sh does from that checkpoint for an MoE base
+(qwen2) and the MLA + Mamba2 one (deepseek_v2) - the other two finetune scripts are the same
+one line with their BASE_MODEL, checked as text (a finetune run costs ~35 s of CI) - and bad
+settings stop before anything is launched with a one-line reason."""
 
 import os
 import subprocess
@@ -13,6 +15,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = {"qwen2": "qwen", "deepseek_v2": "deepseek", "mixtral": "mixtral",
              "llama3": "llama3"}
+BASE_MODELS = {"qwen2": "qwen2_moe", "deepseek_v2": "deepseek_v2", "mixtral": "mixtral",
+               "llama3": "llama3"}
+FINETUNED = ("qwen2", "deepseek_v2")
 SCRIPTS = sorted(ROOT.glob("examples/**/*.sh")) + sorted(ROOT.glob("scripts/*.sh")) + \
     [ROOT / ".ci" / "run"]
 
@@ -55,8 +60,11 @@ def test_pretrain_then_finetune_launchers(folder, tmp_path):
         assert "L = mamba2" in pretrain.stdout
     checkpoints = list((tmp_path / "checkpoint").glob("*-pretrain-*"))
     assert len(checkpoints) == 1
-    finetune = _launch(ROOT / f"examples/linear_moe_{folder}/run_finetune_{short}.sh",
-                       _env(tmp_path, PRETRAIN_CHECKPOINT_PATH=checkpoints[0], **extra))
+    script = ROOT / f"examples/linear_moe_{folder}/run_finetune_{short}.sh"
+    assert f"BASE_MODEL={BASE_MODELS[folder]} MODE=finetune exec bash" in script.read_text()
+    if folder not in FINETUNED:
+        return
+    finetune = _launch(script, _env(tmp_path, PRETRAIN_CHECKPOINT_PATH=checkpoints[0], **extra))
     assert finetune.returncode == 0, finetune.stdout[-3000:] + finetune.stderr[-3000:]
     assert "attempting to finetune with checkpoint" in finetune.stdout
     assert "iteration        3/       3" in finetune.stdout
