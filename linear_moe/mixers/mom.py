@@ -74,14 +74,16 @@ class MixtureOfMemories(LinearMixer):
         return op(*args, cu_seqlens=cu_seqlens, initial_state=initial_state,
                   output_final_state=output_final_state, **kwargs)
 
-    def _run_memory_masked(self, q, inputs, routed):
+    def _run_memory_masked(self, q, inputs, routed=None):
         """Under context parallelism: the memory over the whole sequence, the tokens not routed
-        to it (routed [b, s] False) made no-ops by zeroing every per-token argument but q
-        (no write, log decay 0, beta 0: the state passes them unchanged), so that the
-        sequence's state passing carries it across the ranks; o [b, s, H, V]."""
+        to it (routed [b, s] False; None for the shared memory, which takes every token) made
+        no-ops by zeroing every per-token argument but q (no write, log decay 0, beta 0: the
+        state passes them unchanged), so that the sequence's state passing carries it across
+        the ranks; o [b, s, H, V]."""
         op, args, kwargs = self.memory_op(q, inputs)
-        args = (args[0], *(a * routed.view(*routed.shape, *([1] * (a.dim() - 2))).to(a.dtype)
-                           for a in args[1:]))
+        if routed is not None:
+            args = (args[0], *(a * routed.view(*routed.shape, *([1] * (a.dim() - 2))).to(a.dtype)
+                               for a in args[1:]))
         return self.recurrent(op, *args, **kwargs)[0]
 
     @classmethod
@@ -173,10 +175,11 @@ class MixtureOfMemories(LinearMixer):
             weight = routed[:, m] if m < self.num_memories else None  # None: the shared one
             if self.cp is not None:  # every rank runs every memory: the state passing is a
                 # collective; the whole sequence, the tokens not routed to it as no-ops
-                mask = (torch.ones(b, s, dtype=torch.bool, device=x.device) if weight is None
-                        else weight.view(b, s) > 0)
-                o = self._run_memory_masked(q, inputs, mask)
-                o = o if weight is None else o * weight.view(b, s, 1, 1).to(o.dtype)
+                if weight is None:
+                    o = self._run_memory_masked(q, inputs)
+                else:
+                    o = self._run_memory_masked(q, inputs, weight.view(b, s) > 0)
+                    o = o * weight.view(b, s, 1, 1).to(o.dtype)
                 out = o if out is None else out + o
                 continue
             if weight is not None:

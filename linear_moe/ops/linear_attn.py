@@ -74,7 +74,7 @@ def linear_attn(
         sequence = torch.repeat_interleave(torch.arange(len(starts), device=k.device),
                                            ends - starts)
         z = k.double().cumsum(1)
-        z = (z - F.pad(z, (0, 0, 0, 0, 1, 0))[:, starts][:, sequence]).to(dtype)
+        z = (z - F.pad(z, (0, 0, 0, 0, 1, 0))[:, starts[sequence]]).to(dtype)
         if z0 is not None:
             z = z + z0.to(dtype)[sequence][None]
         last = z[0, (ends - 1).clamp_min(0)]

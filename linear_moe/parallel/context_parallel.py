@@ -181,10 +181,10 @@ class SequenceChunks:
             start = (start if transitions is None else transitions[i] @ start) + chunk
         initial = torch.stack([starts[chunk] for chunk in self.chunks], 1)
         initial = initial.reshape(*S.shape[:-1], packed.shape[-1])
-        if tuple_state:
-            columns = iter(initial[..., value_dim + j] for j in range(len(extras)))
+        if tuple_state:  # back to (S, z, ...): extra i is column value_dim + its rank
+            column = {i: value_dim + j for j, i in enumerate(extras)}
             initial = (initial[..., :value_dim].contiguous(),
-                       *(next(columns).to(parts[i].dtype) if i in extras else None
+                       *(initial[..., column[i]].to(parts[i].dtype) if i in column else None
                          for i in range(1, len(parts))))
         o, _ = op(*args, initial_state=initial, **kwargs)
         return self.unfold(o), None
