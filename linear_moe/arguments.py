@@ -141,6 +141,12 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="CUDA kernel of the short convolutions: ours (linear_moe/ops/"
                         "causal_conv.py, ~2x fla's on the H100, widths up to 4) or fla's "
                         "causal_conv1d; the same math. auto = ours for widths up to 4, else fla's")
+    g.add_argument("--la-cp-kernel", default=LinearMixerFields.la_cp_kernel,
+                   choices=["auto", "ours"],
+                   help="context parallelism of gated_deltanet / kda / rwkv7 on fla's chunk "
+                        "kernels: auto = fla's own (fla.ops.cp, one op pass), ours = linear_moe's "
+                        "state passing (three op passes; every other mixer uses ours); the same "
+                        "math")
     g.add_argument("--la-fla-autotune-keys", default=LinearMixerFields.la_fla_autotune_keys,
                    choices=["shape", "fla"],
                    help="shape: fla's state-passing kernels are autotuned per sequence length "
@@ -314,6 +320,9 @@ def _check_packed_documents(entry, args, uses_linear: bool) -> None:
 def _check_context_parallel(entry, args, uses_linear: bool) -> None:
     cp = args.context_parallel_size
     if cp == 1:
+        if getattr(args, "la_cp_kernel", "auto") != "auto":
+            raise ValueError(f"--la-cp-kernel {args.la_cp_kernel} needs context parallelism; add "
+                             "--context-parallel-size > 1 or drop --la-cp-kernel")
         return
     if uses_linear and not entry.supports_cp:
         raise ValueError(f"mixer '{entry.name}' has no context-parallel support; use "

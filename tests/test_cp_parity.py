@@ -189,3 +189,35 @@ def _state_passing_worker(rank, world_size):
 def test_state_passing_carries_a_normaliser_with_and_without_the_probe():
     for errors in run_distributed(_state_passing_worker, CP):
         assert max(errors.values()) <= TOL, errors
+
+
+def test_fla_zigzag_layout_is_megatrons():
+    """fla's own CP (the delta-rule ops' path on its chunk kernels, ops.NATIVE_CONTEXT_PARALLEL)
+    lays a sequence out as megatron does: rank r holds parts r and 2 * size - 1 - r of 2 * size,
+    in that order, so a rank's local tokens go to fla's kernels unchanged."""
+    from fla.ops.cp.context import get_cp_cu_seqlens
+
+    from linear_moe.parallel.context_parallel import SequenceChunks
+
+    for size in (2, 3, 4):
+        for rank in range(size):
+            piece = 8
+            context = get_cp_cu_seqlens(torch.tensor([0, 2 * size * piece]), world_size=size,
+                                        rank=rank, layout="zigzag")
+            assert context.part_len == piece
+            assert context.cu_seqlens_cpu.tolist() == [0, piece, 2 * piece]  # one sequence
+            # the parts before each of this rank's pieces: their global chunk ids
+            assert context.pre_num_ranks_by_part == SequenceChunks.layout(rank, size)
+
+
+@pytest.mark.parametrize("op", ["gated_delta_rule", "kda", "rwkv7"])
+def test_fla_cp_context_refused_off_fla_chunk_kernels(op):
+    from linear_moe import ops
+
+    assert getattr(ops, op) in ops.NATIVE_CONTEXT_PARALLEL
+    x = torch.randn(1, 8, 2, 4)
+    args = {"gated_delta_rule": (x, x, x, x[..., 0], x[..., 0].sigmoid()),
+            "kda": (x, x, x, -x.abs(), x[..., 0].sigmoid()),
+            "rwkv7": (x, -x.abs(), x, x, x, x)}[op]
+    with pytest.raises(ValueError, match="cp_context .* needs fla's chunk kernels"):
+        getattr(ops, op)(*args, cp_context=object())

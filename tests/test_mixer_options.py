@@ -455,6 +455,8 @@ def test_mamba2_dt_limit_and_norm_before_gate(results):
     (["--la-module", "gla", "--la-conv-bias"], "--la-conv-bias needs a short convolution"),
     (["--la-module", "gla", "--la-conv-kernel", "ours"],
      "--la-conv-kernel ours needs a short convolution"),
+    (["--la-module", "gated_deltanet", "--la-cp-kernel", "ours"],
+     "--la-cp-kernel ours needs context parallelism"),
     (["--la-module", "based", "--no-la-norm-elementwise-affine"],
      "needs an output norm.*--la-output-norm identity"),
 ])

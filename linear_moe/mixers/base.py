@@ -600,10 +600,14 @@ class LinearMixer(MegatronModule):
 
     def cp_recurrent(self, op, args: tuple, kwargs: dict):
         """``recurrent`` under context parallelism: from the state the chunks before leave
-        (one op pass for a diagonal-decay op, ops.DIAGONAL_DECAY; else three, or two without
-        decay)."""
-        from linear_moe.ops import DIAGONAL_DECAY
+        (one op pass for a diagonal-decay op, ops.DIAGONAL_DECAY, or through fla's own CP for
+        ops.NATIVE_CONTEXT_PARALLEL on fla's chunk kernels; else three, or two without decay)."""
+        from linear_moe.ops import DIAGONAL_DECAY, NATIVE_CONTEXT_PARALLEL, resolve_backend
 
+        if (op in NATIVE_CONTEXT_PARALLEL and getattr(self.config, "la_cp_kernel", "auto") == "auto"
+                and kwargs.get("mode", "chunk") == "chunk"
+                and resolve_backend(kwargs.get("backend", "auto"), args[0]) == "fla"):
+            return self.cp.fla_native(op, args, kwargs)
         diagonal = DIAGONAL_DECAY.get(op)
         if diagonal is not None:
             return self.cp.diagonal_state_passing(op, args, kwargs, *diagonal(args, kwargs))

@@ -26,6 +26,14 @@ def resolve_backend(requested: str, tensor: torch.Tensor) -> str:
     return requested
 
 
+def check_cp_context(cp_context, backend: str, mode: str, op: str) -> None:
+    """fla's own context parallelism (a FLACPContext) runs inside its chunk kernels only."""
+    if cp_context is not None and (backend != "fla" or mode != "chunk"):
+        raise ValueError(f"{op}: cp_context (fla's context parallelism) needs fla's chunk kernels, "
+                         f"not backend '{backend}' mode '{mode}'; run CUDA tensors in chunk mode "
+                         "or use linear_moe's state passing (--la-cp-kernel ours)")
+
+
 def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")

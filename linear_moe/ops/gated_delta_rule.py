@@ -24,7 +24,7 @@ import functools
 import torch
 
 from ._chunked import from_chunks, over_sequences, pad_time, segsum, suffix_sum, to_chunks
-from .dispatch import check_mode, compute_dtype, resolve_backend
+from .dispatch import check_cp_context, check_mode, compute_dtype, resolve_backend
 from .fla_compat import install_hopper_guard_shim
 
 
@@ -43,6 +43,7 @@ def gated_delta_rule(
     backend: str = "auto",
     mode: str = "chunk",
     chunk_size: int = 64,
+    cp_context=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated delta rule over q, k [B, T, H, K], v [B, T, H, V], g, beta [B, T, H].
 
@@ -51,7 +52,9 @@ def gated_delta_rule(
     `use_qk_l2norm` L2-normalises q and k over K inside the op (fla's
     use_qk_l2norm_in_kernel). The reference backend returns the state in fp32
     (fp64 for fp64 inputs); `mode` only selects the fla kernel. fla's
-    fused_recurrent mode has no backward (fla raises NotImplementedError).
+    fused_recurrent mode has no backward (fla raises NotImplementedError). `cp_context` (fla's
+    FLACPContext, chunk kernels only): this rank's part of a sequence split over a context-
+    parallel group, fla's kernels passing the states between the ranks.
     """
     check_mode(mode)
     if q.shape != k.shape or v.shape[:3] != q.shape[:3] or g.shape != q.shape[:3] or beta.shape != q.shape[:3]:
@@ -61,9 +64,11 @@ def gated_delta_rule(
         )
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if resolve_backend(backend, q) == "fla":
+    backend = resolve_backend(backend, q)
+    check_cp_context(cp_context, backend, mode, "gated_delta_rule")
+    if backend == "fla":
         return _gdn_fla(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                        use_qk_l2norm, mode, chunk_size)
+                        use_qk_l2norm, mode, chunk_size, cp_context)
 
     return delta_reference(_gdn_chunked, q, k, v, g, beta, scale, initial_state,
                            output_final_state, cu_seqlens, use_qk_l2norm, chunk_size)
@@ -130,7 +135,7 @@ def delta_chunk_scan(u_base, w, q_state, attn, k_state, chunk_decay, S, T):
 
 
 def _gdn_fla(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-             use_qk_l2norm, mode, chunk_size):
+             use_qk_l2norm, mode, chunk_size, cp_context=None):
     # Lazy: fla imports Triton.
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
@@ -139,7 +144,8 @@ def _gdn_fla(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seql
                   use_qk_l2norm_in_kernel=use_qk_l2norm, cu_seqlens=cu_seqlens)
     if mode == "chunk":
         install_hopper_guard_shim()  # backward goes through chunk_bwd_dqkwg (fla #640)
-        o, state = chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
+        o, state = chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size,
+                                          cp_context=cp_context, **kwargs)
     else:
         o, state = fused_recurrent_gated_delta_rule(q, k, v, g=g, beta=beta, **kwargs)
     return o, (state.float() if state is not None and output_final_state else None)

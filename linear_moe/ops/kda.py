@@ -16,20 +16,22 @@ import torch
 import torch.nn.functional as F
 
 from ._chunked import pad_time, suffix_sum, to_chunks
-from .dispatch import check_mode, resolve_backend
+from .dispatch import check_cp_context, check_mode, resolve_backend
 from .gated_delta_rule import delta_chunk_scan, delta_reference
 from .gla import _intra_chunk_scores
 
 
 def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
         cu_seqlens=None, use_qk_l2norm=True, backend="auto", mode="chunk", chunk_size=64,
-        A_log=None, dt_bias=None):
+        A_log=None, dt_bias=None, cp_context=None):
     """q, k, g [B, T, H, K] (g: log decay <= 0), v [B, T, H, V], beta [B, T, H].
 
     With A_log [H] and dt_bias [H * K], g is the decay's input f instead, and the log decay is
     Kimi Linear's gate -exp(A_log) * softplus(f + dt_bias): fla computes it inside its chunk
     cumsum (use_gate_in_kernel, as fla's KimiDeltaAttention does), where computing it first
     takes several passes over a [tokens, H * K] fp32 tensor each way.
+
+    `cp_context`: fla's context parallelism, as in gated_delta_rule.
 
     Returns (o [B, T, H, V] in q.dtype, final state [N, H, K, V] or None)."""
     check_mode(mode)
@@ -40,12 +42,16 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
     gate = _check_gate(g, A_log, dt_bias)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if resolve_backend(backend, q) == "fla":
+    backend = resolve_backend(backend, q)
+    check_cp_context(cp_context, backend, mode, "kda")
+    if backend == "fla":
         from fla.ops.kda import chunk_kda, fused_recurrent_kda
 
         fn = chunk_kda if mode == "chunk" else fused_recurrent_kda
         h0 = None if initial_state is None else initial_state.float()
         gate_args = dict(use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias) if gate else {}
+        if cp_context is not None:
+            gate_args["cp_context"] = cp_context
         o, state = fn(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=h0,
                       output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                       use_qk_l2norm_in_kernel=use_qk_l2norm, **gate_args)

@@ -25,7 +25,7 @@ import functools
 import torch
 
 from ._chunked import over_sequences, pad_time, suffix_sum, to_chunks
-from .dispatch import check_mode, compute_dtype, resolve_backend
+from .dispatch import check_cp_context, check_mode, compute_dtype, resolve_backend
 from .gated_delta_rule import delta_chunk_scan
 from .gla import _intra_chunk_scores
 
@@ -46,6 +46,7 @@ def rwkv7(
     backend: str = "auto",
     mode: str = "chunk",
     chunk_size: int = 64,
+    cp_context=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RWKV-7 over r, w, k, a, b [B, T, H, K] (w: log decay <= 0), v [B, T, H, V].
 
@@ -53,7 +54,8 @@ def rwkv7(
     1.0 as in fla's chunk_rwkv7. `lower_bound` (fla only) promises lower_bound <= w < 0, which
     lets fla's chunk kernel use 64-token chunks and tensor cores (the RWKV-7 layer's w is
     bounded by -exp(-0.5)); `chunk_size` only sets the reference's chunk. fla's fused_recurrent
-    mode is forward-only (fused_recurrent_dplr_delta_rule raises in backward).
+    mode is forward-only (fused_recurrent_dplr_delta_rule raises in backward). `cp_context`:
+    fla's context parallelism, as in gated_delta_rule.
     """
     check_mode(mode)
     if any(x.shape != r.shape for x in (w, k, a, b)) or v.shape[:3] != r.shape[:3]:
@@ -61,9 +63,11 @@ def rwkv7(
             f"rwkv7 expects r, w, k, a, b [B, T, H, K] and v [B, T, H, V]; got r "
             f"{tuple(r.shape)}, w {tuple(w.shape)}, k {tuple(k.shape)}, a {tuple(a.shape)}, "
             f"b {tuple(b.shape)}, v {tuple(v.shape)}")
-    if resolve_backend(backend, r) == "fla":
+    backend = resolve_backend(backend, r)
+    check_cp_context(cp_context, backend, mode, "rwkv7")
+    if backend == "fla":
         return _rwkv7_fla(r, w, k, v, a, b, scale, initial_state, output_final_state,
-                          cu_seqlens, lower_bound, mode)
+                          cu_seqlens, lower_bound, mode, cp_context)
 
     out_dtype, dtype = r.dtype, compute_dtype(r, w, k, v, a, b, initial_state)
     r, w, k, v, a, b = (x.to(dtype) for x in (r, w, k, v, a, b))
@@ -109,7 +113,7 @@ def _rwkv7_chunked(r, w, k, v, a, b, h0, *, chunk: int):
 
 
 def _rwkv7_fla(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens,
-               lower_bound, mode):
+               lower_bound, mode, cp_context=None):
     # Lazy: fla imports Triton. chunk_rwkv7 is chunk_dplr_delta_rule, whose backward
     # (fla/ops/generalized_delta_rule/dplr) has its own kernels and never calls
     # fla.ops.common.chunk_o.chunk_bwd_dqkwg: the Hopper guard of fla #640 does not apply.
@@ -119,7 +123,8 @@ def _rwkv7_fla(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_se
     kwargs = dict(scale=scale, initial_state=h0, output_final_state=output_final_state,
                   cu_seqlens=cu_seqlens)
     if mode == "chunk":
-        o, state = chunk_rwkv7(r, w, k, v, a, b, lower_bound=lower_bound, **kwargs)
+        o, state = chunk_rwkv7(r, w, k, v, a, b, lower_bound=lower_bound, cp_context=cp_context,
+                               **kwargs)
     else:
         o, state = fused_recurrent_rwkv7(r, w, k, v, a, b, **kwargs)
     return o, (state.float() if state is not None and output_final_state else None)

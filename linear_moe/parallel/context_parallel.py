@@ -16,7 +16,8 @@ token positions, and each gets what precedes its pieces from the other ranks:
   all-gather of chunk states, Sun et al. 2025, arXiv:2502.07563, with the transition read off
   the op itself, so every recurrence of that form - diagonal, scalar, delta-rule, DPLR - works
   without op-specific code). Three op passes instead of one; the GLA-form ops (diagonal
-  decay, read inclusive) take the one-pass form instead (``diagonal_state_passing``).
+  decay, read inclusive) take the one-pass form instead (``diagonal_state_passing``), and the
+  delta-rule / DPLR ops whose fla kernels run CP themselves take fla's (``fla_native``).
 
 The collectives are autograd functions: a gathered tensor's gradient is summed over the ranks
 (all-reduce) and each rank keeps its own part, so the states' gradients reach the ranks whose
@@ -63,7 +64,13 @@ class SequenceChunks:
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.chunks = (self.rank, 2 * self.size - 1 - self.rank)  # global chunk ids
+        self.chunks = self.layout(self.rank, self.size)
+        self._fla_contexts = {}  # fla's FLACPContext per local length (fla_native)
+
+    @staticmethod
+    def layout(rank: int, size: int) -> tuple[int, int]:
+        """The global chunk ids of a rank's two pieces, in its local order."""
+        return rank, 2 * size - 1 - rank
 
     def _owner(self, chunk: int) -> tuple[int, int]:
         """(rank, piece) holding a global chunk."""
@@ -217,3 +224,39 @@ class SequenceChunks:
         carried = torch.einsum("bthk,bhkv->bthv", q.float() * read.exp(), initial) * scale
         return self.unfold((o.float() + carried).to(o.dtype)), None
 
+
+    def fla_context(self, length: int, device):
+        """fla's CP context for a sequence whose rank-local part is ``length`` tokens: its
+        zigzag layout (rank r holds parts r and 2 * size - 1 - r, concatenated) is megatron's."""
+        context = self._fla_contexts.get(length)
+        if context is None:
+            from fla.ops.cp import build_cp_context
+
+            bounds = torch.tensor([0, self.size * length], dtype=torch.long)
+            context = build_cp_context(bounds.to(device), self.group, cu_seqlens_cpu=bounds,
+                                       layout="zigzag")
+            self._fla_contexts[length] = context
+        return context
+
+    def fla_native(self, op, args: tuple, kwargs: dict):
+        """op(*args, **kwargs) -> (o, None) over the whole sequence through fla's own context
+        parallelism (ops.NATIVE_CONTEXT_PARALLEL: its kernels all-gather the chunks' states and
+        transitions), one op pass. fla's CP takes one sequence a call, so the batch's rows run
+        one after another."""
+        if kwargs.get("initial_state") is not None:
+            raise ValueError("a recurrence under context parallelism starts from the state the "
+                             "ranks before it pass; it takes no initial_state")
+        batch, length = args[0].shape[:2]
+        if length % 2:
+            raise ValueError(f"a context-parallel rank holds two equal pieces; its {length} "
+                             "tokens are odd")
+        context = self.fla_context(length, args[0].device)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("initial_state",
+                                                               "output_final_state")}
+
+        def row(value, i):
+            return value[i:i + 1] if _is_per_token(value, batch, length) else value
+
+        outputs = [op(*(row(a, i) for a in args), cp_context=context,
+                      **{k: row(v, i) for k, v in kwargs.items()})[0] for i in range(batch)]
+        return (outputs[0] if batch == 1 else torch.cat(outputs)), None

@@ -5,7 +5,8 @@ chunked kernels, and the result is compared with the same model run whole on the
 The CPU suite (tests/test_cp_parity.py) proves the state passing in fp32 on the reference ops;
 this proves it on the kernels that train: fla's initial_state / final state, the transition
 probe (zero values from the identity state) and the conv halos, in fp32 at a length where each
-piece spans several of fla's 64-token chunks. Two GPUs with NCCL and bf16 training:
+piece spans several of fla's 64-token chunks - and fla's own CP (its kernels exchanging the
+states) for the delta-rule / DPLR ops, against the whole sequence and against our state passing. Two GPUs with NCCL and bf16 training:
 test_cp_gpu.py.
 """
 
@@ -30,14 +31,19 @@ pytestmark = [
 SEQ, BATCH, VOCAB, CP = 512, 2, 256, 2  # pieces of 128 tokens: two of fla's chunks each
 TOL = 2e-3  # ||cp - whole|| / ||whole||; fla's fp32 kernels, summed in another order
 CP_MIXERS = sorted(n for n, e in registered_mixers().items() if e.supports_cp)
+# The mixers whose op takes fla's own CP (ops.NATIVE_CONTEXT_PARALLEL, --la-cp-kernel auto);
+# "/ours" runs them through linear_moe's state passing on the same kernels (--la-cp-kernel ours).
+FLA_NATIVE_CP = ("gated_deltanet", "kda", "mom_gated_deltanet", "rwkv7")
+CASES = CP_MIXERS + [f"{name}/ours" for name in FLA_NATIVE_CP]
 
 
-def _build(la_module, cp):
+def _build(case, cp):
     from megatron.core import tensor_parallel
 
     from linear_moe.ops import fla_compat
     from model_utils import tiny_config, tiny_model
 
+    la_module, _, cp_kernel = case.partition("/")
     tensor_parallel.model_parallel_cuda_manual_seed(123)
     torch.manual_seed(123)
     # mamba2's chunk mode is refused at build on Hopper + Triton < 3.7.1 (its backward)
@@ -45,6 +51,7 @@ def _build(la_module, cp):
             else "chunk")
     # head dims 64-128: the ones fla_compat's Hopper guard has proven (and fla wants >= 16)
     config = tiny_config(la_module=la_module, context_parallel_size=cp, la_backend="fla",
+                         la_cp_kernel=cp_kernel or "auto",
                          la_mode=mode, hidden_size=256, num_attention_heads=4, kv_channels=64,
                          ffn_hidden_size=512, la_num_heads=2, la_ssm_groups=2,
                          la_ssm_state_dim=64)
@@ -55,12 +62,23 @@ def _relative(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
+def _gloo_all_gather_into_tensor():
+    """fla's CP gathers into out [size, *x.shape] with all_gather_into_tensor, which gloo (unlike
+    NCCL) refuses for that shape: the same gather, as the list form gloo takes."""
+    def gather(out, inp, group=None, async_op=False):
+        assert not async_op
+        torch.distributed.all_gather(list(out.unbind(0)), inp.contiguous(), group=group)
+
+    torch.distributed.all_gather_into_tensor = gather
+
+
 def _worker(rank, world_size, mixers):
     import traceback
 
     from megatron.core import parallel_state as mpu
 
     torch.cuda.set_device(0)
+    _gloo_all_gather_into_tensor()
     g = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g).cuda()
     labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g).cuda()
@@ -84,11 +102,17 @@ def _worker(rank, world_size, mixers):
     mpu.destroy_model_parallel()
     mpu.initialize_model_parallel(1, context_parallel_size=CP)
     group = mpu.get_context_parallel_group()
+    from linear_moe.parallel.context_parallel import SequenceChunks
+
+    native_calls = []  # which path each case took
+    fla_native = SequenceChunks.fla_native
+    SequenceChunks.fla_native = lambda *a, **k: native_calls.append(1) or fla_native(*a, **k)
     results = {}
     for name in mixers:
         if isinstance(references[name], str):
             results[name] = references[name]
             continue
+        native_calls.clear()
         try:
             ref_logits, ref, control = references[name]
             model = _build(name, CP)
@@ -105,7 +129,7 @@ def _worker(rank, world_size, mixers):
                 mine = params[n].grad.clone()
                 torch.distributed.all_reduce(mine, group=group)  # gloo: CUDA tensors staged
                 errors[n] = _relative(mine, grad)
-            results[name] = (errors, control)
+            results[name] = (errors, control, bool(native_calls))
         except Exception:  # noqa: BLE001 - the test reports it
             results[name] = traceback.format_exc()
     mpu.destroy_model_parallel()
@@ -114,22 +138,24 @@ def _worker(rank, world_size, mixers):
 
 @pytest.fixture(scope="module")
 def cp_results():
-    return run_distributed(_worker, CP, CP_MIXERS)
+    return run_distributed(_worker, CP, CASES)
 
 
-@pytest.mark.parametrize("la_module", CP_MIXERS)
+@pytest.mark.parametrize("la_module", CASES)
 def test_cp2_on_fla_kernels_matches_the_whole_sequence(la_module, cp_results):
     path = os.environ.get("LINEAR_MOE_GPU_RESULTS")
     for rank, rank_results in enumerate(cp_results):
         result = rank_results[la_module]
         assert not isinstance(result, str), result
-        errors, control = result
+        errors, control, native = result
+        assert native == (la_module in FLA_NATIVE_CP), f"fla's own CP ran: {native}"
         worst = max(errors, key=errors.get)
         if path:
             with open(path, "a") as f:
                 f.write(json.dumps({"test": "cp_one_gpu", "mixer": la_module, "rank": rank,
                                     "logits": errors["logits"], "worst": worst,
-                                    "worst_rel": errors[worst], "control": control}) + "\n")
+                                    "worst_rel": errors[worst], "control": control,
+                                    "fla_native_cp": native}) + "\n")
         assert any(".self_attention.o_proj." in n for n in errors), "mixer grads not compared"
         assert errors[worst] <= TOL, f"rank {rank} {worst}: relative error {errors[worst]:.3e}"
     # rank 1's chunks follow others: alone they are far off, so TOL can tell a missing exchange
