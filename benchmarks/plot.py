@@ -1,5 +1,5 @@
 """PNG plot of a benchmark result (<out>.json from e2e_bench.py, peer_bench.py,
-layer_bench.py or decode_bench.py): throughput against sequence length per model/pattern, and the ratio to the
+layer_bench.py, decode_bench.py or cp_bench.py): throughput against sequence length per model/pattern, and the ratio to the
 run's baseline where it has one.
 
     python benchmarks/plot.py benchmarks/results/e2e_h100.json   # writes e2e_h100.png
@@ -17,6 +17,12 @@ def series(rows):
     """{label: [(T, tokens/s, ratio or None)]} with the label of each kind of result file."""
     out = defaultdict(list)
     for r in rows:
+        if r.get("none_ms") is not None:  # cp: each form's tokens/s, its ratio to no CP
+            for form in ("none", "default", "three_pass"):
+                if r.get(f"{form}_ms") is not None:
+                    out[f"{r['mixer']} CP {form}"].append(
+                        (r["T"], r["B"] * r["T"] / r[f"{form}_ms"] * 1e3, r.get(f"{form}_x")))
+            continue
         if r.get("tokens_per_s") is None and r.get("layer_ms") is None:
             continue
         if "pattern" in r:  # e2e

@@ -18,7 +18,8 @@ PEER_FLAGS = ["--ours-flags", "", "--mlp-act-recompute --fused-cross-entropy", "
 @pytest.mark.slow
 @pytest.mark.parametrize("script,expected_rows,extra", [
     ("layer_bench.py", None, []), ("e2e_bench.py", 10, []), ("peer_bench.py", 6, PEER_FLAGS),
-    ("decode_bench.py", 4, [])])
+    ("decode_bench.py", 4, []),
+    ("cp_bench.py", 4, ["--mixers", "gla", "gated_deltanet", "gsa", "mom_gla"])])
 def test_benchmark_smoke(script, expected_rows, extra, tmp_path):
     from linear_moe.registry import registered_mixers
 
@@ -41,6 +42,11 @@ def test_benchmark_smoke(script, expected_rows, extra, tmp_path):
         incremental = [r for r in rows if r["decoding"] == "incremental"]
         assert len(incremental) == 2 and all(r["same_tokens"] for r in incremental)
         assert all(r["speedup_vs_rerun"] > 0 and r["tokens_per_s"] > 0 for r in incremental)
+    elif script == "cp_bench.py":  # a CP group of one: every form is the layer's own math
+        assert all(r["default_x"] > 0 and r["default_rel_diff"] < 1e-5 for r in rows)
+        generic = [r for r in rows if "three_pass_x" in r]
+        assert [r["mixer"] for r in generic] == ["gla", "gated_deltanet", "mom_gla"]  # not gsa
+        assert all(r["three_pass_rel_diff"] < 1e-5 for r in generic)
     else:
         ratio = "overhead" if script == "layer_bench.py" else "speedup_vs_N"
         assert all(row[ratio] > 0 for row in rows)

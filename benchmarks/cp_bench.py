@@ -1,0 +1,128 @@
+"""Context parallelism's compute per rank: a mixer layer fwd+bwd over one rank's tokens (megatron's
+two pieces of c tokens each) run with its CP form, against the same tokens run without CP.
+
+One process, a CP group of one rank: the exchanges are local (the states and transitions an
+all-gather would move are [B, H, K, V] per piece, small beside the activations), so this
+measures the work a CP rank adds, not the network. Forms, each on the same layer and input:
+
+* ``none``     - no CP (the layer as on one GPU);
+* ``default``  - the layer's CP form: one op pass for the diagonal-decay ops (ops.DIAGONAL_DECAY),
+  fla's own CP for the delta-rule / DPLR ops on fla's kernels (ops.NATIVE_CONTEXT_PARALLEL),
+  the generic state passing otherwise (two or three op passes);
+* ``three_pass`` - the generic state passing for every op (the zero-state pass, the transition
+  probe from the identity state, the pass from the start state): what every mixer paid before
+  the one-pass forms.
+
+    python benchmarks/cp_bench.py --mixers gla gated_deltanet --seq-lens 8192 32768 --out $OUT/cp
+    python benchmarks/cp_bench.py --toy      # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import add_run_args, device, emit, setup_single_process, time_fn, write_results  # noqa: E402
+from layer_bench import build_mixer  # noqa: E402
+
+FORMS = ("none", "default", "three_pass")
+
+
+class _GenericStatePassing:
+    """Within: every op takes the three-pass state passing (the one-pass tables emptied)."""
+
+    def __init__(self, mixer):
+        self.mixer = mixer
+
+    def __enter__(self):
+        from linear_moe import ops
+
+        self.saved = (dict(ops.DIAGONAL_DECAY), getattr(self.mixer.config, "la_cp_kernel", "auto"))
+        ops.DIAGONAL_DECAY.clear()
+        self.mixer.config.la_cp_kernel = "ours"
+
+    def __exit__(self, *exc):
+        from linear_moe import ops
+
+        ops.DIAGONAL_DECAY.update(self.saved[0])
+        self.mixer.config.la_cp_kernel = self.saved[1]
+
+
+def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters):
+    from megatron.core import parallel_state
+
+    from linear_moe.mixers.base import LinearMixer
+    from linear_moe.parallel.context_parallel import SequenceChunks
+
+    mixer = build_mixer(name, hidden, heads, dtype)
+    x = torch.randn(seq, batch, hidden, device=device(), dtype=dtype, requires_grad=True)
+    grad_out = torch.ones(seq, batch, hidden, device=device(), dtype=dtype)
+
+    def step():
+        out, _ = mixer(x)
+        out.backward(grad_out)
+
+    chunks = SequenceChunks(parallel_state.get_context_parallel_group())
+    # A mixer with a cp_recurrent of its own (gsa) has no generic form to compare.
+    forms = FORMS if type(mixer).cp_recurrent is LinearMixer.cp_recurrent else FORMS[:2]
+    row = {"mixer": name, "T": seq, "B": batch}
+    reference = None
+    for form in forms:
+        mixer.cp = None if form == "none" else chunks
+        with _GenericStatePassing(mixer) if form == "three_pass" else contextlib.nullcontext():
+            with torch.no_grad():  # the same math on every form: their outputs must agree
+                out = mixer(x)[0].float()
+            if reference is None:
+                reference = out
+            else:
+                row[f"{form}_rel_diff"] = ((out - reference).norm() / reference.norm()).item()
+            row[f"{form}_ms"] = time_fn(step, warmup, iters)
+    mixer.cp = None
+    for form in forms[1:]:
+        row[f"{form}_x"] = row[f"{form}_ms"] / row["none_ms"]
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mixers", nargs="*", default=None,
+                        help="default: every mixer with CP support")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768],
+                        help="tokens of a rank's two pieces together (the local sequence)")
+    add_run_args(parser, tokens=65536, warmup=3, iters=10)
+    args = parser.parse_args(argv)
+    if args.toy:
+        args.hidden, args.heads, args.seq_lens, args.tokens = 64, 2, [64], 128
+        args.warmup, args.iters = 1, 2
+    setup_single_process(args.fla_autotune_keys)
+    from linear_moe.registry import registered_mixers
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    names = args.mixers or sorted(n for n, e in registered_mixers().items() if e.supports_cp)
+    rows = []
+    for name in names:
+        for seq in args.seq_lens:
+            batch = max(1, args.tokens // seq)
+            try:
+                row = bench_mixer(name, args.hidden, args.heads, seq, batch, dtype,
+                                  args.warmup, args.iters)
+            except ValueError as refused:  # e.g. mamba2's chunk path on Hopper: note it, go on
+                row = {"mixer": name, "T": seq, "B": batch, "note": f"refused: {refused}"}
+            rows.append(emit(row))
+    write_results(rows, args.out, "Context parallelism's compute per rank: the layer with its "
+                  "CP form vs without (CP group of one; ratios to none)",
+                  ["mixer", "T", "B", "none_ms", "default_ms", "three_pass_ms", "default_x",
+                   "three_pass_x", "default_rel_diff", "three_pass_rel_diff", "note"])
+    return rows
+
+
+if __name__ == "__main__":
+    main()
