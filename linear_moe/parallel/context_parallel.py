@@ -125,9 +125,10 @@ class SequenceChunks:
         return self.unfold(fn(extended)[:, width:])
 
     # -- the recurrence ---------------------------------------------------------------------
-    def fold_op_inputs(self, args: tuple, kwargs: dict) -> tuple[list, dict]:
-        """An op's arguments with the per-token ones folded (the pieces as batch rows) and
-        the state arguments dropped (the state passing sets them)."""
+    @staticmethod
+    def map_op_inputs(args: tuple, kwargs: dict, fn) -> tuple[list, dict]:
+        """An op's arguments with fn applied to the per-token ones ([b, 2c, ...]: this rank's
+        two pieces) and the state arguments dropped (the CP form sets them)."""
         if kwargs.get("initial_state") is not None:
             raise ValueError("a recurrence under context parallelism starts from the state the "
                              "ranks before it pass; it takes no initial_state")
@@ -136,12 +137,16 @@ class SequenceChunks:
             raise ValueError(f"a context-parallel rank holds two equal pieces; its {length} "
                              "tokens are odd")
 
-        def folded(value):
-            return self.fold(value) if _is_per_token(value, batch, length) else value
+        def mapped(value):
+            return fn(value) if _is_per_token(value, batch, length) else value
 
-        return ([folded(a) for a in args],
-                {k: folded(v) for k, v in kwargs.items()
+        return ([mapped(a) for a in args],
+                {k: mapped(v) for k, v in kwargs.items()
                  if k not in ("initial_state", "output_final_state")})
+
+    def fold_op_inputs(self, args: tuple, kwargs: dict) -> tuple[list, dict]:
+        """An op's arguments with the per-token ones folded (the pieces as batch rows)."""
+        return self.map_op_inputs(args, kwargs, self.fold)
 
     def state_passing(self, op, args: tuple, kwargs: dict, value_arg: int,
                       identity_transition: bool = False):
@@ -243,20 +248,10 @@ class SequenceChunks:
         parallelism (ops.NATIVE_CONTEXT_PARALLEL: its kernels all-gather the chunks' states and
         transitions), one op pass. fla's CP takes one sequence a call, so the batch's rows run
         one after another."""
-        if kwargs.get("initial_state") is not None:
-            raise ValueError("a recurrence under context parallelism starts from the state the "
-                             "ranks before it pass; it takes no initial_state")
         batch, length = args[0].shape[:2]
-        if length % 2:
-            raise ValueError(f"a context-parallel rank holds two equal pieces; its {length} "
-                             "tokens are odd")
+        rows = [self.map_op_inputs(args, kwargs, lambda value, i=i: value[i:i + 1])
+                for i in range(batch)]
         context = self.fla_context(length, args[0].device)
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("initial_state",
-                                                               "output_final_state")}
-
-        def row(value, i):
-            return value[i:i + 1] if _is_per_token(value, batch, length) else value
-
-        outputs = [op(*(row(a, i) for a in args), cp_context=context,
-                      **{k: row(v, i) for k, v in kwargs.items()})[0] for i in range(batch)]
+        outputs = [op(*row_args, cp_context=context, **row_kwargs)[0]
+                   for row_args, row_kwargs in rows]
         return (outputs[0] if batch == 1 else torch.cat(outputs)), None
