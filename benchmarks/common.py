@@ -5,6 +5,7 @@ Numbers only count from the GPU; on the CPU the scripts run at toy sizes so CI p
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -47,6 +48,26 @@ def add_run_args(parser, *, tokens: int, warmup: int, iters: int, out_help: str 
                             help="shape: fla's state kernels autotuned per (T, heads) "
                                  "(default); fla: fla's own keys, one pick for every shape")
     return parser
+
+
+def add_layer_args(parser, seq_lens: list[int], seq_help: str | None = None):
+    """The arguments of the one-layer benchmarks (layer_bench, cp_bench): the layer's size, the
+    sequence lengths and add_run_args' (65,536 tokens a step)."""
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=seq_lens, help=seq_help)
+    return add_run_args(parser, tokens=65536, warmup=3, iters=10)
+
+
+def parse_layer_args(parser, argv) -> tuple[argparse.Namespace, torch.dtype]:
+    """Parsed add_layer_args (shrunk to CPU size under --toy), the process set up, and the
+    dtype the layers run in (bf16 on the GPU)."""
+    args = parser.parse_args(argv)
+    if args.toy:
+        args.hidden, args.heads, args.seq_lens, args.tokens = 64, 2, [64], 128
+        args.warmup, args.iters = 1, 2
+    setup_single_process(args.fla_autotune_keys)
+    return args, torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
 def device() -> torch.device:

@@ -27,7 +27,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_run_args, device, emit, setup_single_process, time_fn, write_results  # noqa: E402
+from common import (  # noqa: E402
+    add_layer_args, device, emit, parse_layer_args, time_fn, write_results,
+)
 from layer_bench import build_mixer  # noqa: E402
 
 FORMS = ("none", "default", "three_pass")
@@ -93,19 +95,11 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mixers", nargs="*", default=None,
                         help="default: every mixer with CP support")
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768],
-                        help="tokens of a rank's two pieces together (the local sequence)")
-    add_run_args(parser, tokens=65536, warmup=3, iters=10)
-    args = parser.parse_args(argv)
-    if args.toy:
-        args.hidden, args.heads, args.seq_lens, args.tokens = 64, 2, [64], 128
-        args.warmup, args.iters = 1, 2
-    setup_single_process(args.fla_autotune_keys)
+    add_layer_args(parser, [8192, 32768],
+                   "tokens of a rank's two pieces together (the local sequence)")
+    args, dtype = parse_layer_args(parser, argv)
     from linear_moe.registry import registered_mixers
 
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     names = args.mixers or sorted(n for n, e in registered_mixers().items() if e.supports_cp)
     rows = []
     for name in names:

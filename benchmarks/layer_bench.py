@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    add_run_args, device, emit, environment, setup_single_process, time_fn, write_results,
+    add_layer_args, device, emit, environment, parse_layer_args, time_fn, write_results,
 )
 
 
@@ -174,9 +174,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mixers", nargs="*", default=None, help="default: all registered")
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192, 32768])
+    add_layer_args(parser, [2048, 8192, 32768])
     parser.add_argument("--profile", metavar="PREFIX",
                         help="also write <PREFIX>_<mixer>_<T>_{layer,bare}.txt profiler tables and "
                              "_diff.txt, the ops by how much longer the layer spends on them")
@@ -184,15 +182,9 @@ def main(argv=None):
                         help="CUDA kernel of the mixers' short convolutions (--la-conv-kernel)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time both steps captured as CUDA graphs (device time; GPU)")
-    add_run_args(parser, tokens=65536, warmup=3, iters=10)
-    args = parser.parse_args(argv)
-    if args.toy:
-        args.hidden, args.heads, args.seq_lens, args.tokens = 64, 2, [64], 128
-        args.warmup, args.iters = 1, 2
-    setup_single_process(args.fla_autotune_keys)
+    args, dtype = parse_layer_args(parser, argv)
     from linear_moe.registry import registered_mixers
 
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     rows = []
     for name in args.mixers or sorted(registered_mixers()):
         for seq in args.seq_lens:
