@@ -19,8 +19,10 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("la_module", ["gla", "gated_deltanet", "rwkv7"])
-def test_cp2_on_two_gpus_gives_the_one_gpu_losses(la_module, tmp_path):
+# gated_deltanet / rwkv7 run fla's own CP (--la-cp-kernel auto); "ours": the state passing
+@pytest.mark.parametrize("la_module,cp_kernel", [("gla", "auto"), ("gated_deltanet", "auto"),
+                                                 ("gated_deltanet", "ours"), ("rwkv7", "auto")])
+def test_cp2_on_two_gpus_gives_the_one_gpu_losses(la_module, cp_kernel, tmp_path):
     from linear_moe.data import ensure_default_dataset
 
     cmd = _command(ensure_default_dataset(tmp_path / "data"), None, la_module=la_module,
@@ -29,7 +31,7 @@ def test_cp2_on_two_gpus_gives_the_one_gpu_losses(la_module, tmp_path):
     single = _losses(_run(cmd))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
                            "2", "--master-port", str(_free_port()), *cmd[1:],
-                           "--context-parallel-size", "2"],
+                           "--context-parallel-size", "2", "--la-cp-kernel", cp_kernel],
                           capture_output=True, text=True, env=_env(), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     split = _losses(proc.stdout)
