@@ -143,8 +143,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "causal_conv1d; the same math. auto = ours for widths up to 4, else fla's")
     g.add_argument("--la-cp-kernel", default=LinearMixerFields.la_cp_kernel,
                    choices=["auto", "ours"],
-                   help="context parallelism of gated_deltanet / kda / rwkv7 on fla's chunk "
-                        "kernels: auto = fla's own (fla.ops.cp, one op pass), ours = linear_moe's "
+                   help="context parallelism of the delta-rule / DPLR mixers (deltanet, "
+                        "gated_deltanet, kda, rwkv7, mom_gated_deltanet) on fla's chunk kernels: auto = fla's own (fla.ops.cp, one op pass), ours = linear_moe's "
                         "state passing (three op passes; every other mixer uses ours); the same "
                         "math")
     g.add_argument("--la-fla-autotune-keys", default=LinearMixerFields.la_fla_autotune_keys,

@@ -210,13 +210,14 @@ def test_fla_zigzag_layout_is_megatrons():
             assert context.pre_num_ranks_by_part == SequenceChunks.layout(rank, size)
 
 
-@pytest.mark.parametrize("op", ["gated_delta_rule", "kda", "rwkv7"])
+@pytest.mark.parametrize("op", ["delta_rule", "gated_delta_rule", "kda", "rwkv7"])
 def test_fla_cp_context_refused_off_fla_chunk_kernels(op):
     from linear_moe import ops
 
     assert getattr(ops, op) in ops.NATIVE_CONTEXT_PARALLEL
     x = torch.randn(1, 8, 2, 4)
-    args = {"gated_delta_rule": (x, x, x, x[..., 0], x[..., 0].sigmoid()),
+    args = {"delta_rule": (x, x, x, x[..., 0].sigmoid()),
+            "gated_delta_rule": (x, x, x, x[..., 0], x[..., 0].sigmoid()),
             "kda": (x, x, x, -x.abs(), x[..., 0].sigmoid()),
             "rwkv7": (x, -x.abs(), x, x, x, x)}[op]
     with pytest.raises(ValueError, match="cp_context .* needs fla's chunk kernels"):

@@ -31,8 +31,9 @@ DIAGONAL_DECAY = {
 # The ops whose fla chunk kernel runs context parallelism itself (fla.ops.cp: each rank's
 # chunk-state transition and local state from one pass, all-gathered and merged inside the
 # kernels, on fla's zigzag layout - megatron's), given a cp_context: one op pass where the
-# state passing of SequenceChunks takes three for these delta-rule / DPLR recurrences.
-NATIVE_CONTEXT_PARALLEL = frozenset({gated_delta_rule, kda, rwkv7})
+# state passing of SequenceChunks takes three for these delta-rule / DPLR recurrences
+# (delta_rule through fla's gated kernel with g = 0: chunk_delta_rule has no CP).
+NATIVE_CONTEXT_PARALLEL = frozenset({delta_rule, gated_delta_rule, kda, rwkv7})
 
 __all__ = ["DIAGONAL_DECAY", "NATIVE_CONTEXT_PARALLEL", "based", "rebased", "linear_attn", "delta_rule", "gla", "gsa",
            "gated_delta_rule", "kda", "resolve_backend", "rwkv6", "rwkv7", "simple_gla",

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from .dispatch import check_mode, resolve_backend
+from .dispatch import check_cp_context, check_mode, resolve_backend
 from .gated_delta_rule import gated_delta_rule
 
 
@@ -39,12 +39,23 @@ def delta_rule(
     backend: str = "auto",
     mode: str = "chunk",
     chunk_size: int = 64,
+    cp_context=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H] -> (o, final state or None)."""
+    """q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H] -> (o, final state or None).
+
+    `cp_context` (fla's context parallelism, as in gated_delta_rule): fla 0.6.0's
+    chunk_delta_rule has none, so this runs its chunk_gated_delta_rule with g = 0, the same
+    recurrence."""
     check_mode(mode)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if resolve_backend(backend, q) == "fla":
+    backend = resolve_backend(backend, q)
+    check_cp_context(cp_context, backend, mode, "delta_rule")
+    if cp_context is not None:
+        return gated_delta_rule(q, k, v, torch.zeros_like(beta, dtype=torch.float32), beta,
+                                scale=scale, use_qk_l2norm=use_qk_l2norm, backend=backend,
+                                chunk_size=chunk_size, cp_context=cp_context)
+    if backend == "fla":
         from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
 
         fn = chunk_delta_rule if mode == "chunk" else fused_recurrent_delta_rule

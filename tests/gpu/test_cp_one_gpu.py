@@ -33,7 +33,7 @@ TOL = 2e-3  # ||cp - whole|| / ||whole||; fla's fp32 kernels, summed in another 
 CP_MIXERS = sorted(n for n, e in registered_mixers().items() if e.supports_cp)
 # The mixers whose op takes fla's own CP (ops.NATIVE_CONTEXT_PARALLEL, --la-cp-kernel auto);
 # "/ours" runs them through linear_moe's state passing on the same kernels (--la-cp-kernel ours).
-FLA_NATIVE_CP = ("gated_deltanet", "kda", "mom_gated_deltanet", "rwkv7")
+FLA_NATIVE_CP = ("deltanet", "gated_deltanet", "kda", "mom_gated_deltanet", "rwkv7")
 CASES = CP_MIXERS + [f"{name}/ours" for name in FLA_NATIVE_CP]
 
 
