@@ -62,14 +62,23 @@ def _relative(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def _gloo_all_gather_into_tensor():
-    """fla's CP gathers into out [size, *x.shape] with all_gather_into_tensor, which gloo (unlike
-    NCCL) refuses for that shape: the same gather, as the list form gloo takes."""
-    def gather(out, inp, group=None, async_op=False):
-        assert not async_op
-        torch.distributed.all_gather(list(out.unbind(0)), inp.contiguous(), group=group)
+def _gloo_all_gathers():
+    """The all-gathers on CUDA tensors through gloo, staged on the host: gloo's CUDA support
+    covers broadcast / all-reduce only by the docs, and fla's CP gathers into out [size,
+    *x.shape] with all_gather_into_tensor, a shape gloo (unlike NCCL) refuses."""
+    dist = torch.distributed
+    all_gather = dist.all_gather
 
-    torch.distributed.all_gather_into_tensor = gather
+    def gather(outs, inp, group=None, async_op=False):
+        assert not async_op
+        staged = [torch.empty_like(o, device="cpu") for o in outs]
+        all_gather(staged, inp.detach().cpu().contiguous(), group=group)
+        for o, s in zip(outs, staged):
+            o.copy_(s)
+
+    dist.all_gather = gather
+    dist.all_gather_into_tensor = lambda out, inp, group=None, async_op=False: gather(
+        list(out.unbind(0)), inp, group, async_op)
 
 
 def _worker(rank, world_size, mixers):
@@ -78,7 +87,7 @@ def _worker(rank, world_size, mixers):
     from megatron.core import parallel_state as mpu
 
     torch.cuda.set_device(0)
-    _gloo_all_gather_into_tensor()
+    _gloo_all_gathers()
     g = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g).cuda()
     labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g).cuda()
