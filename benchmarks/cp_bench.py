@@ -84,6 +84,7 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters):
             else:
                 row[f"{form}_rel_diff"] = ((out - reference).norm() / reference.norm()).item()
             row[f"{form}_ms"] = time_fn(step, warmup, iters)
+            print(f"{name} T={seq} {form}: {row[f'{form}_ms']:.2f} ms", flush=True)
     mixer.cp = None
     for form in forms[1:]:
         row[f"{form}_x"] = row[f"{form}_ms"] / row["none_ms"]

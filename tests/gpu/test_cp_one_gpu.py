@@ -35,6 +35,10 @@ CP_MIXERS = sorted(n for n, e in registered_mixers().items() if e.supports_cp)
 # "/ours" runs them through linear_moe's state passing on the same kernels (--la-cp-kernel ours).
 FLA_NATIVE_CP = ("deltanet", "gated_deltanet", "kda", "mom_gated_deltanet", "rwkv7")
 CASES = CP_MIXERS + [f"{name}/ours" for name in FLA_NATIVE_CP]
+# Every case runs in the one module fixture (two processes): a device call short of time picks
+# some (comma-separated) instead of waiting for all.
+if os.environ.get("LINEAR_MOE_CP_CASES"):
+    CASES = [c for c in CASES if c in os.environ["LINEAR_MOE_CP_CASES"].split(",")]
 
 
 def _build(case, cp):
@@ -88,6 +92,10 @@ def _worker(rank, world_size, mixers):
 
     torch.cuda.set_device(0)
     _gloo_all_gathers()
+    if os.environ.get("LINEAR_MOE_DUMP_AFTER"):  # a device call's stack dump before its cut
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["LINEAR_MOE_DUMP_AFTER"]))
     g = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g).cuda()
     labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g).cuda()
@@ -118,6 +126,7 @@ def _worker(rank, world_size, mixers):
     SequenceChunks.fla_native = lambda *a, **k: native_calls.append(1) or fla_native(*a, **k)
     results = {}
     for name in mixers:
+        print(f"rank {rank}: {name} at CP=2", flush=True)
         if isinstance(references[name], str):
             results[name] = references[name]
             continue
