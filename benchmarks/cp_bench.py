@@ -7,11 +7,15 @@ measures the work a CP rank adds, not the network. Forms, each on the same layer
 
 * ``none``     - no CP (the layer as on one GPU);
 * ``default``  - the layer's CP form: one op pass for the diagonal-decay ops (ops.DIAGONAL_DECAY),
-  fla's own CP for the delta-rule / DPLR ops on fla's kernels (ops.NATIVE_CONTEXT_PARALLEL),
   the generic state passing otherwise (two or three op passes);
 * ``three_pass`` - the generic state passing for every op (the zero-state pass, the transition
   probe from the identity state, the pass from the start state): what every mixer paid before
-  the one-pass forms.
+  the one-pass forms;
+* ``fla``      - fla's own CP inside its chunk kernels (--la-cp-kernel fla; the delta-rule / DPLR
+  mixers, on CUDA).
+
+torch.compile'd pieces (GDN's / GLA's log decay) recompile for each form's shapes: run with
+TORCHDYNAMO_DISABLE=1 where compile time matters more than those pieces' speed (all forms alike).
 
     python benchmarks/cp_bench.py --mixers gla gated_deltanet --seq-lens 8192 32768 --out $OUT/cp
     python benchmarks/cp_bench.py --toy      # CPU smoke run
@@ -32,27 +36,24 @@ from common import (  # noqa: E402
 )
 from layer_bench import build_mixer  # noqa: E402
 
-FORMS = ("none", "default", "three_pass")
+FORMS = ("none", "default", "three_pass", "fla")
 
 
-class _GenericStatePassing:
-    """Within: every op takes the three-pass state passing (the one-pass tables emptied)."""
+@contextlib.contextmanager
+def _cp_form(mixer, form: str):
+    """Within: the mixer's CP runs as ``form`` (three_pass: the one-pass table emptied; fla:
+    --la-cp-kernel fla)."""
+    from linear_moe import ops
 
-    def __init__(self, mixer):
-        self.mixer = mixer
-
-    def __enter__(self):
-        from linear_moe import ops
-
-        self.saved = (dict(ops.DIAGONAL_DECAY), getattr(self.mixer.config, "la_cp_kernel", "auto"))
+    saved = dict(ops.DIAGONAL_DECAY), mixer.config.la_cp_kernel
+    if form == "three_pass":
         ops.DIAGONAL_DECAY.clear()
-        self.mixer.config.la_cp_kernel = "ours"
-
-    def __exit__(self, *exc):
-        from linear_moe import ops
-
-        ops.DIAGONAL_DECAY.update(self.saved[0])
-        self.mixer.config.la_cp_kernel = self.saved[1]
+    mixer.config.la_cp_kernel = "fla" if form == "fla" else "ours"
+    try:
+        yield
+    finally:
+        ops.DIAGONAL_DECAY.update(saved[0])
+        mixer.config.la_cp_kernel = saved[1]
 
 
 def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters):
@@ -70,13 +71,16 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters):
         out.backward(grad_out)
 
     chunks = SequenceChunks(parallel_state.get_context_parallel_group())
-    # A mixer with a cp_recurrent of its own (gsa) has no generic form to compare.
-    forms = FORMS if type(mixer).cp_recurrent is LinearMixer.cp_recurrent else FORMS[:2]
+    # A mixer with a cp_recurrent of its own (gsa) has no generic form to compare; fla's own
+    # CP is for the mixers that declare it, on CUDA.
+    forms = [f for f in FORMS
+             if (f != "three_pass" or type(mixer).cp_recurrent is LinearMixer.cp_recurrent)
+             and (f != "fla" or (mixer.fla_context_parallel and torch.cuda.is_available()))]
     row = {"mixer": name, "T": seq, "B": batch}
     reference = None
     for form in forms:
         mixer.cp = None if form == "none" else chunks
-        with _GenericStatePassing(mixer) if form == "three_pass" else contextlib.nullcontext():
+        with _cp_form(mixer, form):
             with torch.no_grad():  # the same math on every form: their outputs must agree
                 out = mixer(x)[0].float()
             if reference is None:
@@ -114,8 +118,9 @@ def main(argv=None):
             rows.append(emit(row))
     write_results(rows, args.out, "Context parallelism's compute per rank: the layer with its "
                   "CP form vs without (CP group of one; ratios to none)",
-                  ["mixer", "T", "B", "none_ms", "default_ms", "three_pass_ms", "default_x",
-                   "three_pass_x", "default_rel_diff", "three_pass_rel_diff", "note"])
+                  ["mixer", "T", "B", "none_ms", "default_ms", "three_pass_ms", "fla_ms",
+                   "default_x", "three_pass_x", "fla_x", "default_rel_diff",
+                   "three_pass_rel_diff", "fla_rel_diff", "note"])
     return rows
 
 

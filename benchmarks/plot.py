@@ -18,7 +18,7 @@ def series(rows):
     out = defaultdict(list)
     for r in rows:
         if r.get("none_ms") is not None:  # cp: each form's tokens/s, its ratio to no CP
-            for form in ("none", "default", "three_pass"):
+            for form in ("none", "default", "three_pass", "fla"):
                 if r.get(f"{form}_ms") is not None:
                     out[f"{r['mixer']} CP {form}"].append(
                         (r["T"], r["B"] * r["T"] / r[f"{form}_ms"] * 1e3, r.get(f"{form}_x")))

@@ -142,11 +142,11 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "causal_conv.py, ~2x fla's on the H100, widths up to 4) or fla's "
                         "causal_conv1d; the same math. auto = ours for widths up to 4, else fla's")
     g.add_argument("--la-cp-kernel", default=LinearMixerFields.la_cp_kernel,
-                   choices=["auto", "ours"],
+                   choices=["ours", "fla"],
                    help="context parallelism of the delta-rule / DPLR mixers (deltanet, "
-                        "gated_deltanet, kda, rwkv7, mom_gated_deltanet) on fla's chunk kernels: auto = fla's own (fla.ops.cp, one op pass), ours = linear_moe's "
-                        "state passing (three op passes; every other mixer uses ours); the same "
-                        "math")
+                        "gated_deltanet, kda, rwkv7, mom_gated_deltanet): ours = linear_moe's "
+                        "state passing (three op passes; every mixer), fla = fla's own inside its "
+                        "chunk kernels (one op pass; CUDA; not yet proven on a GPU here)")
     g.add_argument("--la-fla-autotune-keys", default=LinearMixerFields.la_fla_autotune_keys,
                    choices=["shape", "fla"],
                    help="shape: fla's state-passing kernels are autotuned per sequence length "
@@ -319,10 +319,18 @@ def _check_packed_documents(entry, args, uses_linear: bool) -> None:
 
 def _check_context_parallel(entry, args, uses_linear: bool) -> None:
     cp = args.context_parallel_size
-    if cp == 1:
-        if getattr(args, "la_cp_kernel", "auto") != "auto":
-            raise ValueError(f"--la-cp-kernel {args.la_cp_kernel} needs context parallelism; add "
+    if getattr(args, "la_cp_kernel", "ours") == "fla":
+        if cp == 1:
+            raise ValueError("--la-cp-kernel fla needs context parallelism; add "
                              "--context-parallel-size > 1 or drop --la-cp-kernel")
+        if not uses_linear or not getattr(entry.builder, "fla_context_parallel", False):
+            raise ValueError(f"--la-cp-kernel fla applies to the mixers whose op fla runs under "
+                             f"CP (deltanet, gated_deltanet, kda, rwkv7, mom_gated_deltanet), not "
+                             f"'{entry.name}'; drop --la-cp-kernel")
+        if args.la_backend == "reference":
+            raise ValueError("--la-cp-kernel fla runs fla's kernels; drop --la-backend reference "
+                             "or --la-cp-kernel fla")
+    if cp == 1:
         return
     if uses_linear and not entry.supports_cp:
         raise ValueError(f"mixer '{entry.name}' has no context-parallel support; use "

@@ -34,9 +34,9 @@ class LinearMixerFields:
     la_conv_size: int = 4
     la_conv_bias: bool = False  # bias of the short convolutions (fla's conv_bias / use_conv_bias)
     la_conv_kernel: str = "auto"  # CUDA kernel of the short convolutions: auto | fla | ours
-    # Context parallelism of the delta-rule / DPLR ops (deltanet, gated_deltanet, kda, rwkv7) on fla's
-    # chunk kernels: auto = fla's own CP (one op pass), ours = linear_moe's state passing (three).
-    la_cp_kernel: str = "auto"
+    # Context parallelism of the delta-rule / DPLR mixers (fla_context_parallel) on fla's chunk
+    # kernels: ours = linear_moe's state passing (three op passes), fla = fla's own (one).
+    la_cp_kernel: str = "ours"
     # fla's state kernels autotuned per (T, heads) ("shape") or on fla's keys ("fla"): see
     # linear_moe/ops/fla_autotune.py. Process-wide, applied when the model is built.
     la_fla_autotune_keys: str = "shape"

@@ -455,14 +455,27 @@ def test_mamba2_dt_limit_and_norm_before_gate(results):
     (["--la-module", "gla", "--la-conv-bias"], "--la-conv-bias needs a short convolution"),
     (["--la-module", "gla", "--la-conv-kernel", "ours"],
      "--la-conv-kernel ours needs a short convolution"),
-    (["--la-module", "gated_deltanet", "--la-cp-kernel", "ours"],
-     "--la-cp-kernel ours needs context parallelism"),
+    (["--la-module", "gated_deltanet", "--la-cp-kernel", "fla"],
+     "--la-cp-kernel fla needs context parallelism"),
     (["--la-module", "based", "--no-la-norm-elementwise-affine"],
      "needs an output norm.*--la-output-norm identity"),
 ])
 def test_unused_option_rejected(argv, message):
     with pytest.raises(ValueError, match=message):
         validate_args(parsed_args(argv))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--la-module", "gla"], "--la-cp-kernel fla applies to .*not 'gla'"),
+    (["--la-module", "kda", "--la-backend", "reference"], "drop --la-backend reference"),
+])
+def test_fla_cp_kernel_refused_where_it_cannot_run(argv, message):
+    args = parsed_args([*argv, "--la-cp-kernel", "fla"], context_parallel_size=2, seq_length=64)
+    with pytest.raises(ValueError, match=message):
+        validate_args(args)
+    # where it runs: the mixers that declare fla's CP, on fla's kernels
+    validate_args(parsed_args(["--la-module", "kda", "--la-cp-kernel", "fla"],
+                              context_parallel_size=2, seq_length=64))
 
 
 @pytest.mark.parametrize("argv", [

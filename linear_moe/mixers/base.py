@@ -264,6 +264,8 @@ class LinearMixer(MegatronModule):
     cp_value_arg: int | None = None
     #: The recurrence has no decay (its transition is the identity): CP skips the probe pass.
     cp_identity_transition: bool = False
+    #: Its op is one of ops.NATIVE_CONTEXT_PARALLEL: --la-cp-kernel fla runs fla's own CP.
+    fla_context_parallel: bool = False
 
     @classmethod
     def has_cp_support(cls) -> bool:
@@ -601,12 +603,16 @@ class LinearMixer(MegatronModule):
     def cp_recurrent(self, op, args: tuple, kwargs: dict):
         """``recurrent`` under context parallelism: from the state the chunks before leave
         (one op pass for a diagonal-decay op, ops.DIAGONAL_DECAY, or through fla's own CP for
-        ops.NATIVE_CONTEXT_PARALLEL on fla's chunk kernels; else three, or two without decay)."""
+        ops.NATIVE_CONTEXT_PARALLEL under --la-cp-kernel fla; else three, or two without
+        decay)."""
         from linear_moe.ops import DIAGONAL_DECAY, NATIVE_CONTEXT_PARALLEL, resolve_backend
 
-        if (op in NATIVE_CONTEXT_PARALLEL and getattr(self.config, "la_cp_kernel", "auto") == "auto"
-                and kwargs.get("mode", "chunk") == "chunk"
-                and resolve_backend(kwargs.get("backend", "auto"), args[0]) == "fla"):
+        if op in NATIVE_CONTEXT_PARALLEL and getattr(self.config, "la_cp_kernel", "ours") == "fla":
+            backend = resolve_backend(kwargs.get("backend", "auto"), args[0])
+            if backend != "fla" or kwargs.get("mode", "chunk") != "chunk":
+                raise ValueError("--la-cp-kernel fla runs fla's chunk kernels on CUDA, not "
+                                 f"backend '{backend}' mode '{kwargs.get('mode')}'; drop "
+                                 "--la-cp-kernel fla or use --la-mode chunk on a GPU")
             return self.cp.fla_native(op, args, kwargs)
         diagonal = DIAGONAL_DECAY.get(op)
         if diagonal is not None:

@@ -45,6 +45,7 @@ class GatedDeltaNetMixer(LinearMixer):
     # fla's num_v_heads (GVA): num_heads is then the value-head count (a/b/A_log/dt_bias too).
     head_sharing = "v"
     cp_value_arg = 2  # the op's v (context parallelism)
+    fla_context_parallel = True
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)

@@ -29,6 +29,7 @@ class KDAMixer(LinearMixer):
     # is per value head (fla's gate_dim = num_v_heads * head_k_dim).
     head_sharing = "v"
     cp_value_arg = 2  # the op's v (context parallelism)
+    fla_context_parallel = True
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)

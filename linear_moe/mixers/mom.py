@@ -262,6 +262,7 @@ class MoMGLAMixer(MixtureOfMemories):
     defaults={"la_expand_k": 0.75, "la_expand_v": 1.5, "la_use_short_conv": False},
 )
 class MoMGatedDeltaNetMixer(MixtureOfMemories):
+    fla_context_parallel = True
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         self.A_log = self.per_head_parameter(init_A_log_)

@@ -56,6 +56,7 @@ def _low_rank(hidden: int, scale: float, factor: float = 1.0) -> int:
 class RWKV7Mixer(LinearMixer):
     strided_input = False  # the token shift and the mixes read x as [b, s, h]
     cp_value_arg = 3  # ops.rwkv7(r, w, k, v, ...): v (context parallelism)
+    fla_context_parallel = True
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)

@@ -19,9 +19,9 @@ pytestmark = [
 ]
 
 
-# gated_deltanet / rwkv7 run fla's own CP (--la-cp-kernel auto); "ours": the state passing
-@pytest.mark.parametrize("la_module,cp_kernel", [("gla", "auto"), ("gated_deltanet", "auto"),
-                                                 ("gated_deltanet", "ours"), ("rwkv7", "auto")])
+# "fla": fla's own CP inside its kernels (--la-cp-kernel fla); "ours": the state passing
+@pytest.mark.parametrize("la_module,cp_kernel", [("gla", "ours"), ("gated_deltanet", "ours"),
+                                                 ("gated_deltanet", "fla"), ("rwkv7", "fla")])
 def test_cp2_on_two_gpus_gives_the_one_gpu_losses(la_module, cp_kernel, tmp_path):
     from linear_moe.data import ensure_default_dataset
 

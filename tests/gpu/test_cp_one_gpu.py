@@ -31,10 +31,10 @@ pytestmark = [
 SEQ, BATCH, VOCAB, CP = 512, 2, 256, 2  # pieces of 128 tokens: two of fla's chunks each
 TOL = 2e-3  # ||cp - whole|| / ||whole||; fla's fp32 kernels, summed in another order
 CP_MIXERS = sorted(n for n, e in registered_mixers().items() if e.supports_cp)
-# The mixers whose op takes fla's own CP (ops.NATIVE_CONTEXT_PARALLEL, --la-cp-kernel auto);
-# "/ours" runs them through linear_moe's state passing on the same kernels (--la-cp-kernel ours).
-FLA_NATIVE_CP = ("deltanet", "gated_deltanet", "kda", "mom_gated_deltanet", "rwkv7")
-CASES = CP_MIXERS + [f"{name}/ours" for name in FLA_NATIVE_CP]
+# The mixers whose op takes fla's own CP (ops.NATIVE_CONTEXT_PARALLEL): each runs here with
+# linear_moe's state passing (the default) and, as "<name>/fla", with --la-cp-kernel fla.
+FLA_NATIVE_CP = tuple(n for n in CP_MIXERS if registered_mixers()[n].builder.fla_context_parallel)
+CASES = CP_MIXERS + [f"{name}/fla" for name in FLA_NATIVE_CP]
 # Every case runs in the one module fixture (two processes): a device call short of time picks
 # some (comma-separated) instead of waiting for all.
 if os.environ.get("LINEAR_MOE_CP_CASES"):
@@ -55,7 +55,7 @@ def _build(case, cp):
             else "chunk")
     # head dims 64-128: the ones fla_compat's Hopper guard has proven (and fla wants >= 16)
     config = tiny_config(la_module=la_module, context_parallel_size=cp, la_backend="fla",
-                         la_cp_kernel=cp_kernel or "auto",
+                         la_cp_kernel=cp_kernel or "ours",
                          la_mode=mode, hidden_size=256, num_attention_heads=4, kv_channels=64,
                          ffn_hidden_size=512, la_num_heads=2, la_ssm_groups=2,
                          la_ssm_state_dim=64)
@@ -166,7 +166,7 @@ def test_cp2_on_fla_kernels_matches_the_whole_sequence(la_module, cp_results):
         result = rank_results[la_module]
         assert not isinstance(result, str), result
         errors, control, native = result
-        assert native == (la_module in FLA_NATIVE_CP), f"fla's own CP ran: {native}"
+        assert native == la_module.endswith("/fla"), f"fla's own CP ran: {native}"
         worst = max(errors, key=errors.get)
         if path:
             with open(path, "a") as f:
