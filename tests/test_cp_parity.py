@@ -222,3 +222,33 @@ def test_fla_cp_context_refused_off_fla_chunk_kernels(op):
             "rwkv7": (x, -x.abs(), x, x, x, x)}[op]
     with pytest.raises(ValueError, match="cp_context .* needs fla's chunk kernels"):
         getattr(ops, op)(*args, cp_context=object())
+
+
+def _fla_native_rows_worker(rank, world_size):
+    from linear_moe import ops
+    from linear_moe.parallel.context_parallel import SequenceChunks
+
+    chunks = SequenceChunks(torch.distributed.group.WORLD)
+    g = torch.Generator().manual_seed(0)
+    B, T, H, D = 3, 16, 2, 4
+    q, k, v = (torch.randn(B, T, H, D, generator=g) for _ in range(3))
+    decay, beta = -torch.rand(B, T, H, generator=g), torch.rand(B, T, H, generator=g)
+    contexts = []
+
+    def op(*args, cp_context, **kwargs):  # one rank holds the whole sequence, in order
+        contexts.append(cp_context)
+        assert args[0].shape[0] == 1 and "output_final_state" not in kwargs
+        return ops.gated_delta_rule(*args, **kwargs)
+
+    o, state = chunks.fla_native(op, (q, k, v, decay, beta), dict(output_final_state=False))
+    whole, _ = ops.gated_delta_rule(q, k, v, decay, beta)
+    return ((o - whole).abs().max().item(), state, len(contexts),
+            len({id(c) for c in contexts}), contexts[0].layout, contexts[0].part_len)
+
+
+def test_fla_native_runs_each_row_with_one_context():
+    """fla_native's plumbing on the CPU: one op call a batch row with fla's CP context (built
+    once; zigzag parts of half the local tokens), outputs stacked back in order."""
+    error, state, calls, distinct, layout, part_len = run_distributed(_fla_native_rows_worker, 1)[0]
+    assert error == 0.0 and state is None
+    assert (calls, distinct, layout, part_len) == (3, 1, "zigzag", 8)
