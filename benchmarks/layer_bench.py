@@ -67,7 +67,8 @@ def record_op_calls(mixer, x):
     from linear_moe import ops
 
     calls = []
-    originals = {n: getattr(ops, n) for n in ops.__all__ if n != "resolve_backend"}
+    originals = {n: getattr(ops, n) for n in ops.__all__  # the ops, not the tables
+                 if callable(getattr(ops, n)) and n != "resolve_backend"}
 
     def recorder(name):
         def call(*args, **kwargs):

@@ -40,6 +40,7 @@ QK_ACTIVATIONS = {
 class DeltaNetMixer(LinearMixer):
     cp_value_arg = 2  # the op's v (context parallelism)
     fla_context_parallel = True
+
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         if config.la_qk_activation not in QK_ACTIVATIONS:

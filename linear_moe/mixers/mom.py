@@ -263,6 +263,7 @@ class MoMGLAMixer(MixtureOfMemories):
 )
 class MoMGatedDeltaNetMixer(MixtureOfMemories):
     fla_context_parallel = True
+
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         self.A_log = self.per_head_parameter(init_A_log_)

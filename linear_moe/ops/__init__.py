@@ -35,6 +35,6 @@ DIAGONAL_DECAY = {
 # (delta_rule through fla's gated kernel with g = 0: chunk_delta_rule has no CP).
 NATIVE_CONTEXT_PARALLEL = frozenset({delta_rule, gated_delta_rule, kda, rwkv7})
 
-__all__ = ["DIAGONAL_DECAY", "NATIVE_CONTEXT_PARALLEL", "based", "rebased", "linear_attn", "delta_rule", "gla", "gsa",
-           "gated_delta_rule", "kda", "resolve_backend", "rwkv6", "rwkv7", "simple_gla",
-           "simple_gla_log_decay", "ssd"]
+__all__ = ["DIAGONAL_DECAY", "NATIVE_CONTEXT_PARALLEL", "based", "rebased", "linear_attn",
+           "delta_rule", "gla", "gsa", "gated_delta_rule", "kda", "resolve_backend", "rwkv6",
+           "rwkv7", "simple_gla", "simple_gla_log_decay", "ssd"]
