@@ -73,15 +73,14 @@ class GSAMixer(LinearMixer):
         K, M, V = hk.shape[-2], hk.shape[-1], hv.shape[-1]
         hk, hv = hk.float(), hv.float()
         chunks = cp.gather_chunks(torch.cat([hk.flatten(-2), hv.flatten(-2), decay], -1))
-        start_k, start_v = torch.zeros_like(hk[:batch]), torch.zeros_like(hv[:batch])
-        starts = []
-        for chunk in chunks:  # in sequence order
-            starts.append((start_k, start_v))
+
+        def step(start, chunk):
             local_k, local_v, a = chunk.split((K * M, M * V, M), -1)
-            start_k = start_k * a[..., None, :] + local_k.unflatten(-1, (K, M))
-            start_v = start_v * a[..., :, None] + local_v.unflatten(-1, (M, V))
-        initial = tuple(torch.stack([starts[c][i] for c in cp.chunks], 1).flatten(0, 1)
-                        for i in (0, 1))
+            return (start[0] * a[..., None, :] + local_k.unflatten(-1, (K, M)),
+                    start[1] * a[..., :, None] + local_v.unflatten(-1, (M, V)))
+
+        zero = (torch.zeros_like(hk[:batch]), torch.zeros_like(hv[:batch]))
+        initial = tuple(s.flatten(0, 1) for s in cp.carried_in(chunks, zero, step))
         o, _ = op(*folded, initial_state=initial, **kwargs)
         return cp.unfold(o), None
 

@@ -157,11 +157,8 @@ class MixtureOfMemories(LinearMixer):
         M = routed.shape[-1]
         queued = (routed > 0).long().view(2 * b, -1, M).cumsum(1)  # folded: row 2i + piece
         totals = self.cp.gather_chunks(queued[:, -1])  # per global chunk [b, M]
-        before, offsets = torch.zeros_like(totals[0]), []
-        for total in totals:  # in sequence order
-            offsets.append(before)
-            before = before + total
-        offset = torch.stack([offsets[c] for c in self.cp.chunks], 1).flatten(0, 1)
+        offset = self.cp.carried_in(totals, torch.zeros_like(totals[0]),
+                                    lambda before, total: before + total).flatten(0, 1)
         return (queued + offset[:, None]).view(-1, M)
 
     def mix(self, x):
@@ -175,10 +172,9 @@ class MixtureOfMemories(LinearMixer):
             weight = routed[:, m] if m < self.num_memories else None  # None: the shared one
             if self.cp is not None:  # every rank runs every memory: the state passing is a
                 # collective; the whole sequence, the tokens not routed to it as no-ops
-                if weight is None:
-                    o = self._run_memory_masked(q, inputs)
-                else:
-                    o = self._run_memory_masked(q, inputs, weight.view(b, s) > 0)
+                o = self._run_memory_masked(q, inputs,
+                                            None if weight is None else weight.view(b, s) > 0)
+                if weight is not None:
                     o = o * weight.view(b, s, 1, 1).to(o.dtype)
                 out = o if out is None else out + o
                 continue

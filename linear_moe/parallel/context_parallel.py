@@ -103,6 +103,19 @@ class SequenceChunks:
         return [everyone[rank][:, piece]
                 for rank, piece in map(self._owner, range(2 * self.size))]
 
+    def carried_in(self, chunks, zero, step):
+        """What the chunks before each of this rank's pieces leave: the exclusive scan
+        ``after = step(before, chunk)`` over every chunk's gathered value in sequence order,
+        from ``zero``; [b, 2, ...] (a tuple of them where ``zero`` is a tuple)."""
+        before, starts = zero, []
+        for chunk in chunks:
+            starts.append(before)
+            before = step(before, chunk)
+        if isinstance(zero, tuple):
+            return tuple(torch.stack([starts[c][i] for c in self.chunks], 1)
+                         for i in range(len(zero)))
+        return torch.stack([starts[c] for c in self.chunks], 1)
+
     # -- what precedes each piece ---------------------------------------------------------
     def halo(self, folded: torch.Tensor, width: int) -> torch.Tensor:
         """The last ``width`` tokens before each piece [2b, width, ...] (zeros before the
@@ -186,12 +199,10 @@ class SequenceChunks:
             everything = self.gather_chunks(torch.cat([packed, transition.to(S.dtype)], -1))
             chunks = [c[..., :width] for c in everything]
             transitions = [c[..., width:] for c in everything]
-        start = torch.zeros_like(chunks[0])
-        starts = []
-        for i, chunk in enumerate(chunks):  # in sequence order: S_end = M S_start + S_local
-            starts.append(start)
-            start = (start if transitions is None else transitions[i] @ start) + chunk
-        initial = torch.stack([starts[chunk] for chunk in self.chunks], 1)
+        initial = self.carried_in(  # S_end = M S_start + S_local
+            range(len(chunks)), torch.zeros_like(chunks[0]),
+            lambda start, i: (start if transitions is None else transitions[i] @ start)
+            + chunks[i])
         initial = initial.reshape(*S.shape[:-1], packed.shape[-1])
         if tuple_state:  # back to (S, z, ...): extra i is column value_dim + its rank
             column = {i: value_dim + j for j, i in enumerate(extras)}
@@ -218,17 +229,13 @@ class SequenceChunks:
         running = self.fold(log_decay).float().cumsum(1)  # [2b, c, H, K | 1]
         total = running[:, -1].expand(*local.shape[:-1])  # [2b, H, K]
         chunks = self.gather_chunks(torch.cat([local.float(), total.unsqueeze(-1)], -1))
-        start = torch.zeros_like(chunks[0][..., :-1])
-        starts = []
-        for chunk in chunks:  # in sequence order: S_end = exp(total) S_start + S_local
-            starts.append(start)
-            start = chunk[..., -1:].exp() * start + chunk[..., :-1]
-        initial = torch.stack([starts[chunk] for chunk in self.chunks], 1).flatten(0, 1)
+        initial = self.carried_in(  # S_end = exp(total) S_start + S_local
+            chunks, torch.zeros_like(chunks[0][..., :-1]),
+            lambda start, chunk: chunk[..., -1:].exp() * start + chunk[..., :-1]).flatten(0, 1)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         read = running - self.fold(log_decay).float() if reads_previous else running
         carried = torch.einsum("bthk,bhkv->bthv", q.float() * read.exp(), initial) * scale
         return self.unfold((o.float() + carried).to(o.dtype)), None
-
 
     def fla_context(self, length: int, device):
         """fla's CP context for a sequence whose rank-local part is ``length`` tokens: its
