@@ -56,7 +56,7 @@ def _cp_form(mixer, form: str):
         mixer.config.la_cp_kernel = saved[1]
 
 
-def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters):
+def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, wanted=FORMS):
     from megatron.core import parallel_state
 
     from linear_moe.mixers.base import LinearMixer
@@ -74,7 +74,8 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters):
     # A mixer with a cp_recurrent of its own (gsa) has no generic form to compare; fla's own
     # CP is for the mixers that declare it, on CUDA.
     forms = [f for f in FORMS
-             if (f != "three_pass" or type(mixer).cp_recurrent is LinearMixer.cp_recurrent)
+             if f in wanted
+             and (f != "three_pass" or type(mixer).cp_recurrent is LinearMixer.cp_recurrent)
              and (f != "fla" or (mixer.fla_context_parallel and torch.cuda.is_available()))]
     row = {"mixer": name, "T": seq, "B": batch}
     reference = None
@@ -90,8 +91,9 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters):
             row[f"{form}_ms"] = time_fn(step, warmup, iters)
             print(f"{name} T={seq} {form}: {row[f'{form}_ms']:.2f} ms", flush=True)
     mixer.cp = None
-    for form in forms[1:]:
-        row[f"{form}_x"] = row[f"{form}_ms"] / row["none_ms"]
+    if "none" in forms:
+        for form in forms[1:]:
+            row[f"{form}_x"] = row[f"{form}_ms"] / row["none_ms"]
     return row
 
 
@@ -100,6 +102,9 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mixers", nargs="*", default=None,
                         help="default: every mixer with CP support")
+    parser.add_argument("--forms", nargs="*", choices=FORMS, default=list(FORMS),
+                        help="the CP forms to time (the first one's output is the others' "
+                        "reference; ratios need none)")
     add_layer_args(parser, [8192, 32768],
                    "tokens of a rank's two pieces together (the local sequence)")
     args, dtype = parse_layer_args(parser, argv)
@@ -112,7 +117,7 @@ def main(argv=None):
             batch = max(1, args.tokens // seq)
             try:
                 row = bench_mixer(name, args.hidden, args.heads, seq, batch, dtype,
-                                  args.warmup, args.iters)
+                                  args.warmup, args.iters, args.forms)
             except ValueError as refused:  # e.g. mamba2's chunk path on Hopper: note it, go on
                 row = {"mixer": name, "T": seq, "B": batch, "note": f"refused: {refused}"}
             rows.append(emit(row))

@@ -38,7 +38,7 @@ CASES = CP_MIXERS + [f"{name}/fla" for name in FLA_NATIVE_CP]
 # Every case runs in the one module fixture (two processes): a device call short of time picks
 # some (comma-separated) instead of waiting for all.
 if os.environ.get("LINEAR_MOE_CP_CASES"):
-    CASES = [c for c in CASES if c in os.environ["LINEAR_MOE_CP_CASES"].split(",")]
+    CASES = [c for c in os.environ["LINEAR_MOE_CP_CASES"].split(",") if c in CASES]
 
 
 def _build(case, cp):
@@ -100,39 +100,31 @@ def _worker(rank, world_size, mixers):
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g).cuda()
     labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g).cuda()
     positions = torch.arange(SEQ, device="cuda").expand(BATCH, SEQ)
-    references = {}
-    mpu.destroy_model_parallel()
-    mpu.initialize_model_parallel(1)
-    for name in mixers:
-        try:
-            model = _build(name, 1)
-            logits = model(tokens, positions, None)
-            F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1)).backward()
-            with torch.no_grad():  # the control: this rank's chunks without what precedes them
-                alone = model(_this_rank(tokens, rank), _this_rank(positions, rank), None)
-            references[name] = (logits.detach(), {n: (p.detach().clone(), p.grad.clone())
-                                                  for n, p in model.named_parameters()
-                                                  if p.grad is not None},
-                                _relative(alone, _this_rank(logits, rank)))
-        except Exception:  # noqa: BLE001 - the mixer's test reports it
-            references[name] = "reference run: " + traceback.format_exc()
-    mpu.destroy_model_parallel()
-    mpu.initialize_model_parallel(1, context_parallel_size=CP)
-    group = mpu.get_context_parallel_group()
     from linear_moe.parallel.context_parallel import SequenceChunks
 
     native_calls = []  # which path each case took
     fla_native = SequenceChunks.fla_native
     SequenceChunks.fla_native = lambda *a, **k: native_calls.append(1) or fla_native(*a, **k)
     results = {}
+    # One case at a time (its whole-sequence run, then CP=2), each reported as it ends: a device
+    # call cut by its deadline still says which cases passed.
     for name in mixers:
-        print(f"rank {rank}: {name} at CP=2", flush=True)
-        if isinstance(references[name], str):
-            results[name] = references[name]
-            continue
-        native_calls.clear()
+        print(f"rank {rank}: {name}", flush=True)
         try:
-            ref_logits, ref, control = references[name]
+            mpu.destroy_model_parallel()
+            mpu.initialize_model_parallel(1)
+            model = _build(name, 1)
+            ref_logits = model(tokens, positions, None)
+            F.cross_entropy(ref_logits.reshape(-1, VOCAB), labels.reshape(-1)).backward()
+            with torch.no_grad():  # the control: this rank's chunks without what precedes them
+                alone = model(_this_rank(tokens, rank), _this_rank(positions, rank), None)
+            ref = {n: (p.detach().clone(), p.grad.clone())
+                   for n, p in model.named_parameters() if p.grad is not None}
+            control = _relative(alone, _this_rank(ref_logits, rank))
+            mpu.destroy_model_parallel()
+            mpu.initialize_model_parallel(1, context_parallel_size=CP)
+            group = mpu.get_context_parallel_group()
+            native_calls.clear()
             model = _build(name, CP)
             params = dict(model.named_parameters())
             with torch.no_grad():
@@ -148,8 +140,13 @@ def _worker(rank, world_size, mixers):
                 torch.distributed.all_reduce(mine, group=group)  # gloo: CUDA tensors staged
                 errors[n] = _relative(mine, grad)
             results[name] = (errors, control, bool(native_calls))
+            worst = max(errors, key=errors.get)
+            print(f"rank {rank}: {name} logits {errors['logits']:.2e} worst {worst} "
+                  f"{errors[worst]:.2e} control {control:.2e} fla-native {bool(native_calls)}",
+                  flush=True)
         except Exception:  # noqa: BLE001 - the test reports it
             results[name] = traceback.format_exc()
+            print(f"rank {rank}: {name} failed", flush=True)
     mpu.destroy_model_parallel()
     return results
 
