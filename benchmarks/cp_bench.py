@@ -7,7 +7,8 @@ measures the work a CP rank adds, not the network. Forms, each on the same layer
 
 * ``none``     - no CP (the layer as on one GPU);
 * ``default``  - the layer's CP form: one op pass for the diagonal-decay ops (ops.DIAGONAL_DECAY),
-  the generic state passing otherwise (two or three op passes);
+  the generic state passing otherwise (one op pass at V + K value width with the transition
+  probe in the extra columns; two passes for the no-decay ops);
 * ``three_pass`` - the generic state passing for every op (the zero-state pass, the transition
   probe from the identity state, the pass from the start state): what every mixer paid before
   the one-pass forms;
@@ -41,18 +42,21 @@ FORMS = ("none", "default", "three_pass", "fla")
 
 @contextlib.contextmanager
 def _cp_form(mixer, form: str):
-    """Within: the mixer's CP runs as ``form`` (three_pass: the one-pass table emptied; fla:
-    --la-cp-kernel fla)."""
+    """Within: the mixer's CP runs as ``form`` (three_pass: the one-pass table emptied and the
+    widened probe off; fla: --la-cp-kernel fla)."""
     from linear_moe import ops
+    from linear_moe.parallel.context_parallel import SequenceChunks
 
     saved = dict(ops.DIAGONAL_DECAY), mixer.config.la_cp_kernel
     if form == "three_pass":
         ops.DIAGONAL_DECAY.clear()
+        SequenceChunks.widened_probe = False
     mixer.config.la_cp_kernel = "fla" if form == "fla" else "ours"
     try:
         yield
     finally:
         ops.DIAGONAL_DECAY.update(saved[0])
+        SequenceChunks.widened_probe = True
         mixer.config.la_cp_kernel = saved[1]
 
 

@@ -191,6 +191,62 @@ def test_state_passing_carries_a_normaliser_with_and_without_the_probe():
         assert max(errors.values()) <= TOL, errors
 
 
+def _widened_inputs(op_name, g):
+    """Small inputs for an ops.WIDENED_PROBE op: V (4) unlike K (8), so a mixed-up state side
+    fails."""
+    B, T, H, K, V = 2, 32, 2, 8, 4
+    rand = lambda *shape: torch.randn(*shape, generator=g)
+    q, k = rand(B, T, H, K), rand(B, T, H, K)
+    v, beta = rand(B, T, H, V), rand(B, T, H).sigmoid()
+    if op_name == "delta_rule":
+        return (q, k, v, beta)
+    if op_name == "gated_delta_rule":
+        return (q, k, v, -rand(B, T, H).exp() * 0.1, beta)
+    if op_name == "kda":
+        return (q, k, v, -rand(B, T, H, K).exp() * 0.1, beta)
+    kk = F.normalize(rand(B, T, H, K), dim=-1)  # rwkv7(r, w, k, v, a, b), as the layer's
+    return (q, -rand(B, T, H, K).exp() * 0.1, k, v, -kk, kk * rand(B, T, H, K).sigmoid())
+
+
+def _widened_worker(rank, world_size):
+    """Each ops.WIDENED_PROBE op through state_passing's one widened pass: one op call, and the
+    output and every input's gradient equal the whole sequence's; {op: (calls, max abs error
+    relative to the largest entry)}."""
+    from linear_moe import ops
+    from linear_moe.parallel.context_parallel import SequenceChunks
+
+    chunks = SequenceChunks(torch.distributed.group.WORLD)
+    results = {}
+    for op in ops.WIDENED_PROBE:
+        name = op.__name__
+        inputs = _widened_inputs(name, torch.Generator().manual_seed(11))
+        value_arg = 3 if name == "rwkv7" else 2
+        weight = torch.randn(inputs[value_arg].shape, generator=torch.Generator().manual_seed(3))
+        whole = [t.clone().requires_grad_() for t in inputs]
+        o, _ = op(*whole, chunk_size=8)
+        (o * weight).sum().backward()
+        mine = [_this_rank(t, rank).detach().requires_grad_() for t in inputs]
+        calls = []
+        counted = lambda *a, **k: calls.append(1) or op(*a, **k)  # noqa: E731
+        o_cp, _ = chunks.state_passing(counted, tuple(mine), {"chunk_size": 8}, value_arg,
+                                       widened=True)
+        (o_cp * _this_rank(weight, rank)).sum().backward()
+        relative = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
+        errors = {"o": relative(o_cp, _this_rank(o, rank))}
+        for i, (a, b) in enumerate(zip(mine, whole)):
+            errors[f"grad{i}"] = relative(a.grad, _this_rank(b.grad, rank))
+        results[name] = (len(calls), errors)
+    return results
+
+
+def test_widened_state_passing_is_one_op_pass_with_the_whole_sequences_math():
+    for rank_results in run_distributed(_widened_worker, CP):
+        assert set(rank_results) == {"delta_rule", "gated_delta_rule", "kda", "rwkv7"}
+        for name, (calls, errors) in rank_results.items():
+            assert calls == 1, f"{name}: {calls} op passes"
+            assert max(errors.values()) <= TOL, (name, errors)
+
+
 def test_fla_zigzag_layout_is_megatrons():
     """fla's own CP (the delta-rule ops' path on its chunk kernels, ops.NATIVE_CONTEXT_PARALLEL)
     lays a sequence out as megatron does: rank r holds parts r and 2 * size - 1 - r of 2 * size,

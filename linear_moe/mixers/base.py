@@ -603,9 +603,11 @@ class LinearMixer(MegatronModule):
     def cp_recurrent(self, op, args: tuple, kwargs: dict):
         """``recurrent`` under context parallelism: from the state the chunks before leave
         (one op pass for a diagonal-decay op, ops.DIAGONAL_DECAY, or through fla's own CP for
-        ops.NATIVE_CONTEXT_PARALLEL under --la-cp-kernel fla; else three, or two without
-        decay)."""
-        from linear_moe.ops import DIAGONAL_DECAY, NATIVE_CONTEXT_PARALLEL, resolve_backend
+        ops.NATIVE_CONTEXT_PARALLEL under --la-cp-kernel fla; one at V + K value width for
+        ops.WIDENED_PROBE; else three, or two without decay)."""
+        from linear_moe.ops import (
+            DIAGONAL_DECAY, NATIVE_CONTEXT_PARALLEL, WIDENED_PROBE, resolve_backend,
+        )
 
         if op in NATIVE_CONTEXT_PARALLEL and getattr(self.config, "la_cp_kernel", "ours") == "fla":
             backend = resolve_backend(kwargs.get("backend", "auto"), args[0])
@@ -618,7 +620,7 @@ class LinearMixer(MegatronModule):
         if diagonal is not None:
             return self.cp.diagonal_state_passing(op, args, kwargs, *diagonal(args, kwargs))
         return self.cp.state_passing(op, args, kwargs, self.cp_value_arg,
-                                     self.cp_identity_transition)
+                                     self.cp_identity_transition, widened=op in WIDENED_PROBE)
 
     @property
     def position_offset(self) -> int:

@@ -35,6 +35,12 @@ DIAGONAL_DECAY = {
 # (delta_rule through fla's gated kernel with g = 0: chunk_delta_rule has no CP).
 NATIVE_CONTEXT_PARALLEL = frozenset({delta_rule, gated_delta_rule, kda, rwkv7})
 
-__all__ = ["DIAGONAL_DECAY", "NATIVE_CONTEXT_PARALLEL", "based", "rebased", "linear_attn",
+# The ops the generic state passing runs once at V + K value width, the transition probe in
+# the extra columns (SequenceChunks.state_passing_widened): one state S [.., K, V] whose columns
+# evolve independently, an output linear in it, and the key input right before the value.
+# Not linear_attn / based / rebased: their normaliser divides by a state read.
+WIDENED_PROBE = frozenset({delta_rule, gated_delta_rule, kda, rwkv7})
+
+__all__ = ["DIAGONAL_DECAY", "NATIVE_CONTEXT_PARALLEL", "WIDENED_PROBE", "based", "rebased", "linear_attn",
            "delta_rule", "gla", "gsa", "gated_delta_rule", "kda", "resolve_backend", "rwkv6",
            "rwkv7", "simple_gla", "simple_gla_log_decay", "ssd"]

@@ -15,9 +15,12 @@ token positions, and each gets what precedes its pieces from the other ranks:
   composes each piece's start state in global order, and runs the op from it (LASP-2's
   all-gather of chunk states, Sun et al. 2025, arXiv:2502.07563, with the transition read off
   the op itself, so every recurrence of that form - diagonal, scalar, delta-rule, DPLR - works
-  without op-specific code). Three op passes instead of one; the GLA-form ops (diagonal
-  decay, read inclusive) take the one-pass form instead (``diagonal_state_passing``), and the
-  delta-rule / DPLR ops whose fla kernels run CP themselves take fla's (``fla_native``).
+  without op-specific code). Run as written that is three op passes; ``state_passing_widened``
+  runs the zero-state pass and the probe as one (the probe in the value's extra columns: the
+  op's cost at V + K value width instead of three passes at V, V and K). The GLA-form ops
+  (diagonal decay, read inclusive) take the one-pass form instead (``diagonal_state_passing``),
+  and the delta-rule / DPLR ops whose fla kernels run CP themselves can take fla's
+  (``fla_native``, --la-cp-kernel fla).
 
 The collectives are autograd functions: a gathered tensor's gradient is summed over the ranks
 (all-reduce) and each rank keeps its own part, so the states' gradients reach the ranks whose
@@ -59,6 +62,10 @@ def _is_per_token(arg, batch: int, length: int) -> bool:
 
 class SequenceChunks:
     """This rank's two pieces of megatron's CP layout, and the exchanges across them."""
+
+    #: state_passing carries the transition probe in the value's extra columns (one op pass,
+    #: ``state_passing_widened``); False: the three-pass form (benchmarks/cp_bench.py's baseline).
+    widened_probe = True
 
     def __init__(self, group):
         self.group = group
@@ -162,7 +169,7 @@ class SequenceChunks:
         return self.map_op_inputs(args, kwargs, self.fold)
 
     def state_passing(self, op, args: tuple, kwargs: dict, value_arg: int,
-                      identity_transition: bool = False):
+                      identity_transition: bool = False, widened: bool = False):
         """op(*args, **kwargs) -> (o, None) over the whole sequence, run on this rank's pieces
         (see the module docstring; no final state: that is the last rank's). ``value_arg``:
         the position of the op's value input (the one the state's V side is built from).
@@ -171,8 +178,11 @@ class SequenceChunks:
         key-side vectors [..., K] or None (linear attention's normaliser z_t = z_{t-1} + k_t:
         S's column for a value of 1, so the same transition carries it).
         ``identity_transition``: the recurrence has no decay (M = I), so the probe pass is
-        skipped."""
+        skipped. ``widened``: the op is one of ops.WIDENED_PROBE, run once with the probe in
+        its value (``state_passing_widened``) unless ``widened_probe`` is off."""
         args, kwargs = self.fold_op_inputs(args, kwargs)
+        if widened and not identity_transition and self.widened_probe:
+            return self.state_passing_widened(op, args, kwargs, value_arg)
         _, local = op(*args, output_final_state=True, **kwargs)  # S_c, from a zero state
         tuple_state = isinstance(local, tuple)
         parts = local if tuple_state else (local,)
@@ -211,6 +221,31 @@ class SequenceChunks:
                          for i in range(1, len(parts))))
         o, _ = op(*args, initial_state=initial, **kwargs)
         return self.unfold(o), None
+
+    def state_passing_widened(self, op, args: list, kwargs: dict, value_arg: int):
+        """state_passing in one op pass, for an op whose state is one S [.., H, K, V] (H the
+        value heads) and whose key input, K wide, is the argument before its value: the value
+        gets K zero columns and the start state is [0 | I]. S's columns evolve independently
+        (the transition acts on the K side), so that one pass gives the zero-state pass's
+        output and end state in the first V columns, and in the last K the probe's: the
+        transition M_c (end state) and scale q_t M_t (output) - the start state's share of o_t
+        is then (scale q_t M_t) S_start, one small matmul (as the diagonal form's share).
+        args / kwargs already folded."""
+        value, key_dim = args[value_arg], args[value_arg - 1].shape[-1]
+        value_dim, heads = value.shape[-1], value.shape[-2]
+        widened = list(args)
+        widened[value_arg] = torch.cat([value, value.new_zeros(*value.shape[:-1], key_dim)], -1)
+        start = torch.zeros(value.shape[0], heads, key_dim, value_dim + key_dim,
+                            dtype=torch.float32, device=value.device)
+        start[..., value_dim:] = torch.eye(key_dim, device=value.device)
+        o, end = op(*widened, initial_state=start, output_final_state=True, **kwargs)
+        chunks = self.gather_chunks(end.float())  # [b, H, K, V + K] a chunk: [S_c | M_c]
+        initial = self.carried_in(  # S_end = M S_start + S_c
+            range(len(chunks)), torch.zeros_like(chunks[0][..., :value_dim]),
+            lambda before, i: chunks[i][..., value_dim:] @ before + chunks[i][..., :value_dim])
+        initial = initial.flatten(0, 1)  # [2b, H, K, V], the folded rows' order
+        carried = torch.einsum("bthk,bhkv->bthv", o[..., value_dim:].float(), initial)
+        return self.unfold((o[..., :value_dim].float() + carried).to(o.dtype)), None
 
     def diagonal_state_passing(self, op, args: tuple, kwargs: dict, log_decay: torch.Tensor,
                                query: torch.Tensor, scale: float | None = None,
