@@ -41,6 +41,6 @@ NATIVE_CONTEXT_PARALLEL = frozenset({delta_rule, gated_delta_rule, kda, rwkv7})
 # Not linear_attn / based / rebased: their normaliser divides by a state read.
 WIDENED_PROBE = frozenset({delta_rule, gated_delta_rule, kda, rwkv7})
 
-__all__ = ["DIAGONAL_DECAY", "NATIVE_CONTEXT_PARALLEL", "WIDENED_PROBE", "based", "rebased", "linear_attn",
-           "delta_rule", "gla", "gsa", "gated_delta_rule", "kda", "resolve_backend", "rwkv6",
-           "rwkv7", "simple_gla", "simple_gla_log_decay", "ssd"]
+__all__ = ["DIAGONAL_DECAY", "NATIVE_CONTEXT_PARALLEL", "WIDENED_PROBE", "based", "rebased",
+           "linear_attn", "delta_rule", "gla", "gsa", "gated_delta_rule", "kda", "resolve_backend",
+           "rwkv6", "rwkv7", "simple_gla", "simple_gla_log_decay", "ssd"]
