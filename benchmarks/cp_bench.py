@@ -47,7 +47,7 @@ def _cp_form(mixer, form: str):
     from linear_moe import ops
     from linear_moe.parallel.context_parallel import SequenceChunks
 
-    saved = dict(ops.DIAGONAL_DECAY), mixer.config.la_cp_kernel
+    saved = dict(ops.DIAGONAL_DECAY), mixer.config.la_cp_kernel, SequenceChunks.widened_probe
     if form == "three_pass":
         ops.DIAGONAL_DECAY.clear()
         SequenceChunks.widened_probe = False
@@ -56,8 +56,7 @@ def _cp_form(mixer, form: str):
         yield
     finally:
         ops.DIAGONAL_DECAY.update(saved[0])
-        SequenceChunks.widened_probe = True
-        mixer.config.la_cp_kernel = saved[1]
+        mixer.config.la_cp_kernel, SequenceChunks.widened_probe = saved[1:]
 
 
 def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, wanted=FORMS):

@@ -217,7 +217,9 @@ def _widened_worker(rank, world_size):
 
     chunks = SequenceChunks(torch.distributed.group.WORLD)
     results = {}
-    for op in ops.WIDENED_PROBE:
+    # in one order on every rank (a frozenset's order follows the functions' ids): the state
+    # passing's all-gathers must pair up
+    for op in sorted(ops.WIDENED_PROBE, key=lambda op: op.__name__):
         name = op.__name__
         inputs = _widened_inputs(name, torch.Generator().manual_seed(11))
         value_arg = 3 if name == "rwkv7" else 2

@@ -181,7 +181,7 @@ class SequenceChunks:
         skipped. ``widened``: the op is one of ops.WIDENED_PROBE, run once with the probe in
         its value (``state_passing_widened``) unless ``widened_probe`` is off."""
         args, kwargs = self.fold_op_inputs(args, kwargs)
-        if widened and not identity_transition and self.widened_probe:
+        if widened and self.widened_probe:
             return self.state_passing_widened(op, args, kwargs, value_arg)
         _, local = op(*args, output_final_state=True, **kwargs)  # S_c, from a zero state
         tuple_state = isinstance(local, tuple)
@@ -244,8 +244,14 @@ class SequenceChunks:
             range(len(chunks)), torch.zeros_like(chunks[0][..., :value_dim]),
             lambda before, i: chunks[i][..., value_dim:] @ before + chunks[i][..., :value_dim])
         initial = initial.flatten(0, 1)  # [2b, H, K, V], the folded rows' order
-        carried = torch.einsum("bthk,bhkv->bthv", o[..., value_dim:].float(), initial)
-        return self.unfold((o[..., :value_dim].float() + carried).to(o.dtype)), None
+        return self.with_start_share(o[..., :value_dim], o[..., value_dim:].float(), initial)
+
+    def with_start_share(self, o, reader, initial):
+        """(o + reader S_start, None) unfolded: the start state's share added to the zero-state
+        output o [2b, c, H, V], read by reader [2b, c, H, K] (scale q_t times the transition
+        through t) from initial [2b, H, K, V]."""
+        carried = torch.einsum("bthk,bhkv->bthv", reader, initial)
+        return self.unfold((o.float() + carried).to(o.dtype)), None
 
     def diagonal_state_passing(self, op, args: tuple, kwargs: dict, log_decay: torch.Tensor,
                                query: torch.Tensor, scale: float | None = None,
@@ -269,8 +275,7 @@ class SequenceChunks:
             lambda start, chunk: chunk[..., -1:].exp() * start + chunk[..., :-1]).flatten(0, 1)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         read = running - self.fold(log_decay).float() if reads_previous else running
-        carried = torch.einsum("bthk,bhkv->bthv", q.float() * read.exp(), initial) * scale
-        return self.unfold((o.float() + carried).to(o.dtype)), None
+        return self.with_start_share(o, q.float() * read.exp() * scale, initial)
 
     def fla_context(self, length: int, device):
         """fla's CP context for a sequence whose rank-local part is ``length`` tokens: its
