@@ -87,17 +87,45 @@ def record_op_calls(mixer, x):
     return calls
 
 
-def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_to=None,
-                conv_kernel="auto", graph=False):
-    mixer = build_mixer(name, hidden, heads, dtype, conv_kernel)
+def norm_steps(seq, batch, hidden, dtype):
+    """The mixer's input norm, fwd+bwd, as the model runs it (ResidualRMSNorm's (y, x) with
+    the output stored batch-first, its gradient arriving batch-first from the mixer) and as the
+    seq-first norm before it: (batch-first step, seq-first step). Their difference is what the
+    batch-first input costs or saves outside the mixer."""
+    from linear_moe.layers.norm import rms_norm_with_residual
+
     x = torch.randn(seq, batch, hidden, device=device(), dtype=dtype, requires_grad=True)
+    w = torch.ones(hidden, device=device(), dtype=dtype, requires_grad=True)
+    grad_res = torch.ones(seq, batch, hidden, device=device(), dtype=dtype)
+    grads = {True: torch.ones(batch, seq, hidden, device=device(), dtype=dtype).transpose(0, 1),
+             False: grad_res}
+
+    def step(batch_first):
+        def run():
+            y, r = rms_norm_with_residual(x, w, 1e-5, batch_first=batch_first)
+            # x's and w's gradients returned, not accumulated into .grad (a pass of its own)
+            torch.autograd.grad([y, r], [x, w], [grads[batch_first], grad_res])
+        return run
+
+    return step(True), step(False)
+
+
+def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_to=None,
+                conv_kernel="auto", graph=False, input_layout="batch_first"):
+    mixer = build_mixer(name, hidden, heads, dtype, conv_kernel)
+    # The mixer's input [s, b, h] as the model's input norm gives it (MixerInputRMSNorm): the
+    # transposed view of a contiguous [b, s, h] tensor. seq_first: a contiguous [s, b, h] one
+    # (the norm before 2026-12-07; sequence parallelism's gathered input).
+    batch_first = input_layout == "batch_first"
+    shape = (batch, seq, hidden) if batch_first else (seq, batch, hidden)
+    x_mem = torch.randn(*shape, device=device(), dtype=dtype, requires_grad=True)
 
     # Gradients that arrive from outside are ones made once: a fill or a reduction inside a
     # timed step would be work the layer does not do.
     grad_out = torch.ones(seq, batch, hidden, device=device(), dtype=dtype)
 
     def layer_step():
-        out, _ = mixer(x)
+        out, _ = mixer(x_mem.transpose(0, 1) if batch_first else x_mem)
         out.backward(grad_out)
 
     # The op's inputs as the layer passed them, kept once; each bare step takes new leaves over
@@ -107,7 +135,8 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
     fresh = lambda a: (a.detach().requires_grad_(a.is_floating_point())
                        if torch.is_tensor(a) else a)
     calls = [(fn, [kept(a) for a in args], {k: kept(v) for k, v in kwargs.items()})
-             for fn, args, kwargs in record_op_calls(mixer, x)]
+             for fn, args, kwargs in record_op_calls(
+                 mixer, x_mem.transpose(0, 1) if batch_first else x_mem)]
     # Each projection as the layer computes it: until 2026-12-06 every ColumnParallelLinear was
     # taken as a projection of x (hidden -> out), so a low-rank up projection (r -> out) cost the
     # bare step a full GEMM from x and its down projection (a torch.nn.Linear) cost nothing.
@@ -126,7 +155,7 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
     ones = []
 
     def bare_step():
-        proj = x @ w_in.t()  # all projections of x as one GEMM
+        proj = x_mem @ w_in.t()  # all projections of x as one GEMM, rows in memory order
         outs = [fn(*[fresh(a) for a in args], **{k: fresh(v) for k, v in kwargs.items()})[0]
                 for fn, args, kwargs in calls]
         ups = [a.detach().requires_grad_() @ w.t() for a, w in low_rank]
@@ -141,18 +170,31 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
     bare_ms = time_fn(bare_step, warmup, iters, bare_host)
     # Host ms until the step returns: a layer step whose host time nears its total leaves the
     # GPU idle between kernels (its eager overhead then holds host time, not device time).
-    row = {"mixer": name, "T": seq, "B": batch, "layer_ms": layer_ms, "bare_ms": bare_ms,
-           "overhead": layer_ms / bare_ms, "layer_host_ms": statistics.median(layer_host),
+    row = {"mixer": name, "T": seq, "B": batch, "input": input_layout, "layer_ms": layer_ms,
+           "bare_ms": bare_ms, "layer_host_ms": statistics.median(layer_host),
            "bare_host_ms": statistics.median(bare_host)}
+    # The batch-first input is the input norm's doing: the layer is charged what that norm
+    # takes over the seq-first one (norm_ms - norm_ref_ms; negative where it is faster).
+    norm_bf, norm_ref = norm_steps(seq, batch, hidden, dtype) if batch_first else (None, None)
+    if batch_first:
+        row["norm_ms"], row["norm_ref_ms"] = (time_fn(norm_bf, warmup, iters),
+                                              time_fn(norm_ref, warmup, iters))
+    extra = row["norm_ms"] - row["norm_ref_ms"] if batch_first else 0.0
+    row["overhead"] = (layer_ms + extra) / bare_ms
     if graph:  # device time only: each step captured as one CUDA graph and replayed
         from linear_moe.cuda_graph import capture_step
 
         bare_leaves = [w_in, w_out, *(w for _, w in low_rank)]
-        layer_graph = capture_step(layer_step, [x, *mixer.parameters()])[0]
+        layer_graph = capture_step(layer_step, [x_mem, *mixer.parameters()])[0]
         bare_graph = capture_step(bare_step, bare_leaves)[0]
         row["layer_graph_ms"] = time_fn(layer_graph, warmup, iters)
         row["bare_graph_ms"] = time_fn(bare_graph, warmup, iters)
-        row["overhead_graph"] = row["layer_graph_ms"] / row["bare_graph_ms"]
+        if batch_first:
+            graphs = [capture_step(step, [])[0] for step in (norm_bf, norm_ref)]
+            row["norm_graph_ms"], row["norm_ref_graph_ms"] = (time_fn(g, warmup, iters)
+                                                              for g in graphs)
+            extra = row["norm_graph_ms"] - row["norm_ref_graph_ms"]
+        row["overhead_graph"] = (row["layer_graph_ms"] + extra) / row["bare_graph_ms"]
     if profile_to:
         from profile_step import device_ms_by_op, op_diff, profile, summarise
 
@@ -183,6 +225,11 @@ def main(argv=None):
                         help="CUDA kernel of the mixers' short convolutions (--la-conv-kernel)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time both steps captured as CUDA graphs (device time; GPU)")
+    parser.add_argument("--input-layout", choices=["batch_first", "seq_first"],
+                        default="batch_first",
+                        help="the mixer's input as the model's input norm stores it (default; "
+                             "the layer is charged that norm's time over the seq-first one's) "
+                             "or a contiguous [s, b, h] tensor (rows before 2026-12-07)")
     args, dtype = parse_layer_args(parser, argv)
     from linear_moe.registry import registered_mixers
 
@@ -193,13 +240,16 @@ def main(argv=None):
             try:
                 row = bench_mixer(name, args.hidden, args.heads, seq, batch, dtype,
                                   args.warmup, args.iters, args.profile, args.conv_kernel,
-                                  args.cuda_graph and torch.cuda.is_available())
+                                  args.cuda_graph and torch.cuda.is_available(),
+                                  args.input_layout)
             except ValueError as refused:  # e.g. mamba2's chunk path on Hopper: note it, go on
                 row = {"mixer": name, "T": seq, "B": batch, "note": f"refused: {refused}"}
             rows.append(emit(row))
     write_results(rows, args.out, "Layer overhead: Megatron mixer layer vs bare op + GEMMs",
-                  ["mixer", "T", "B", "layer_ms", "bare_ms", "overhead", "layer_host_ms",
-                   "bare_host_ms", "layer_graph_ms", "bare_graph_ms", "overhead_graph", "note"])
+                  ["mixer", "T", "B", "input", "layer_ms", "bare_ms", "norm_ms", "norm_ref_ms",
+                   "overhead", "layer_host_ms", "bare_host_ms", "layer_graph_ms",
+                   "bare_graph_ms", "norm_graph_ms", "norm_ref_graph_ms", "overhead_graph",
+                   "note"])
     return rows
 
 

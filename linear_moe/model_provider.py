@@ -31,6 +31,7 @@ from linear_moe.config import (
     LinearMixerFields, LinearMoEConfig, recomputes_layer_norms, resolve_mixer_defaults,
 )
 from linear_moe.layers import ResidualRMSNorm, RMSNorm
+from linear_moe.layers.norm import MixerInputResidualRMSNorm, MixerInputRMSNorm
 from linear_moe.layers.cross_entropy import fused_vocab_parallel_cross_entropy
 from linear_moe.models import get_preset
 from linear_moe.ops.fla_autotune import apply_autotune_keys
@@ -59,6 +60,11 @@ def layer_specs(config, base_model: str) -> list[ModuleSpec]:
     # residual that ResidualRMSNorm returns as x itself
     fused_residual = config.fused_residual_rmsnorm and not recomputes_layer_norms(config)
     layer_norm = ResidualRMSNorm if fused_residual else RMSNorm
+    # A linear mixer reads its input batch-first; under sequence parallelism it all-gathers
+    # the input into a new [s, b, h] tensor first, so there the norm's layout would not reach it.
+    mixer_norm = layer_norm
+    if not (config.sequence_parallel and config.tensor_model_parallel_size > 1):
+        mixer_norm = MixerInputResidualRMSNorm if fused_residual else MixerInputRMSNorm
     specs = []
     for index, kind in enumerate(config.layer_type_list):
         if kind == LINEAR:
@@ -67,7 +73,7 @@ def layer_specs(config, base_model: str) -> list[ModuleSpec]:
         else:
             token_mixer = preset.attention_spec(config)
         specs.append(ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
-            input_layernorm=layer_norm,
+            input_layernorm=mixer_norm if kind == LINEAR else layer_norm,
             self_attention=token_mixer,
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=layer_norm,

@@ -10,9 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from linear_moe.layers.norm import (
+    MixerInputResidualRMSNorm,
+    MixerInputRMSNorm,
     ResidualRMSNorm,
+    RMSNorm,
     _rms_norm_input_grad,
     _rms_norm_weight_grad,
+    rms_norm,
     rms_norm_with_residual,
 )
 
@@ -79,11 +83,106 @@ def test_residual_norm_returns_x_itself_and_plain_under_norm_recompute():
     assert residual.data_ptr() == x.data_ptr()
     assert torch.allclose(y, F.rms_norm(x, (8,), norm.weight, 1e-5), atol=1e-6)
     # megatron-core's layer-norm recompute frees the norm's outputs: x must not be one of them
-    norms = {spec.submodules.input_layernorm for spec in layer_specs(tiny_config(), "llama3")}
-    assert norms == {ResidualRMSNorm}
+    norms = [spec.submodules.input_layernorm for spec in layer_specs(tiny_config(), "llama3")]
+    assert norms == [MixerInputResidualRMSNorm, ResidualRMSNorm]  # pattern "LN"
     recomputing = tiny_config(recompute_granularity="selective", recompute_modules=["layernorm"])
-    norms = {spec.submodules.input_layernorm for spec in layer_specs(recomputing, "llama3")}
-    assert ResidualRMSNorm not in norms
+    norms = [spec.submodules.input_layernorm for spec in layer_specs(recomputing, "llama3")]
+    assert norms == [MixerInputRMSNorm, RMSNorm]
+    # under sequence parallelism the mixer gathers its input into a new [s, b, h] tensor
+    specs = layer_specs(tiny_config(tensor_model_parallel_size=2), "llama3")
+    assert [spec.submodules.input_layernorm for spec in specs] == [ResidualRMSNorm] * 2
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_batch_first_norm_is_the_norm_stored_batch_first(residual):
+    """The linear mixers' input norm: F.rms_norm's values, stored as the transposed view of a
+    contiguous [b, s, h] tensor; its gradients (incl. the residual branch's) by gradcheck, and
+    x's gradient in x's layout when the output's arrives batch-first, as the mixer gives it."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 8, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(8, dtype=torch.float64) + 0.5).requires_grad_()
+    norm = rms_norm_with_residual if residual else rms_norm
+    out = norm(x, w, 1e-6, batch_first=True)
+    y = out[0] if residual else out
+    assert y.shape == x.shape and y.transpose(0, 1).is_contiguous() and not y.is_contiguous()
+    assert torch.allclose(y, F.rms_norm(x, (8,), w, 1e-6), rtol=1e-12, atol=1e-12)
+    if residual:
+        assert out[1].data_ptr() == x.data_ptr()
+    torch.autograd.gradcheck(lambda x, w: norm(x, w, 1e-6, batch_first=True), (x, w))
+    dy = torch.randn(3, 5, 8, dtype=torch.float64).transpose(0, 1)  # batch-first, as the mixer's
+    y.backward(dy)
+    expected_x, expected_w = torch.autograd.grad(F.rms_norm(x, (8,), w, 1e-6), (x, w),
+                                                 dy.contiguous())
+    assert x.grad.is_contiguous()
+    assert torch.allclose(x.grad, expected_x, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(w.grad, expected_w, rtol=1e-12, atol=1e-12)
+
+
+def _batch_first_worker(rank, world_size, mixers):
+    """Per mixer: the [b, s] / [s, b] copies of a 2-layer 'LL' model's step with the mixer
+    input norm seq-first and batch-first, and the batch-first model's errors against the other."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core import tensor_parallel
+
+    from dist_utils import grad_errors
+    from linear_moe.layers import layout
+    from model_utils import tiny_config, tiny_model
+
+    seq, batch, vocab = 16, 2, 128
+    copies = []
+    real_swap_copy = layout._swap_copy
+
+    def counted(t):
+        copies[-1] += 1
+        return real_swap_copy(t)
+
+    layout._swap_copy = counted
+    results = {}
+    for mixer in mixers:
+        runs = []
+        for batch_first in (False, True):
+            MixerInputResidualRMSNorm.batch_first_out = batch_first
+            mpu.destroy_model_parallel()
+            mpu.initialize_model_parallel(tensor_model_parallel_size=1)
+            tensor_parallel.model_parallel_cuda_manual_seed(123)
+            torch.manual_seed(123)
+            model = tiny_model(tiny_config(la_module=mixer, layer_type_list="LL"), "llama3",
+                               vocab, seq)
+            if runs:
+                model.load_state_dict(runs[0][0].state_dict())
+            g = torch.Generator().manual_seed(7)
+            tokens = torch.randint(0, vocab, (batch, seq), generator=g)
+            labels = torch.randint(0, vocab, (batch, seq), generator=g)
+            copies.append(0)
+            logits = model(tokens, torch.arange(seq).expand(batch, seq), None)
+            loss = F.cross_entropy(logits.float().reshape(-1, vocab), labels.reshape(-1))
+            loss.backward()
+            runs.append((model, loss.item()))
+        (seq_first, loss_sf), (batch_first, loss_bf) = runs
+        results[mixer] = (copies[-2:], {"loss": abs(loss_sf - loss_bf),
+                                        **grad_errors(batch_first, seq_first)})
+    mpu.destroy_model_parallel()
+    return results
+
+
+def test_batch_first_mixer_input_norm_removes_the_mixers_copies():
+    """A model whose mixer layers' input norm stores its output batch-first equals the same
+    model with the seq-first norm (loss and every gradient), and its linear mixers copy x in
+    neither order: the seq-first input cost a strided-input mixer (gla, gated_deltanet) x's
+    copy into [b, s] order for its weight gradients, and the others (rwkv6, mom_gla) a [b, s, h]
+    copy each way."""
+    from dist_utils import run_distributed
+
+    mixers = ["gla", "gated_deltanet", "rwkv6", "mom_gla"]
+    (results,) = run_distributed(_batch_first_worker, 1, mixers)
+    for mixer in mixers:
+        copies, errors = results[mixer]
+        # one copy a layer left: o_proj's weight gradient (rows of o and of its output
+        # gradient in two orders); the input's copies are gone (strided: 1 a layer, else 2)
+        removed = 2 if mixer in ("gla", "gated_deltanet") else 4
+        assert copies == [2 + removed, 2], (mixer, copies)
+        worst = max(errors, key=errors.get)
+        assert errors[worst] < 1e-6, (mixer, worst, errors[worst])
 
 
 def _fused_residual_worker(rank, world_size, base_model, recompute_norms=False):

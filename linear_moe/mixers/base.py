@@ -7,11 +7,13 @@ projections with ``column``/``row`` and implement ``mix(x) -> o`` on the full se
 Layout: Megatron's activations are [s, b, h] but the ops take [b, s, H, D], so everything in
 ``mix`` is batch-first: the in-projections give [b, s, H*D], ``heads`` only views that as
 [b, s, H, D], short convolutions run on [b, s, c] and token shifts / routing act on dim 1. The
-mixers with ``strided_input`` get x as the transposed view of the [s, b, h] input, which their
-in-projections' batched GEMMs read in place; the others get one [b, s, h] copy. ``unheads``
-gives [b, s, H*D] and ``project_out``'s GEMM writes o_proj's output in [s, b] order (under
-sequence parallelism it reduce-scatters dim 0). No copy of the layer's input or output, forward
-or backward, for the strided-input mixers (layout.py, "GEMMs on the transposed view").
+layer's input norm stores its [s, b, h] output batch-first (MixerInputRMSNorm), so x is a
+contiguous [b, s, h] view. Where it is not (sequence parallelism's gathered input, a caller's
+[s, b, h] tensor), the mixers with ``strided_input`` take the transposed view, which their
+in-projections' batched GEMMs read in place (layout.py, "GEMMs on the transposed view"; their
+weight gradients then copy x once into [b, s] order), and the others get one [b, s, h] copy.
+``unheads`` gives [b, s, H*D] and ``project_out``'s GEMM writes o_proj's output in [s, b] order
+(under sequence parallelism it reduce-scatters dim 0), without a copy.
 
 Tensor parallelism: every projection is split by heads (ColumnParallelLinear in,
 RowParallelLinear out); per-head parameters are sharded with ``init_tp_sharded_``. Under sequence
@@ -253,10 +255,11 @@ def _sum_rows(grad: torch.Tensor) -> torch.Tensor:
 class LinearMixer(MegatronModule):
     #: Head sharing the mixer supports: "kv" (--la-num-kv-heads), "v" (--la-num-v-heads) or None.
     head_sharing: str | None = None
-    #: ``mix`` gets x as the transposed view of Megatron's [s, b, h] input, which project /
-    #: project_each / qkv / output read in place. False for a mixer that reads x otherwise
-    #: (token shifts, routing, its modules' own GEMMs): it gets a [b, s, h] copy, once, where
-    #: each such read of the view would copy or run strided.
+    #: ``mix`` may get x as the transposed view of Megatron's [s, b, h] input (when the input
+    #: norm did not store it batch-first), which project / project_each / qkv / output read in
+    #: place. False for a mixer that reads x otherwise (token shifts, routing, its modules' own
+    #: GEMMs): it then gets a [b, s, h] copy, once, where each such read of the view would copy
+    #: or run strided.
     strided_input: bool = True
     #: Under context parallelism: the position of the value input among the op's arguments
     #: (``recurrent``; see linear_moe.parallel.context_parallel), or None for a mixer whose
@@ -656,8 +659,12 @@ class LinearMixer(MegatronModule):
             # in-projections all-reduce it), so backward only needs to split it.
             x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False,
                                                      group=self.tp_group)
-        # Batch-first for the ops; see the module docstring.
-        x = x.transpose(0, 1) if self.strided_input else swap_leading_dims(x)
+        # Batch-first for the ops (see the module docstring): a view, contiguous where the input
+        # norm stored it batch-first (MixerInputRMSNorm), else strided, which a mixer without
+        # strided_input gets copied.
+        x = x.transpose(0, 1)
+        if not (self.strided_input or x.is_contiguous()):
+            x = swap_leading_dims(x.transpose(0, 1))
         if packed_seq_params is None:
             return self.project_out(self.mix(x))
         b, s = x.shape[:2]

@@ -144,3 +144,40 @@ def test_cuda_norm_with_residual_matches_torch_autograd(dtype, tol):
         runs.append((y, xi.grad, wi.grad))
     for name, a, b in zip(["y", "dx", "dweight"], *runs):
         assert a.dtype == dtype and rel_err(a.float(), b) <= tol, (name, rel_err(a.float(), b))
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, REL_TOL)],
+                         ids=["fp32", "bf16"])
+def test_cuda_batch_first_norm_matches_torch_autograd(residual, dtype, tol):
+    """The linear mixers' input norm on CUDA (one compiled kernel storing the output
+    batch-first; x's gradient from a batch-first output gradient in x's layout) against
+    F.rms_norm (+ x) under autograd in fp32."""
+    import torch.nn.functional as F
+
+    from linear_moe.layers.norm import rms_norm, rms_norm_with_residual
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 4, 1024, device="cuda")
+    w = torch.rand(1024, device="cuda") + 0.5
+    dy = torch.randn(4, 300, 1024, device="cuda").transpose(0, 1)  # as the mixer's arrives
+    dres = torch.randn_like(x)
+    runs = []
+    for ours, run_dtype in ((True, dtype), (False, torch.float32)):
+        xi, wi = (t.to(run_dtype).requires_grad_() for t in (x, w))
+        if ours:
+            out = (rms_norm_with_residual(xi, wi, 1e-6, batch_first=True) if residual
+                   else rms_norm(xi, wi, 1e-6, batch_first=True))
+            y, r = out if residual else (out, None)
+            assert y.transpose(0, 1).is_contiguous() and not y.is_contiguous()
+        else:
+            y, r = F.rms_norm(xi, (1024,), wi, 1e-6), (xi if residual else None)
+        outs, grads = [y], [dy.to(run_dtype)]
+        if residual:
+            outs.append(r)
+            grads.append(dres.to(run_dtype))
+        torch.autograd.backward(outs, grads)
+        assert xi.grad.is_contiguous()
+        runs.append((y, xi.grad, wi.grad))
+    for name, a, b in zip(["y", "dx", "dweight"], *runs):
+        assert a.dtype == dtype and rel_err(a.float(), b) <= tol, (name, rel_err(a.float(), b))
