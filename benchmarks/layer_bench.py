@@ -88,23 +88,31 @@ def record_op_calls(mixer, x):
 
 
 def norm_steps(seq, batch, hidden, dtype):
-    """The mixer's input norm, fwd+bwd, as the model runs it (ResidualRMSNorm's (y, x) with
-    the output stored batch-first, its gradient arriving batch-first from the mixer) and as the
-    seq-first norm before it: (batch-first step, seq-first step). Their difference is what the
-    batch-first input costs or saves outside the mixer."""
+    """The two norms around the mixer, fwd+bwd, as the model runs them: the input norm storing
+    its output batch-first (its output's gradient and its residual branch's arrive batch-first)
+    and the pre-MLP norm storing its input gradient batch-first (MixerInputResidualRMSNorm,
+    AfterMixerResidualRMSNorm); and as the seq-first norms before them. Returns (batch-first
+    step, seq-first step): their difference is what the batch-first layout costs or saves
+    outside the mixer."""
     from linear_moe.layers.norm import rms_norm_with_residual
+
+    def ones(batch_first):
+        if batch_first:
+            return torch.ones(batch, seq, hidden, device=device(), dtype=dtype).transpose(0, 1)
+        return torch.ones(seq, batch, hidden, device=device(), dtype=dtype)
 
     x = torch.randn(seq, batch, hidden, device=device(), dtype=dtype, requires_grad=True)
     w = torch.ones(hidden, device=device(), dtype=dtype, requires_grad=True)
-    grad_res = torch.ones(seq, batch, hidden, device=device(), dtype=dtype)
-    grads = {True: torch.ones(batch, seq, hidden, device=device(), dtype=dtype).transpose(0, 1),
-             False: grad_res}
+    grads = {bf: (ones(bf), ones(bf)) for bf in (True, False)}
+    from_mlp = ones(False)  # the pre-MLP norm's output and residual gradients
 
     def step(batch_first):
         def run():
-            y, r = rms_norm_with_residual(x, w, 1e-5, batch_first=batch_first)
             # x's and w's gradients returned, not accumulated into .grad (a pass of its own)
-            torch.autograd.grad([y, r], [x, w], [grads[batch_first], grad_res])
+            y, r = rms_norm_with_residual(x, w, 1e-5, batch_first=batch_first)
+            torch.autograd.grad([y, r], [x, w], grads[batch_first])
+            y, r = rms_norm_with_residual(x, w, 1e-5, batch_first_grad=batch_first)
+            torch.autograd.grad([y, r], [x, w], [from_mlp, from_mlp])
         return run
 
     return step(True), step(False)
@@ -115,14 +123,18 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
     mixer = build_mixer(name, hidden, heads, dtype, conv_kernel)
     # The mixer's input [s, b, h] as the model's input norm gives it (MixerInputRMSNorm): the
     # transposed view of a contiguous [b, s, h] tensor. seq_first: a contiguous [s, b, h] one
-    # (the norm before 2026-12-07; sequence parallelism's gathered input).
+    # (the norms before 2026-12-07; sequence parallelism's gathered input), its output's
+    # gradient likewise.
     batch_first = input_layout == "batch_first"
     shape = (batch, seq, hidden) if batch_first else (seq, batch, hidden)
     x_mem = torch.randn(*shape, device=device(), dtype=dtype, requires_grad=True)
 
     # Gradients that arrive from outside are ones made once: a fill or a reduction inside a
-    # timed step would be work the layer does not do.
-    grad_out = torch.ones(seq, batch, hidden, device=device(), dtype=dtype)
+    # timed step would be work the layer does not do. The output's gradient batch-first too,
+    # as the pre-MLP norm's backward stores it (AfterMixerResidualRMSNorm).
+    grad_out = torch.ones(batch, seq, hidden, device=device(), dtype=dtype).transpose(0, 1)
+    if not batch_first:
+        grad_out = grad_out.contiguous()
 
     def layer_step():
         out, _ = mixer(x_mem.transpose(0, 1) if batch_first else x_mem)
@@ -227,9 +239,10 @@ def main(argv=None):
                         help="also time both steps captured as CUDA graphs (device time; GPU)")
     parser.add_argument("--input-layout", choices=["batch_first", "seq_first"],
                         default="batch_first",
-                        help="the mixer's input as the model's input norm stores it (default; "
-                             "the layer is charged that norm's time over the seq-first one's) "
-                             "or a contiguous [s, b, h] tensor (rows before 2026-12-07)")
+                        help="the mixer's input and its output's gradient as the model's "
+                             "norms store them (default; the layer is charged those norms' time "
+                             "over the seq-first ones') or contiguous [s, b, h] tensors (rows "
+                             "before 2026-12-07)")
     args, dtype = parse_layer_args(parser, argv)
     from linear_moe.registry import registered_mixers
 

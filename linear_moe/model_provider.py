@@ -31,7 +31,9 @@ from linear_moe.config import (
     LinearMixerFields, LinearMoEConfig, recomputes_layer_norms, resolve_mixer_defaults,
 )
 from linear_moe.layers import ResidualRMSNorm, RMSNorm
-from linear_moe.layers.norm import MixerInputResidualRMSNorm, MixerInputRMSNorm
+from linear_moe.layers.norm import (
+    AfterMixerResidualRMSNorm, MixerInputResidualRMSNorm, MixerInputRMSNorm,
+)
 from linear_moe.layers.cross_entropy import fused_vocab_parallel_cross_entropy
 from linear_moe.models import get_preset
 from linear_moe.ops.fla_autotune import apply_autotune_keys
@@ -62,9 +64,12 @@ def layer_specs(config, base_model: str) -> list[ModuleSpec]:
     layer_norm = ResidualRMSNorm if fused_residual else RMSNorm
     # A linear mixer reads its input batch-first; under sequence parallelism it all-gathers
     # the input into a new [s, b, h] tensor first, so there the norm's layout would not reach it.
-    mixer_norm = layer_norm
+    mixer_norm = after_mixer_norm = layer_norm
     if not (config.sequence_parallel and config.tensor_model_parallel_size > 1):
         mixer_norm = MixerInputResidualRMSNorm if fused_residual else MixerInputRMSNorm
+        # and its output projection's gradient batch-first, from the pre-MLP norm's backward
+        # (with the fused residual, where that norm's backward forms the whole gradient)
+        after_mixer_norm = AfterMixerResidualRMSNorm if fused_residual else layer_norm
     specs = []
     for index, kind in enumerate(config.layer_type_list):
         if kind == LINEAR:
@@ -76,7 +81,7 @@ def layer_specs(config, base_model: str) -> list[ModuleSpec]:
             input_layernorm=mixer_norm if kind == LINEAR else layer_norm,
             self_attention=token_mixer,
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=layer_norm,
+            pre_mlp_layernorm=after_mixer_norm if kind == LINEAR else layer_norm,
             mlp=preset.mlp_spec(config, index),
             mlp_bda=get_bias_dropout_add,
         )))

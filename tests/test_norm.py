@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from linear_moe.layers.norm import (
+    AfterMixerResidualRMSNorm,
     MixerInputResidualRMSNorm,
     MixerInputRMSNorm,
     ResidualRMSNorm,
@@ -83,14 +84,17 @@ def test_residual_norm_returns_x_itself_and_plain_under_norm_recompute():
     assert residual.data_ptr() == x.data_ptr()
     assert torch.allclose(y, F.rms_norm(x, (8,), norm.weight, 1e-5), atol=1e-6)
     # megatron-core's layer-norm recompute frees the norm's outputs: x must not be one of them
-    norms = [spec.submodules.input_layernorm for spec in layer_specs(tiny_config(), "llama3")]
-    assert norms == [MixerInputResidualRMSNorm, ResidualRMSNorm]  # pattern "LN"
+    def norms(config):
+        return [(spec.submodules.input_layernorm, spec.submodules.pre_mlp_layernorm)
+                for spec in layer_specs(config, "llama3")]
+
+    assert norms(tiny_config()) == [(MixerInputResidualRMSNorm, AfterMixerResidualRMSNorm),
+                                    (ResidualRMSNorm, ResidualRMSNorm)]  # pattern "LN"
     recomputing = tiny_config(recompute_granularity="selective", recompute_modules=["layernorm"])
-    norms = [spec.submodules.input_layernorm for spec in layer_specs(recomputing, "llama3")]
-    assert norms == [MixerInputRMSNorm, RMSNorm]
-    # under sequence parallelism the mixer gathers its input into a new [s, b, h] tensor
-    specs = layer_specs(tiny_config(tensor_model_parallel_size=2), "llama3")
-    assert [spec.submodules.input_layernorm for spec in specs] == [ResidualRMSNorm] * 2
+    assert norms(recomputing) == [(MixerInputRMSNorm, RMSNorm), (RMSNorm, RMSNorm)]
+    # under sequence parallelism the mixer gathers its input into a new [s, b, h] tensor and
+    # its output projection's reduce-scatter gathers its gradient
+    assert norms(tiny_config(tensor_model_parallel_size=2)) == [(ResidualRMSNorm,) * 2] * 2
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
@@ -118,6 +122,26 @@ def test_batch_first_norm_is_the_norm_stored_batch_first(residual):
     assert torch.allclose(w.grad, expected_w, rtol=1e-12, atol=1e-12)
 
 
+def test_after_mixer_norm_stores_its_input_gradient_batch_first():
+    """The pre-MLP norm of a linear mixer's layer: the values and gradients of the residual
+    norm, x's gradient stored as the transposed view of a contiguous [b, s, h] tensor."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 8, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(8, dtype=torch.float64) + 0.5).requires_grad_()
+    torch.autograd.gradcheck(
+        lambda x, w: rms_norm_with_residual(x, w, 1e-6, batch_first_grad=True), (x, w))
+    dy, dres = torch.randn_like(x), torch.randn_like(x)
+    grads = []
+    for batch_first_grad in (True, False):
+        y, r = rms_norm_with_residual(x, w, 1e-6, batch_first_grad=batch_first_grad)
+        assert y.is_contiguous()
+        grads.append(torch.autograd.grad([y, r], [x, w], [dy, dres]))
+    (gx, gw), (gx_ref, gw_ref) = grads
+    assert gx.transpose(0, 1).is_contiguous() and not gx.is_contiguous()
+    assert torch.allclose(gx, gx_ref, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(gw, gw_ref, rtol=1e-12, atol=1e-12)
+
+
 def _batch_first_worker(rank, world_size, mixers):
     """Per mixer: the [b, s] / [s, b] copies of a 2-layer 'LL' model's step with the mixer
     input norm seq-first and batch-first, and the batch-first model's errors against the other."""
@@ -142,6 +166,7 @@ def _batch_first_worker(rank, world_size, mixers):
         runs = []
         for batch_first in (False, True):
             MixerInputResidualRMSNorm.batch_first_out = batch_first
+            AfterMixerResidualRMSNorm.batch_first_grad = batch_first
             mpu.destroy_model_parallel()
             mpu.initialize_model_parallel(tensor_model_parallel_size=1)
             tensor_parallel.model_parallel_cuda_manual_seed(123)
@@ -170,17 +195,19 @@ def test_batch_first_mixer_input_norm_removes_the_mixers_copies():
     model with the seq-first norm (loss and every gradient), and its linear mixers copy x in
     neither order: the seq-first input cost a strided-input mixer (gla, gated_deltanet) x's
     copy into [b, s] order for its weight gradients, and the others (rwkv6, mom_gla) a [b, s, h]
-    copy each way."""
+    copy each way; with the pre-MLP norm's input gradient stored batch-first, the output
+    projection's weight gradient needs no copy either."""
     from dist_utils import run_distributed
 
     mixers = ["gla", "gated_deltanet", "rwkv6", "mom_gla"]
     (results,) = run_distributed(_batch_first_worker, 1, mixers)
     for mixer in mixers:
         copies, errors = results[mixer]
-        # one copy a layer left: o_proj's weight gradient (rows of o and of its output
-        # gradient in two orders); the input's copies are gone (strided: 1 a layer, else 2)
-        removed = 2 if mixer in ("gla", "gated_deltanet") else 4
-        assert copies == [2 + removed, 2], (mixer, copies)
+        # seq-first: o_proj's weight gradient copies (rows of o and of its output gradient in
+        # two orders) and x's (strided mixers: for their weight gradients; the others a copy
+        # each way), a layer each. Batch-first: none.
+        expected = 2 * (2 if mixer in ("gla", "gated_deltanet") else 3)
+        assert copies == [expected, 0], (mixer, copies)
         worst = max(errors, key=errors.get)
         assert errors[worst] < 1e-6, (mixer, worst, errors[worst])
 

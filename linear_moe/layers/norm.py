@@ -26,9 +26,11 @@ def _rms_norm_weight_grad(grad_out, x, rstd):
 _rms_norm_weight_grad_cuda = torch.compile(_rms_norm_weight_grad)
 
 
-def _rms_norm_input_grad(grad_out, x, weight, rstd, grad_residual):
+def _rms_norm_input_grad(grad_out, x, weight, rstd, grad_residual, batch_first=False):
     """x's gradient through y = x * rstd * weight, plus grad_residual, the gradient x got as the
-    layer's residual branch (None: none), in one pass; fp32 at least inside, x's dtype out."""
+    layer's residual branch (None: none), in one pass; fp32 at least inside, x's dtype out, in
+    x's layout or, batch_first (x [s, b, h]), stored as the transposed view of a contiguous
+    [b, s, h] tensor."""
     acc = torch.promote_types(x.dtype, torch.float32)
     rstd = rstd.to(acc)
     g = grad_out.to(acc) * weight.to(acc)
@@ -36,7 +38,10 @@ def _rms_norm_input_grad(grad_out, x, weight, rstd, grad_residual):
     grad_x = rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
     if grad_residual is not None:
         grad_x = grad_x + grad_residual.to(acc)
-    return grad_x.to(x.dtype).contiguous()  # in x's layout whatever grad_out's (compiled: free)
+    grad_x = grad_x.to(x.dtype)
+    if batch_first:
+        return grad_x.transpose(0, 1).contiguous().transpose(0, 1)
+    return grad_x.contiguous()  # whatever grad_out's layout (compiled: the store's order)
 
 
 # One row reduction reading the residual's gradient beside dy and x: without it autograd adds
@@ -74,7 +79,7 @@ class _FusedRMSNorm(torch.autograd.Function):
     Without, x's gradient is torch's fused CUDA kernel (or our formula off CUDA)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps, residual, batch_first=False):
+    def forward(ctx, x, weight, eps, residual, batch_first=False, batch_first_grad=False):
         if batch_first:
             norm = _rms_norm_batch_first_cuda if x.is_cuda else _rms_norm_batch_first
             out, rstd = norm(x, weight, eps)
@@ -82,27 +87,30 @@ class _FusedRMSNorm(torch.autograd.Function):
             out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         ctx.set_materialize_grads(False)
+        ctx.batch_first_grad = batch_first_grad
         return (out, x) if residual else out
 
     @staticmethod
     def backward(ctx, grad_out, grad_residual=None):
         if grad_out is None:  # only the residual branch was used
-            return grad_residual, None, None, None, None
+            return grad_residual, None, None, None, None, None
         x, weight, rstd = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            # torch's kernel takes a contiguous gradient; the compiled formula reads any layout
-            # (a batch-first output's gradient arrives batch-first) and writes x's.
-            if x.is_cuda and grad_residual is None and grad_out.is_contiguous():
+            # torch's kernel takes a contiguous gradient and writes x's layout; the compiled
+            # formula reads any layout (a batch-first output's gradient arrives batch-first).
+            if (x.is_cuda and grad_residual is None and grad_out.is_contiguous()
+                    and not ctx.batch_first_grad):
                 grad_x, _ = torch.ops.aten._fused_rms_norm_backward(
                     grad_out, x, [x.shape[-1]], rstd, weight, [True, False])
             else:
                 input_grad = _rms_norm_input_grad_cuda if x.is_cuda else _rms_norm_input_grad
-                grad_x = input_grad(grad_out, x, weight, rstd, grad_residual)
+                grad_x = input_grad(grad_out, x, weight, rstd, grad_residual,
+                                    ctx.batch_first_grad)
         if ctx.needs_input_grad[1]:
             weight_grad = _rms_norm_weight_grad_cuda if x.is_cuda else _rms_norm_weight_grad
             grad_w = weight_grad(grad_out, x, rstd).to(weight.dtype)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
@@ -116,10 +124,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
 
 
 def rms_norm_with_residual(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                           batch_first: bool = False):
+                           batch_first: bool = False, batch_first_grad: bool = False):
     """(rms_norm(x), x), x's two gradients summed inside the norm's backward (_FusedRMSNorm);
-    batch_first as in rms_norm (the residual x stays as it is)."""
-    return _FusedRMSNorm.apply(x.contiguous(), weight, eps, True, batch_first)
+    batch_first as in rms_norm (the residual x stays as it is); batch_first_grad: x's gradient
+    (x [s, b, h]) stored as the transposed view of a contiguous [b, s, h] tensor."""
+    return _FusedRMSNorm.apply(x.contiguous(), weight, eps, True, batch_first, batch_first_grad)
 
 
 class RMSNorm(torch.nn.Module):
@@ -153,8 +162,13 @@ class ResidualRMSNorm(RMSNorm):
     norms megatron-core recomputes (model_provider.layer_specs picks RMSNorm there): that
     checkpoint frees the norm's outputs, and the residual is x's own storage."""
 
+    #: Store x's gradient batch-first (rms_norm_with_residual's batch_first_grad): the pre-MLP
+    #: norm after a linear mixer, whose output projection's backward takes that gradient.
+    batch_first_grad = False
+
     def forward(self, x):
-        return rms_norm_with_residual(x, self.weight.to(x.dtype), self.eps, self.batch_first_out)
+        return rms_norm_with_residual(x, self.weight.to(x.dtype), self.eps, self.batch_first_out,
+                                      self.batch_first_grad)
 
 
 class MixerInputRMSNorm(RMSNorm):
@@ -170,6 +184,19 @@ class MixerInputResidualRMSNorm(ResidualRMSNorm):
     """ResidualRMSNorm with MixerInputRMSNorm's batch-first output (the residual x unchanged)."""
 
     batch_first_out = True
+
+
+class AfterMixerResidualRMSNorm(ResidualRMSNorm):
+    """ResidualRMSNorm for the pre-MLP slot of a linear mixer's layer: its input h = residual +
+    mixer output gets its whole gradient here (the residual branch's summed in), stored
+    batch-first, and the residual add passes that tensor on to the mixer's output projection,
+    whose weight gradient then pairs it with the mixer's batch-first o in one GEMM (a
+    seq-first gradient costs a copy into [b, s] order: 0.18 ms of the GLA / GDN layer bench's
+    step). The input norm's backward reads it in place as its residual branch's gradient. Not
+    under sequence parallelism (the output projection's reduce-scatter gathers the gradient
+    into a new tensor)."""
+
+    batch_first_grad = True
 
 
 class GatedRMSNorm(torch.nn.Module):
