@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from test_fla_parity import rel_err
+from linear_moe.layers import norm as _norm
 from linear_moe.layers.norm import GatedRMSNorm, RMSNorm
 
 pytestmark = [
@@ -118,95 +119,58 @@ def test_cuda_rms_norm_matches_torch_autograd(shape, dtype, tol):
         assert a.dtype == dtype and rel_err(a.float(), b) <= tol, (name, rel_err(a.float(), b))
 
 
+# The layer norms' CUDA paths: (norm(x, w, eps) -> y or (y, residual), whether the residual
+# branch is used, the output's and x's gradients stored batch-first).
+_LAYER_NORMS = {
+    # x's gradient and the residual branch's in one compiled pass; the residual is x itself
+    "residual": (lambda x, w, eps: _norm.rms_norm_with_residual(x, w, eps), True, False, False),
+    # a linear mixer's input norm: the output stored batch-first (one compiled kernel), its
+    # gradient arriving batch-first, x's gradient in x's layout
+    "mixer_input": (lambda x, w, eps: _norm.rms_norm(x, w, eps, batch_first=True),
+                    False, True, False),
+    "mixer_input_residual": (
+        lambda x, w, eps: _norm.rms_norm_with_residual(x, w, eps, batch_first=True),
+        True, True, False),
+    # the pre-MLP norm after a linear mixer: x's gradient stored batch-first
+    "after_mixer": (
+        lambda x, w, eps: _norm.rms_norm_with_residual(x, w, eps, batch_first_grad=True),
+        True, False, True),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_LAYER_NORMS))
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, REL_TOL)],
                          ids=["fp32", "bf16"])
-def test_cuda_norm_with_residual_matches_torch_autograd(dtype, tol):
-    """rms_norm_with_residual on CUDA (x's gradient and the residual branch's in one compiled
-    pass) in a layer's pattern, y and r both used, against F.rms_norm + x under autograd in
-    fp32; the residual is x's own storage."""
+def test_cuda_layer_norms_match_torch_autograd(kind, dtype, tol):
+    """The layer norms on CUDA in a layer's pattern (y and, where returned, the residual both
+    used), their outputs and gradients in the layouts they promise, against F.rms_norm (+ x)
+    under autograd in fp32."""
     import torch.nn.functional as F
 
-    from linear_moe.layers.norm import rms_norm_with_residual
-
-    torch.manual_seed(0)
-    x = torch.randn(300, 2, 1024, device="cuda")
-    w = torch.rand(1024, device="cuda") + 0.5
-    dy, dres = torch.randn_like(x), torch.randn_like(x)
-    runs = []
-    for fused, run_dtype in ((True, dtype), (False, torch.float32)):
-        xi, wi = (t.to(run_dtype).requires_grad_() for t in (x, w))
-        if fused:
-            y, r = rms_norm_with_residual(xi, wi, 1e-6)
-            assert r.data_ptr() == xi.data_ptr()
-        else:
-            y, r = F.rms_norm(xi, (1024,), wi, 1e-6), xi
-        torch.autograd.backward([y, r], [dy.to(run_dtype), dres.to(run_dtype)])
-        runs.append((y, xi.grad, wi.grad))
-    for name, a, b in zip(["y", "dx", "dweight"], *runs):
-        assert a.dtype == dtype and rel_err(a.float(), b) <= tol, (name, rel_err(a.float(), b))
-
-
-@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, REL_TOL)],
-                         ids=["fp32", "bf16"])
-def test_cuda_batch_first_norm_matches_torch_autograd(residual, dtype, tol):
-    """The linear mixers' input norm on CUDA (one compiled kernel storing the output
-    batch-first; x's gradient from a batch-first output gradient in x's layout) against
-    F.rms_norm (+ x) under autograd in fp32."""
-    import torch.nn.functional as F
-
-    from linear_moe.layers.norm import rms_norm, rms_norm_with_residual
-
+    norm, residual, batch_first_out, batch_first_grad = _LAYER_NORMS[kind]
     torch.manual_seed(0)
     x = torch.randn(300, 4, 1024, device="cuda")
     w = torch.rand(1024, device="cuda") + 0.5
-    dy = torch.randn(4, 300, 1024, device="cuda").transpose(0, 1)  # as the mixer's arrives
-    dres = torch.randn_like(x)
+    dy, dres = torch.randn_like(x), torch.randn_like(x)
+    if batch_first_out:  # as the mixer's arrives
+        dy = dy.transpose(0, 1).contiguous().transpose(0, 1)
     runs = []
     for ours, run_dtype in ((True, dtype), (False, torch.float32)):
         xi, wi = (t.to(run_dtype).requires_grad_() for t in (x, w))
         if ours:
-            out = (rms_norm_with_residual(xi, wi, 1e-6, batch_first=True) if residual
-                   else rms_norm(xi, wi, 1e-6, batch_first=True))
+            out = norm(xi, wi, 1e-6)
             y, r = out if residual else (out, None)
-            assert y.transpose(0, 1).is_contiguous() and not y.is_contiguous()
+            assert y.transpose(0, 1).is_contiguous() if batch_first_out else y.is_contiguous()
+            assert r is None or r.data_ptr() == xi.data_ptr()
         else:
             y, r = F.rms_norm(xi, (1024,), wi, 1e-6), (xi if residual else None)
         outs, grads = [y], [dy.to(run_dtype)]
         if residual:
             outs.append(r)
             grads.append(dres.to(run_dtype))
-        torch.autograd.backward(outs, grads)
-        assert xi.grad.is_contiguous()
-        runs.append((y, xi.grad, wi.grad))
-    for name, a, b in zip(["y", "dx", "dweight"], *runs):
-        assert a.dtype == dtype and rel_err(a.float(), b) <= tol, (name, rel_err(a.float(), b))
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, REL_TOL)],
-                         ids=["fp32", "bf16"])
-def test_cuda_after_mixer_norm_gradient_is_batch_first(dtype, tol):
-    """The pre-MLP norm after a linear mixer on CUDA: x's gradient (the residual branch's
-    summed in) from one compiled kernel, stored batch-first, against F.rms_norm + x under
-    autograd in fp32."""
-    import torch.nn.functional as F
-
-    from linear_moe.layers.norm import rms_norm_with_residual
-
-    torch.manual_seed(0)
-    x = torch.randn(300, 4, 1024, device="cuda")
-    w = torch.rand(1024, device="cuda") + 0.5
-    dy, dres = torch.randn_like(x), torch.randn_like(x)
-    runs = []
-    for ours, run_dtype in ((True, dtype), (False, torch.float32)):
-        xi, wi = (t.to(run_dtype).requires_grad_() for t in (x, w))
+        gx, gw = torch.autograd.grad(outs, [xi, wi], grads)
         if ours:
-            y, r = rms_norm_with_residual(xi, wi, 1e-6, batch_first_grad=True)
-        else:
-            y, r = F.rms_norm(xi, (1024,), wi, 1e-6), xi
-        gx, gw = torch.autograd.grad([y, r], [xi, wi], [dy.to(run_dtype), dres.to(run_dtype)])
-        if ours:
-            assert gx.transpose(0, 1).is_contiguous() and not gx.is_contiguous()
+            assert gx.transpose(0, 1).is_contiguous() if batch_first_grad else gx.is_contiguous()
         runs.append((y, gx, gw))
     for name, a, b in zip(["y", "dx", "dweight"], *runs):
         assert a.dtype == dtype and rel_err(a.float(), b) <= tol, (name, rel_err(a.float(), b))
