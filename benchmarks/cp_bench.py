@@ -42,21 +42,21 @@ FORMS = ("none", "default", "three_pass", "fla")
 
 @contextlib.contextmanager
 def _cp_form(mixer, form: str):
-    """Within: the mixer's CP runs as ``form`` (three_pass: the one-pass table emptied and the
-    widened probe off; fla: --la-cp-kernel fla)."""
+    """Within: the mixer's CP runs as ``form`` (three_pass: the one-pass tables emptied; fla:
+    --la-cp-kernel fla)."""
     from linear_moe import ops
-    from linear_moe.parallel.context_parallel import SequenceChunks
 
-    saved = dict(ops.DIAGONAL_DECAY), mixer.config.la_cp_kernel, SequenceChunks.widened_probe
+    saved = dict(ops.DIAGONAL_DECAY), set(ops.WIDENED_PROBE), mixer.config.la_cp_kernel
     if form == "three_pass":
         ops.DIAGONAL_DECAY.clear()
-        SequenceChunks.widened_probe = False
+        ops.WIDENED_PROBE.clear()
     mixer.config.la_cp_kernel = "fla" if form == "fla" else "ours"
     try:
         yield
     finally:
         ops.DIAGONAL_DECAY.update(saved[0])
-        mixer.config.la_cp_kernel, SequenceChunks.widened_probe = saved[1:]
+        ops.WIDENED_PROBE.update(saved[1])
+        mixer.config.la_cp_kernel = saved[2]
 
 
 def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, wanted=FORMS):

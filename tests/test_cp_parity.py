@@ -209,7 +209,7 @@ def _widened_inputs(op_name, g):
 
 
 def _widened_worker(rank, world_size):
-    """Each ops.WIDENED_PROBE op through state_passing's one widened pass: one op call, and the
+    """Each ops.WIDENED_PROBE op through state_passing_widened: one op call, and the
     output and every input's gradient equal the whole sequence's; {op: (calls, max abs error
     relative to the largest entry)}."""
     from linear_moe import ops
@@ -217,7 +217,7 @@ def _widened_worker(rank, world_size):
 
     chunks = SequenceChunks(torch.distributed.group.WORLD)
     results = {}
-    # in one order on every rank (a frozenset's order follows the functions' ids): the state
+    # in one order on every rank (a set's order follows the functions' ids): the state
     # passing's all-gathers must pair up
     for op in sorted(ops.WIDENED_PROBE, key=lambda op: op.__name__):
         name = op.__name__
@@ -230,8 +230,8 @@ def _widened_worker(rank, world_size):
         mine = [_this_rank(t, rank).detach().requires_grad_() for t in inputs]
         calls = []
         counted = lambda *a, **k: calls.append(1) or op(*a, **k)  # noqa: E731
-        o_cp, _ = chunks.state_passing(counted, tuple(mine), {"chunk_size": 8}, value_arg,
-                                       widened=True)
+        o_cp, _ = chunks.state_passing_widened(counted, tuple(mine), {"chunk_size": 8},
+                                               value_arg)
         (o_cp * _this_rank(weight, rank)).sum().backward()
         relative = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
         errors = {"o": relative(o_cp, _this_rank(o, rank))}

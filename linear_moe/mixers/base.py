@@ -622,8 +622,10 @@ class LinearMixer(MegatronModule):
         diagonal = DIAGONAL_DECAY.get(op)
         if diagonal is not None:
             return self.cp.diagonal_state_passing(op, args, kwargs, *diagonal(args, kwargs))
+        if op in WIDENED_PROBE:
+            return self.cp.state_passing_widened(op, args, kwargs, self.cp_value_arg)
         return self.cp.state_passing(op, args, kwargs, self.cp_value_arg,
-                                     self.cp_identity_transition, widened=op in WIDENED_PROBE)
+                                     self.cp_identity_transition)
 
     @property
     def position_offset(self) -> int:

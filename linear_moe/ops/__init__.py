@@ -38,8 +38,9 @@ NATIVE_CONTEXT_PARALLEL = frozenset({delta_rule, gated_delta_rule, kda, rwkv7})
 # The ops the generic state passing runs once at V + K value width, the transition probe in
 # the extra columns (SequenceChunks.state_passing_widened): one state S [.., K, V] whose columns
 # evolve independently, an output linear in it, and the key input right before the value.
-# Not linear_attn / based / rebased: their normaliser divides by a state read.
-WIDENED_PROBE = frozenset({delta_rule, gated_delta_rule, kda, rwkv7})
+# Not linear_attn / based / rebased: their normaliser divides by a state read. A set, as
+# DIAGONAL_DECAY a dict: benchmarks/cp_bench.py empties both for its three-pass baseline.
+WIDENED_PROBE = {delta_rule, gated_delta_rule, kda, rwkv7}
 
 __all__ = ["DIAGONAL_DECAY", "NATIVE_CONTEXT_PARALLEL", "WIDENED_PROBE", "based", "rebased",
            "linear_attn", "delta_rule", "gla", "gsa", "gated_delta_rule", "kda", "resolve_backend",

@@ -63,10 +63,6 @@ def _is_per_token(arg, batch: int, length: int) -> bool:
 class SequenceChunks:
     """This rank's two pieces of megatron's CP layout, and the exchanges across them."""
 
-    #: state_passing carries the transition probe in the value's extra columns (one op pass,
-    #: ``state_passing_widened``); False: the three-pass form (benchmarks/cp_bench.py's baseline).
-    widened_probe = True
-
     def __init__(self, group):
         self.group = group
         self.size = dist.get_world_size(group)
@@ -169,7 +165,7 @@ class SequenceChunks:
         return self.map_op_inputs(args, kwargs, self.fold)
 
     def state_passing(self, op, args: tuple, kwargs: dict, value_arg: int,
-                      identity_transition: bool = False, widened: bool = False):
+                      identity_transition: bool = False):
         """op(*args, **kwargs) -> (o, None) over the whole sequence, run on this rank's pieces
         (see the module docstring; no final state: that is the last rank's). ``value_arg``:
         the position of the op's value input (the one the state's V side is built from).
@@ -178,11 +174,8 @@ class SequenceChunks:
         key-side vectors [..., K] or None (linear attention's normaliser z_t = z_{t-1} + k_t:
         S's column for a value of 1, so the same transition carries it).
         ``identity_transition``: the recurrence has no decay (M = I), so the probe pass is
-        skipped. ``widened``: the op is one of ops.WIDENED_PROBE, run once with the probe in
-        its value (``state_passing_widened``) unless ``widened_probe`` is off."""
+        skipped. The ops.WIDENED_PROBE ops take ``state_passing_widened``, one op pass."""
         args, kwargs = self.fold_op_inputs(args, kwargs)
-        if widened and self.widened_probe:
-            return self.state_passing_widened(op, args, kwargs, value_arg)
         _, local = op(*args, output_final_state=True, **kwargs)  # S_c, from a zero state
         tuple_state = isinstance(local, tuple)
         parts = local if tuple_state else (local,)
@@ -222,15 +215,15 @@ class SequenceChunks:
         o, _ = op(*args, initial_state=initial, **kwargs)
         return self.unfold(o), None
 
-    def state_passing_widened(self, op, args: list, kwargs: dict, value_arg: int):
+    def state_passing_widened(self, op, args: tuple, kwargs: dict, value_arg: int):
         """state_passing in one op pass, for an op whose state is one S [.., H, K, V] (H the
         value heads) and whose key input, K wide, is the argument before its value: the value
         gets K zero columns and the start state is [0 | I]. S's columns evolve independently
         (the transition acts on the K side), so that one pass gives the zero-state pass's
         output and end state in the first V columns, and in the last K the probe's: the
         transition M_c (end state) and scale q_t M_t (output) - the start state's share of o_t
-        is then (scale q_t M_t) S_start, one small matmul (as the diagonal form's share).
-        args / kwargs already folded."""
+        is then (scale q_t M_t) S_start, one small matmul (as the diagonal form's share)."""
+        args, kwargs = self.fold_op_inputs(args, kwargs)
         value, key_dim = args[value_arg], args[value_arg - 1].shape[-1]
         value_dim, heads = value.shape[-1], value.shape[-2]
         widened = list(args)
