@@ -141,6 +141,11 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="CUDA kernel of the short convolutions: ours (linear_moe/ops/"
                         "causal_conv.py, ~2x fla's on the H100, widths up to 4) or fla's "
                         "causal_conv1d; the same math. auto = ours for widths up to 4, else fla's")
+    g.add_argument("--la-qk-l2norm-in-conv", default=LinearMixerFields.la_qk_l2norm_in_conv,
+                   action=argparse.BooleanOptionalAction,
+                   help="gated_deltanet / deltanet / kda: L2-normalise q and k per head inside "
+                        "their short convs (on CUDA in our conv kernel, no passes of its own) "
+                        "instead of in the op (fla's use_qk_l2norm_in_kernel); the same math")
     g.add_argument("--la-cp-kernel", default=LinearMixerFields.la_cp_kernel,
                    choices=["ours", "fla"],
                    help="context parallelism of the delta-rule / DPLR mixers (deltanet, "
@@ -268,6 +273,9 @@ def check_option_dependencies(entry, args) -> None:
         raise ValueError(f"--la-conv-kernel {args.la_conv_kernel} needs a short convolution, "
                          f"which mixer '{entry.name}' has off; add --la-use-short-conv or drop "
                          "--la-conv-kernel")
+    if not args.la_qk_l2norm_in_conv and not args.la_use_short_conv:
+        raise ValueError(f"--no-la-qk-l2norm-in-conv needs a short convolution, which mixer "
+                         f"'{entry.name}' has off; add --la-use-short-conv or drop the flag")
     if not args.la_norm_elementwise_affine and args.la_output_norm == "identity":
         raise ValueError(f"--no-la-norm-elementwise-affine needs an output norm, and mixer "
                          f"'{entry.name}' has --la-output-norm identity; drop the flag or set "

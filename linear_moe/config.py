@@ -34,6 +34,9 @@ class LinearMixerFields:
     la_conv_size: int = 4
     la_conv_bias: bool = False  # bias of the short convolutions (fla's conv_bias / use_conv_bias)
     la_conv_kernel: str = "auto"  # CUDA kernel of the short convolutions: auto | fla | ours
+    # The delta-rule mixers' q / k L2 norm inside the q / k short convs (our kernel: no passes
+    # of its own) instead of the op (fla's use_qk_l2norm_in_kernel: two passes each way).
+    la_qk_l2norm_in_conv: bool = True
     # Context parallelism of the delta-rule / DPLR mixers (fla_context_parallel) on fla's chunk
     # kernels: ours = linear_moe's state passing (three op passes), fla = fla's own (one).
     la_cp_kernel: str = "ours"

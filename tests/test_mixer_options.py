@@ -457,6 +457,10 @@ def test_mamba2_dt_limit_and_norm_before_gate(results):
      "--la-conv-kernel ours needs a short convolution"),
     (["--la-module", "gated_deltanet", "--la-cp-kernel", "fla"],
      "--la-cp-kernel fla needs context parallelism"),
+    (["--la-module", "gla", "--no-la-qk-l2norm-in-conv"],
+     "does not use --la-qk-l2norm-in-conv"),
+    (["--la-module", "gated_deltanet", "--no-la-use-short-conv", "--no-la-qk-l2norm-in-conv"],
+     "--no-la-qk-l2norm-in-conv needs a short convolution"),
     (["--la-module", "based", "--no-la-norm-elementwise-affine"],
      "needs an output norm.*--la-output-norm identity"),
 ])

@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from linear_moe.layers.tp_init import init_tp_sharded_
+from linear_moe.ops.gated_delta_rule import l2norm
 
 
 class ShortConvolution(torch.nn.Module):
     def __init__(self, channels: int, kernel_size: int, tp_rank: int, tp_size: int,
                  params_dtype, activation: str | None = "silu", bias: bool = False,
-                 fused: bool = True, kernel: str = "auto"):
+                 fused: bool = True, kernel: str = "auto", l2norm_head_dim: int | None = None):
         super().__init__()
         if kernel not in ("auto", "fla", "ours"):
             raise ValueError(f"unknown short-conv kernel '{kernel}'; choose auto, fla or ours")
@@ -35,6 +36,9 @@ class ShortConvolution(torch.nn.Module):
             raise ValueError(f"short-conv channels {channels} not divisible by TP {tp_size}")
         self.kernel_size = kernel_size
         self.activation = activation
+        # Each head of the output L2-normalised (the delta-rule mixers' q / k): in our kernel
+        # where it runs, else a pass after the conv. Local channels are whole heads under TP.
+        self.l2norm_head_dim = l2norm_head_dim
         self.weight = torch.nn.Parameter(
             torch.empty(channels // tp_size, 1, kernel_size, dtype=params_dtype))
         bound = 1.0 / math.sqrt(kernel_size)  # nn.Conv1d's default for a depthwise kernel
@@ -78,12 +82,13 @@ class ShortConvolution(torch.nn.Module):
             if self.kernel == "ours" and documents is None:
                 from linear_moe.ops.causal_conv import causal_conv
 
-                return causal_conv(x, weight, bias, self.activation, grad_x_into)
+                return causal_conv(x, weight, bias, self.activation, grad_x_into,
+                                   l2norm_head_dim=self.l2norm_head_dim)
             from fla.modules.causal_conv1d import causal_conv1d
 
-            return causal_conv1d(x, weight, bias, activation=self.activation, backend="triton",
-                                 cu_seqlens=None if documents is None
-                                 else documents.cu_seqlens)[0]
+            return self._l2norm(causal_conv1d(
+                x, weight, bias, activation=self.activation, backend="triton",
+                cu_seqlens=None if documents is None else documents.cu_seqlens)[0])
         if documents is None:
             s = x.shape[1]
             y = F.conv1d(x.transpose(1, 2), self.weight.to(x.dtype), bias,
@@ -96,4 +101,10 @@ class ShortConvolution(torch.nn.Module):
                 y = y + documents.previous(x, k - 1 - i) * weight[:, i]
             if bias is not None:
                 y = y + bias
-        return F.silu(y) if self.activation == "silu" else y
+        return self._l2norm(F.silu(y) if self.activation == "silu" else y)
+
+    def _l2norm(self, y):
+        if self.l2norm_head_dim is None:
+            return y
+        # in fp32, as fla's kernel and ours
+        return l2norm(y.unflatten(-1, (-1, self.l2norm_head_dim)).float()).flatten(-2).to(y.dtype)

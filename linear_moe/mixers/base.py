@@ -344,24 +344,34 @@ class LinearMixer(MegatronModule):
             init_method=self.config.output_layer_init_method, bias=self.config.add_bias_linear,
             input_is_parallel=True, skip_bias_add=True, tp_group=self.tp_group)
 
-    def short_conv(self, channels: int) -> ShortConvolution:
+    def short_conv(self, channels: int, l2norm_head_dim: int | None = None) -> ShortConvolution:
         """A SiLU short convolution over the sequence, channels split over TP by heads, with a
-        bias under --la-conv-bias."""
+        bias under --la-conv-bias; its output's heads of l2norm_head_dim L2-normalised."""
         return ShortConvolution(channels, self.config.la_conv_size, self.tp_rank, self.tp_size,
                                 self.config.params_dtype,
                                 bias=getattr(self.config, "la_conv_bias", False),
                                 fused=self.config.la_backend != "reference",
-                                kernel=getattr(self.config, "la_conv_kernel", "auto"))
+                                kernel=getattr(self.config, "la_conv_kernel", "auto"),
+                                l2norm_head_dim=l2norm_head_dim)
 
-    def build_qkv(self):
+    def build_qkv(self, qk_l2norm: bool = False):
         """q/k/v projections split by heads (num_q/k/v_heads each), plus SiLU short
-        convolutions on each when --la-use-short-conv is on."""
+        convolutions on each when --la-use-short-conv is on.
+
+        qk_l2norm: the mixer L2-normalises q and k per head right after their convs (the
+        delta-rule ops' use_qk_l2norm); with the convs and --la-qk-l2norm-in-conv the convs do
+        it, in our kernel's registers on CUDA, where fla's op spends two passes over q and k
+        each way. ``qk_l2norm_in_conv`` says so; the op must then not normalise again."""
         dims = (self.num_q_heads * self.head_k_dim, self.num_k_heads * self.head_k_dim,
                 self.num_v_heads * self.head_v_dim)
         self.q_proj, self.k_proj, self.v_proj = (self.column(self.hidden_size, d) for d in dims)
         self.use_short_conv = self.config.la_use_short_conv
+        self.qk_l2norm_in_conv = (qk_l2norm and self.use_short_conv
+                                  and getattr(self.config, "la_qk_l2norm_in_conv", True))
         if self.use_short_conv:
-            self.q_conv, self.k_conv, self.v_conv = (self.short_conv(d) for d in dims)
+            head_dim = self.head_k_dim if self.qk_l2norm_in_conv else None
+            self.q_conv, self.k_conv = (self.short_conv(d, head_dim) for d in dims[:2])
+            self.v_conv = self.short_conv(dims[2])
 
     def project(self, x, *projections, gradient_buffer: bool = False, separate=()):
         """x [b, s, h] through several of this mixer's in-projections (``column`` modules) as

@@ -30,7 +30,8 @@ QK_ACTIVATIONS = {
     supports_decode=True,
     supports_cp=True,
     supports_varlen=True,
-    options=("la_allow_neg_eigval", "la_use_beta", "la_qk_activation", "la_qk_norm"),
+    options=("la_allow_neg_eigval", "la_use_beta", "la_qk_activation", "la_qk_norm",
+             "la_qk_l2norm_in_conv"),
     paper="Parallelizing Linear Transformers with the Delta Rule over Sequence Length "
           "(arXiv:2406.06484)",
     kernel="fla chunk_delta_rule / fused_recurrent_delta_rule",
@@ -48,7 +49,10 @@ class DeltaNetMixer(LinearMixer):
                              f"one of {', '.join(QK_ACTIVATIONS)}")
         if config.la_qk_norm not in ("l2", "sum"):
             raise ValueError(f"unknown --la-qk-norm '{config.la_qk_norm}'; choose l2 or sum")
-        self.build_qkv()
+        # q/k's L2 norm in their convs where nothing comes between (the activation is the
+        # convs' SiLU or none)
+        self.build_qkv(qk_l2norm=config.la_qk_norm == "l2"
+                       and config.la_qk_activation in ("silu", "identity"))
         if self.use_short_conv and config.la_qk_activation != "silu":
             for name in ("q_conv", "k_conv"):  # fla: the q/k convs carry only the silu
                 conv = getattr(self, name, None)
@@ -77,7 +81,8 @@ class DeltaNetMixer(LinearMixer):
         if self.config.la_allow_neg_eigval:
             beta = beta * 2.0
         o, _ = self.recurrent(ops.delta_rule, q, k, v, beta,
-                              use_qk_l2norm=self.config.la_qk_norm == "l2",
+                              use_qk_l2norm=(self.config.la_qk_norm == "l2"
+                                             and not self.qk_l2norm_in_conv),
                               backend=self.config.la_backend, mode=self.config.la_mode,
                               chunk_size=self.config.la_chunk_size)
         return self.output(o, x, gate)

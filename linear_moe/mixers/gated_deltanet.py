@@ -33,7 +33,7 @@ _log_decay_cuda = torch.compile(_log_decay)
     supports_decode=True,
     supports_cp=True,
     supports_varlen=True,
-    options=("la_allow_neg_eigval", "la_num_v_heads"),
+    options=("la_allow_neg_eigval", "la_num_v_heads", "la_qk_l2norm_in_conv"),
     paper="Gated Delta Networks: Improving Mamba2 with Delta Rule (arXiv:2412.06464)",
     kernel="fla chunk_gated_delta_rule",
     # fla 0.6.0's fused_recurrent_gated_delta_rule has no backward, so it cannot train.
@@ -50,7 +50,7 @@ class GatedDeltaNetMixer(LinearMixer):
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         h, nh = self.hidden_size, self.num_heads
-        self.build_qkv()
+        self.build_qkv(qk_l2norm=True)
         self.a_proj = self.column(h, nh)  # decay input, one per head
         self.b_proj = self.column(h, nh)  # beta (write strength), one per head
         self.A_log = self.per_head_parameter(init_A_log_)
@@ -64,7 +64,8 @@ class GatedDeltaNetMixer(LinearMixer):
         beta = self.per_head(b).sigmoid()
         if self.config.la_allow_neg_eigval:  # fla's allow_neg_eigval: beta in (0, 2)
             beta = beta * 2.0
-        o, _ = self.recurrent(ops.gated_delta_rule, q, k, v, g, beta, use_qk_l2norm=True,
-                                    backend=self.config.la_backend, mode=self.config.la_mode,
-                                    chunk_size=self.config.la_chunk_size)
+        o, _ = self.recurrent(ops.gated_delta_rule, q, k, v, g, beta,
+                              use_qk_l2norm=not self.qk_l2norm_in_conv,
+                              backend=self.config.la_backend, mode=self.config.la_mode,
+                              chunk_size=self.config.la_chunk_size)
         return self.output(o, x, gate)

@@ -18,7 +18,7 @@ from linear_moe.registry import register_mixer
     supports_decode=True,
     supports_cp=True,
     supports_varlen=True,
-    options=("la_allow_neg_eigval", "la_num_v_heads"),
+    options=("la_allow_neg_eigval", "la_num_v_heads", "la_qk_l2norm_in_conv"),
     paper="Kimi Linear: Kimi Delta Attention (arXiv:2510.26692)",
     kernel="fla chunk_kda / fused_recurrent_kda",
     defaults={"la_expand_k": 1.0, "la_expand_v": 1.0, "la_use_short_conv": True,
@@ -33,7 +33,7 @@ class KDAMixer(LinearMixer):
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
-        self.build_qkv()
+        self.build_qkv(qk_l2norm=True)
         # Low-rank decay projection (rank = head dim): replicated down, head-split up.
         self.f_down = torch.nn.Linear(self.hidden_size, self.head_k_dim, bias=False,
                                       dtype=config.params_dtype)
@@ -57,7 +57,7 @@ class KDAMixer(LinearMixer):
         if self.config.la_allow_neg_eigval:  # fla's allow_neg_eigval: beta in (0, 2)
             beta = beta * 2.0
         o, _ = self.recurrent(ops.kda, q, k, v, f, beta, A_log=self.A_log.float(),
-                       dt_bias=self.dt_bias.float(), use_qk_l2norm=True,
+                       dt_bias=self.dt_bias.float(), use_qk_l2norm=not self.qk_l2norm_in_conv,
                        backend=self.config.la_backend, mode=self.config.la_mode,
                        chunk_size=self.config.la_chunk_size)
         return self.output(o, x, gate)

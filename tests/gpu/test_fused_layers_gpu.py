@@ -54,6 +54,34 @@ def test_fla_short_conv_matches_torch_conv1d(dtype, tol, activation, kernel, str
         assert err <= tol, (name, err)
 
 
+@pytest.mark.parametrize("head_dim", [96, 128])
+@pytest.mark.parametrize("activation", ["silu", None])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)],
+                         ids=["fp32", "bf16"])
+def test_our_short_conv_with_the_qk_l2norm_matches_torch(dtype, tol, activation, head_dim):
+    """Our conv kernels with each head L2-normalised in them (--la-qk-l2norm-in-conv) against
+    the torch path (conv1d, then the ops' l2norm) in fp32: q's slice of a fused in-projection,
+    a head dim that is not a power of two (GDN's 96) and one that is."""
+    torch.manual_seed(0)
+    channels, size = 4 * head_dim, 4
+    fused = ShortConvolution(channels, size, 0, 1, dtype, activation=activation, bias=True,
+                             fused=True, kernel="ours", l2norm_head_dim=head_dim).cuda()
+    ref = ShortConvolution(channels, size, 0, 1, torch.float32, activation=activation,
+                           bias=True, fused=False, l2norm_head_dim=head_dim).cuda()
+    with torch.no_grad():
+        ref.weight.copy_(fused.weight.float())
+        ref.bias.copy_(fused.bias.float())
+    wide = torch.randn(2, 301, 3 * channels, device="cuda")
+    dy = torch.randn(2, 301, channels, device="cuda")
+    out = _run(fused, wide.to(dtype)[..., :channels], dy.to(dtype))
+    out_ref = _run(ref, wide[..., :channels], dy)
+    case = f"{activation}/{str(dtype)[6:]}/hd{head_dim}"
+    for name, a, b in zip(["y", "dx", "dweight", "dbias"], out, out_ref):
+        err = rel_err(a.float(), b)
+        _record("short_conv/ours+l2norm", case, size, name, err)
+        assert err <= tol, (name, err)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)],
                          ids=["fp32", "bf16"])
 def test_fla_rotary_matches_torch(dtype, tol):
