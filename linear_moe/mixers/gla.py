@@ -57,14 +57,26 @@ class GLAMixer(LinearMixer):
                                  self.num_k_heads * self.head_k_dim, bias=True)
         self.build_output()
 
+    def key_log_decay(self, gk_low):
+        """The per-key-dim log decay [b, s, N_local] from the down projection's output. In the
+        activation dtype, as fla's GatedLinearAttention: chunk_gla then keeps this bf16 gate
+        for its backward and recomputes the fp32 cumsum. An fp32 gate made it keep the fp32
+        cumsum and logsigmoid its fp32 input: 0.4 GiB more at the peer shape."""
+        normalizer, clamp_min = self.config.la_gate_logit_normalizer, self.config.la_clamp_min
+        if gk_low.is_cuda and self.config.la_backend != "reference":
+            from linear_moe.ops import low_rank_gate
+
+            if low_rank_gate.fused_low_rank_log_decay_applies(gk_low.shape[-1]):
+                # the up projection, its bias and the logsigmoid in one kernel of ours
+                return low_rank_gate.low_rank_log_decay(
+                    self._column_input(gk_low), self.gk_up.weight, self.gk_up.bias, normalizer,
+                    clamp_min)
+        gk = self.up(self.gk_up, gk_low)
+        return (_log_decay_cuda if gk.is_cuda else _log_decay)(gk, normalizer, clamp_min)
+
     def mix(self, x):
         q, k, v, gk_low, gate = self.qkv(x, self.gk_down)
-        gk = self.expand_heads(self.heads(self.up(self.gk_up, gk_low), self.head_k_dim))
-        # In the activation dtype, as fla's GatedLinearAttention: chunk_gla then keeps this bf16
-        # gate for its backward and recomputes the fp32 cumsum. An fp32 gate made it keep the
-        # fp32 cumsum and logsigmoid its fp32 input: 0.4 GiB more at the peer shape.
-        log_decay = _log_decay_cuda if gk.is_cuda else _log_decay
-        gk = log_decay(gk, self.config.la_gate_logit_normalizer, self.config.la_clamp_min)
+        gk = self.expand_heads(self.heads(self.key_log_decay(gk_low), self.head_k_dim))
         if self.phi is not None:  # fla's feature_map on q/k
             q, k = self.phi(q), self.phi(k)
         o, _ = self.recurrent(ops.gla, q, k, v, gk, backend=self.config.la_backend,

@@ -82,6 +82,37 @@ def test_our_short_conv_with_the_qk_l2norm_matches_torch(dtype, tol, activation,
         assert err <= tol, (name, err)
 
 
+@pytest.mark.parametrize("clamp_min", [None, -0.05])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)],
+                         ids=["fp32", "bf16"])
+def test_our_low_rank_log_decay_matches_torch(dtype, tol, clamp_min):
+    """GLA's key decay in one kernel of ours (up projection, bias, logsigmoid, normaliser,
+    clamp) against F.linear and the mixer's torch log decay in fp32, at GLA's rank 16 with a
+    key width (1000) that is not a multiple of the tiles."""
+    import torch.nn.functional as F
+
+    from linear_moe.mixers.gla import _log_decay
+    from linear_moe.ops.low_rank_gate import low_rank_log_decay
+
+    torch.manual_seed(0)
+    z0 = torch.randn(2, 4099, 16, device="cuda")
+    w0 = torch.randn(1000, 16, device="cuda") * 0.5
+    b0 = torch.randn(1000, device="cuda")
+    dg = torch.randn(2, 4099, 1000, device="cuda")
+    out = []
+    for ours, dt in ((True, dtype), (False, torch.float32)):
+        z, w, b = (t.to(dt).requires_grad_() for t in (z0, w0, b0))
+        g = (low_rank_log_decay(z, w, b, 16.0, clamp_min) if ours
+             else _log_decay(F.linear(z, w, b), 16.0, clamp_min))
+        g.backward(dg.to(dt))
+        out.append((g, z.grad, w.grad, b.grad))
+    assert out[0][0].dtype == dtype
+    for name, a, b in zip(["g", "dz", "dweight", "dbias"], *out):
+        err = rel_err(a.float(), b)
+        _record("low_rank_log_decay", f"{str(dtype)[6:]}/clamp={clamp_min}", 16, name, err)
+        assert err <= tol, (name, err)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)],
                          ids=["fp32", "bf16"])
 def test_fla_rotary_matches_torch(dtype, tol):

@@ -1,0 +1,66 @@
+"""GLA's key decay in one kernel of ours (linear_moe.ops.low_rank_gate: the low-rank chain's up
+projection, its bias, logsigmoid, the normaliser and the clamp) equals the torch path it
+replaces on CUDA (F.linear, then the mixer's _log_decay), forward and every gradient, run on
+the CPU through Triton's interpreter."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+_INTERPRETED = r"""
+import torch
+import torch.nn.functional as F
+from linear_moe.mixers.gla import _log_decay
+from linear_moe.ops.low_rank_gate import low_rank_log_decay
+
+worst = 0.0
+# rows and columns not multiples of the tiles; rank 16 (GLA's default) and 32; with and without
+# bias; no clamp, a clamp that holds for some entries, one that holds for most (normaliser 1)
+cases = [((2, 150), 80, 16, True, 16.0, None), ((130,), 200, 32, False, 16.0, -0.05),
+         ((3, 40), 96, 16, True, 1.0, -0.5)]
+for lead, n, r, bias, normalizer, clamp in cases:
+    torch.manual_seed(0)
+    z0, w0 = torch.randn(*lead, r), torch.randn(n, r) * 0.5
+    b0 = torch.randn(n) if bias else None
+    dg = torch.randn(*lead, n)
+    results = []
+    for ours in (True, False):
+        z, w = z0.clone().requires_grad_(), w0.clone().requires_grad_()
+        b = b0.clone().requires_grad_() if bias else None
+        if ours:
+            g = low_rank_log_decay(z, w, b, normalizer, clamp)
+        else:
+            g = _log_decay(F.linear(z, w, b), normalizer, clamp)
+        g.backward(dg)
+        results.append([g, z.grad, w.grad] + ([b.grad] if bias else []))
+    if clamp is not None:  # the clamp holds somewhere, so its zero gradient is exercised
+        held = (results[1][0] == clamp).float().mean().item()
+        assert 0.0 < held < 1.0, held
+    for a, b in zip(*results):
+        assert a.shape == b.shape, (a.shape, b.shape)
+        worst = max(worst, ((a - b).abs().max() / b.abs().max()).item())
+assert worst < 1e-5, worst
+print("ok", worst)
+"""
+
+
+def test_low_rank_log_decay_kernels_equal_the_torch_path_in_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-1000:] + proc.stderr[-3000:]
+
+
+def test_ranks_the_kernel_cannot_take_are_refused():
+    import torch
+
+    from linear_moe.ops.low_rank_gate import (
+        fused_low_rank_log_decay_applies, low_rank_log_decay,
+    )
+
+    assert fused_low_rank_log_decay_applies(16) and fused_low_rank_log_decay_applies(64)
+    assert not any(fused_low_rank_log_decay_applies(r) for r in (8, 12, 24, 256))
+    with pytest.raises(ValueError, match="use the up projection and logsigmoid instead"):
+        low_rank_log_decay(torch.zeros(4, 12), torch.zeros(8, 12), None, 16.0)
