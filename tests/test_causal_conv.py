@@ -4,11 +4,9 @@ Triton's interpreter: strided (fused in-projection slice) and contiguous inputs,
 without bias and SiLU, a length and channels that are not multiples of the tiles, and a
 width below the backward's 4."""
 
-import os
-import subprocess
-import sys
-
 import pytest
+
+from interpreter_utils import run_in_triton_interpreter
 
 _INTERPRETED = r"""
 import itertools
@@ -47,10 +45,7 @@ print("ok", worst)
 
 
 def test_our_conv_kernels_equal_the_torch_path_in_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-1000:] + proc.stderr[-3000:]
+    run_in_triton_interpreter(_INTERPRETED)
 
 
 _INTERPRETED_INTO_BUFFER = r"""
@@ -87,10 +82,7 @@ print("ok", err)
 
 
 def test_conv_writes_its_gradient_into_the_in_projections_in_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETED_INTO_BUFFER], capture_output=True,
-                          text=True, env=env, timeout=600)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-1000:] + proc.stderr[-3000:]
+    run_in_triton_interpreter(_INTERPRETED_INTO_BUFFER)
 
 
 def test_unknown_kernel_and_activation_are_refused():

@@ -3,11 +3,9 @@ projection, its bias, logsigmoid, the normaliser and the clamp) equals the torch
 replaces on CUDA (F.linear, then the mixer's _log_decay), forward and every gradient, run on
 the CPU through Triton's interpreter."""
 
-import os
-import subprocess
-import sys
-
 import pytest
+
+from interpreter_utils import run_in_triton_interpreter
 
 _INTERPRETED = r"""
 import torch
@@ -47,10 +45,7 @@ print("ok", worst)
 
 
 def test_low_rank_log_decay_kernels_equal_the_torch_path_in_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-1000:] + proc.stderr[-3000:]
+    run_in_triton_interpreter(_INTERPRETED)
 
 
 def test_ranks_the_kernel_cannot_take_are_refused():

@@ -4,12 +4,10 @@ so fla's op, called with use_qk_l2norm off, spends no passes of its own on it. T
 equal the torch path (conv, then the ops' l2norm) in Triton's interpreter, and a model with
 the norm in the convs equals one with it in the op."""
 
-import os
-import subprocess
-import sys
-
 import torch
 import torch.nn.functional as F
+
+from interpreter_utils import run_in_triton_interpreter
 
 _INTERPRETED = r"""
 import torch
@@ -57,10 +55,7 @@ print("ok", worst)
 
 
 def test_conv_kernels_with_the_qk_l2norm_equal_the_torch_path_in_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-1000:] + proc.stderr[-3000:]
+    run_in_triton_interpreter(_INTERPRETED)
 
 
 def _in_conv_worker(rank, world_size, cases):
