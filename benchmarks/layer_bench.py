@@ -25,7 +25,8 @@ from common import (  # noqa: E402
 )
 
 
-def build_mixer(name, hidden, heads, dtype, conv_kernel="auto", qk_l2norm_in="conv"):
+def build_mixer(name, hidden, heads, dtype, conv_kernel="auto", **options):
+    """The mixer at these sizes; ``options``: more LinearMoEConfig fields (the opt-in kernels)."""
     from megatron.core.transformer.enums import AttnMaskType
 
     from linear_moe.config import LinearMoEConfig, resolve_mixer_defaults
@@ -36,7 +37,7 @@ def build_mixer(name, hidden, heads, dtype, conv_kernel="auto", qk_l2norm_in="co
                              normalization="RMSNorm", add_bias_linear=False,
                              gradient_accumulation_fusion=False, la_module=name,
                              la_num_heads=heads, la_conv_kernel=conv_kernel,
-                             la_qk_l2norm_in_conv=qk_l2norm_in == "conv",
+                             **options,
                              use_cpu_initialization=True)
     resolve_mixer_defaults(config)
     mixer = get_mixer(name).builder(config, layer_number=1, attn_mask_type=AttnMaskType.causal)
@@ -120,8 +121,8 @@ def norm_steps(seq, batch, hidden, dtype):
 
 
 def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_to=None,
-                conv_kernel="auto", graph=False, input_layout="batch_first", qk_l2norm_in="conv"):
-    mixer = build_mixer(name, hidden, heads, dtype, conv_kernel, qk_l2norm_in)
+                conv_kernel="auto", graph=False, input_layout="batch_first", options=None):
+    mixer = build_mixer(name, hidden, heads, dtype, conv_kernel, **(options or {}))
     # The mixer's input [s, b, h] as the model's input norm gives it (MixerInputRMSNorm): the
     # transposed view of a contiguous [b, s, h] tensor. seq_first: a contiguous [s, b, h] one
     # (the norms before 2026-12-07; sequence parallelism's gathered input), its output's
@@ -191,6 +192,8 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
            "bare_host_ms": statistics.median(bare_host)}
     if any("use_qk_l2norm" in kwargs for _, _, kwargs in calls):  # where q / k are normalised
         row["qk_norm"] = "conv" if getattr(mixer, "qk_l2norm_in_conv", False) else "op"
+    if hasattr(mixer, "key_log_decay"):  # GLA: our one kernel or the GEMM + compiled logsigmoid
+        row["log_decay"] = "fused" if mixer.config.la_fused_log_decay else "torch"
     # The batch-first input is the input norm's doing: the layer is charged what that norm
     # takes over the seq-first one (norm_ms - norm_ref_ms; negative where it is faster).
     norm_bf, norm_ref = norm_steps(seq, batch, hidden, dtype) if batch_first else (None, None)
@@ -241,10 +244,12 @@ def main(argv=None):
                              "_diff.txt, the ops by how much longer the layer spends on them")
     parser.add_argument("--conv-kernel", choices=["auto", "fla", "ours"], default="auto",
                         help="CUDA kernel of the mixers' short convolutions (--la-conv-kernel)")
-    parser.add_argument("--qk-l2norm-in", choices=["conv", "op"], default="conv",
-                        help="where the delta-rule mixers L2-normalise q / k: in their short "
-                             "convs (default, --la-qk-l2norm-in-conv) or in the op (rows before "
-                             "2026-12-07); the bare op normalises them either way")
+    parser.add_argument("--qk-l2norm-in", choices=["conv", "op"], default="op",
+                        help="where the delta-rule mixers L2-normalise q / k: in the op (the "
+                             "model's default) or in their short convs (--la-qk-l2norm-in-conv); "
+                             "the bare op normalises them either way")
+    parser.add_argument("--fused-log-decay", action="store_true",
+                        help="GLA's key decay in one kernel of ours (--la-fused-log-decay)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time both steps captured as CUDA graphs (device time; GPU)")
     parser.add_argument("--input-layout", choices=["batch_first", "seq_first"],
@@ -264,12 +269,14 @@ def main(argv=None):
                 row = bench_mixer(name, args.hidden, args.heads, seq, batch, dtype,
                                   args.warmup, args.iters, args.profile, args.conv_kernel,
                                   args.cuda_graph and torch.cuda.is_available(),
-                                  args.input_layout, args.qk_l2norm_in)
+                                  args.input_layout,
+                                  dict(la_qk_l2norm_in_conv=args.qk_l2norm_in == "conv",
+                                       la_fused_log_decay=args.fused_log_decay))
             except ValueError as refused:  # e.g. mamba2's chunk path on Hopper: note it, go on
                 row = {"mixer": name, "T": seq, "B": batch, "note": f"refused: {refused}"}
             rows.append(emit(row))
     write_results(rows, args.out, "Layer overhead: Megatron mixer layer vs bare op + GEMMs",
-                  ["mixer", "T", "B", "input", "qk_norm", "layer_ms", "bare_ms", "norm_ms", "norm_ref_ms",
+                  ["mixer", "T", "B", "input", "qk_norm", "log_decay", "layer_ms", "bare_ms", "norm_ms", "norm_ref_ms",
                    "overhead", "layer_host_ms", "bare_host_ms", "layer_graph_ms",
                    "bare_graph_ms", "norm_graph_ms", "norm_ref_graph_ms", "overhead_graph",
                    "note"])

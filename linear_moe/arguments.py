@@ -145,7 +145,14 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    action=argparse.BooleanOptionalAction,
                    help="gated_deltanet / deltanet / kda: L2-normalise q and k per head inside "
                         "their short convs (on CUDA in our conv kernel, no passes of its own) "
-                        "instead of in the op (fla's use_qk_l2norm_in_kernel); the same math")
+                        "instead of in the op (fla's use_qk_l2norm_in_kernel); the same math. "
+                        "Opt-in: GPU-tested, its speed not yet measured")
+    g.add_argument("--la-fused-log-decay", default=LinearMixerFields.la_fused_log_decay,
+                   action=argparse.BooleanOptionalAction,
+                   help="gla: the key decay (low-rank up projection, bias, logsigmoid, "
+                        "normaliser, clamp) in one Triton kernel of ours on CUDA (linear_moe/ops/"
+                        "low_rank_gate.py) instead of a GEMM and a compiled logsigmoid; the same "
+                        "math. Opt-in: GPU-tested, its speed not yet measured")
     g.add_argument("--la-cp-kernel", default=LinearMixerFields.la_cp_kernel,
                    choices=["ours", "fla"],
                    help="context parallelism of the delta-rule / DPLR mixers (deltanet, "
@@ -273,8 +280,8 @@ def check_option_dependencies(entry, args) -> None:
         raise ValueError(f"--la-conv-kernel {args.la_conv_kernel} needs a short convolution, "
                          f"which mixer '{entry.name}' has off; add --la-use-short-conv or drop "
                          "--la-conv-kernel")
-    if not args.la_qk_l2norm_in_conv and not args.la_use_short_conv:
-        raise ValueError(f"--no-la-qk-l2norm-in-conv needs a short convolution, which mixer "
+    if args.la_qk_l2norm_in_conv and not args.la_use_short_conv:
+        raise ValueError(f"--la-qk-l2norm-in-conv needs a short convolution, which mixer "
                          f"'{entry.name}' has off; add --la-use-short-conv or drop the flag")
     if not args.la_norm_elementwise_affine and args.la_output_norm == "identity":
         raise ValueError(f"--no-la-norm-elementwise-affine needs an output norm, and mixer "

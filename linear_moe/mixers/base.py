@@ -367,7 +367,7 @@ class LinearMixer(MegatronModule):
         self.q_proj, self.k_proj, self.v_proj = (self.column(self.hidden_size, d) for d in dims)
         self.use_short_conv = self.config.la_use_short_conv
         self.qk_l2norm_in_conv = (qk_l2norm and self.use_short_conv
-                                  and getattr(self.config, "la_qk_l2norm_in_conv", True))
+                                  and getattr(self.config, "la_qk_l2norm_in_conv", False))
         if self.use_short_conv:
             head_dim = self.head_k_dim if self.qk_l2norm_in_conv else None
             self.q_conv, self.k_conv = (self.short_conv(d, head_dim) for d in dims[:2])

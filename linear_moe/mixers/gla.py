@@ -33,7 +33,7 @@ _log_decay_cuda = torch.compile(_log_decay)
     supports_cp=True,
     supports_varlen=True,
     options=("la_gate_low_rank_dim", "la_gate_logit_normalizer", "la_clamp_min",
-             "la_feature_map", "la_num_kv_heads"),
+             "la_feature_map", "la_num_kv_heads", "la_fused_log_decay"),
     paper="Gated Linear Attention Transformers with Hardware-Efficient Training (arXiv:2312.06635)",
     kernel="fla chunk_gla / fused_recurrent_gla",
     defaults={"la_expand_k": 0.5, "la_expand_v": 1.0, "la_use_short_conv": False,
@@ -63,7 +63,8 @@ class GLAMixer(LinearMixer):
         for its backward and recomputes the fp32 cumsum. An fp32 gate made it keep the fp32
         cumsum and logsigmoid its fp32 input: 0.4 GiB more at the peer shape."""
         normalizer, clamp_min = self.config.la_gate_logit_normalizer, self.config.la_clamp_min
-        if gk_low.is_cuda and self.config.la_backend != "reference":
+        if (gk_low.is_cuda and self.config.la_backend != "reference"
+                and getattr(self.config, "la_fused_log_decay", False)):
             from linear_moe.ops import low_rank_gate
 
             if low_rank_gate.fused_low_rank_log_decay_applies(gk_low.shape[-1]):
