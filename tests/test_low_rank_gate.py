@@ -59,3 +59,29 @@ def test_ranks_the_kernel_cannot_take_are_refused():
     assert not any(fused_low_rank_log_decay_applies(r) for r in (8, 12, 24, 256))
     with pytest.raises(ValueError, match="use the up projection and logsigmoid instead"):
         low_rank_log_decay(torch.zeros(4, 12), torch.zeros(8, 12), None, 16.0)
+
+
+def _build_gla_worker(rank, world_size, rank_dim):
+    from megatron.core import parallel_state as mpu
+    from megatron.core import tensor_parallel
+
+    from model_utils import tiny_config, tiny_model
+
+    mpu.initialize_model_parallel(tensor_model_parallel_size=1)
+    tensor_parallel.model_parallel_cuda_manual_seed(1)
+    try:
+        tiny_model(tiny_config(la_fused_log_decay=True, la_gate_low_rank_dim=rank_dim),
+                   "llama3", 128, 16)
+        return "built"
+    except ValueError as e:
+        return str(e)
+    finally:
+        mpu.destroy_model_parallel()
+
+
+def test_fused_log_decay_refuses_a_rank_the_kernel_cannot_take_at_build():
+    from dist_utils import run_distributed
+
+    (message,) = run_distributed(_build_gla_worker, 1, 24)
+    assert "--la-fused-log-decay takes --la-gate-low-rank-dim a power of two" in message, message
+    assert run_distributed(_build_gla_worker, 1, 32) == ["built"]

@@ -55,6 +55,13 @@ class GLAMixer(LinearMixer):
         config.init_method(self.gk_down.weight)
         self.gk_up = self.column(config.la_gate_low_rank_dim,
                                  self.num_k_heads * self.head_k_dim, bias=True)
+        if getattr(config, "la_fused_log_decay", False):
+            from linear_moe.ops.low_rank_gate import fused_low_rank_log_decay_applies
+
+            if not fused_low_rank_log_decay_applies(config.la_gate_low_rank_dim):
+                raise ValueError(f"--la-fused-log-decay takes --la-gate-low-rank-dim a power of "
+                                 f"two in [16, 128], not {config.la_gate_low_rank_dim}; change "
+                                 "the rank or drop --la-fused-log-decay")
         self.build_output()
 
     def key_log_decay(self, gk_low):
@@ -65,13 +72,11 @@ class GLAMixer(LinearMixer):
         normalizer, clamp_min = self.config.la_gate_logit_normalizer, self.config.la_clamp_min
         if (gk_low.is_cuda and self.config.la_backend != "reference"
                 and getattr(self.config, "la_fused_log_decay", False)):
-            from linear_moe.ops import low_rank_gate
+            from linear_moe.ops.low_rank_gate import low_rank_log_decay
 
-            if low_rank_gate.fused_low_rank_log_decay_applies(gk_low.shape[-1]):
-                # the up projection, its bias and the logsigmoid in one kernel of ours
-                return low_rank_gate.low_rank_log_decay(
-                    self._column_input(gk_low), self.gk_up.weight, self.gk_up.bias, normalizer,
-                    clamp_min)
+            # the up projection, its bias and the logsigmoid in one kernel of ours
+            return low_rank_log_decay(self._column_input(gk_low), self.gk_up.weight,
+                                      self.gk_up.bias, normalizer, clamp_min)
         gk = self.up(self.gk_up, gk_low)
         return (_log_decay_cuda if gk.is_cuda else _log_decay)(gk, normalizer, clamp_min)
 
