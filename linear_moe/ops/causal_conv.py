@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gated_delta_rule import L2NORM_EPS
+
 # The backward's rows per program are fixed: the partial weight-gradient buffer is sized by them.
 _BWD_ROWS = 128
 # The backward is written out for width 4 (fla's and the mixers' default), narrower weights
@@ -39,8 +41,6 @@ _BWD_ROWS = 128
 _BWD_WIDTH = 4
 # The backward's channel lanes come in groups of 64 when no L2 norm asks for whole heads.
 _BWD_LANES = 64
-# fla's l2norm epsilon (inside the square root), as the ops' use_qk_l2norm.
-L2NORM_EPS = 1e-6
 # A head must fit one backward program (its largest BD), its norm's sums being in registers.
 _MAX_L2NORM_HEAD_DIM = 1024
 # Triton's CPU interpreter (the CI tests) cannot time configs: one config each there.

@@ -88,7 +88,12 @@ def delta_reference(chunked, q, k, v, g, beta, scale, initial_state, output_fina
     return o.to(out_dtype), (state if output_final_state else None)
 
 
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+# fla's l2norm epsilon (inside the square root), as the ops' use_qk_l2norm; our short-conv
+# kernels that normalise q / k use it too.
+L2NORM_EPS = 1e-6
+
+
+def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
     """x / sqrt(sum(x^2) + eps) over the last dim, the form fla's kernel uses."""
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 

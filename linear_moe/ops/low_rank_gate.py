@@ -156,45 +156,46 @@ def _bwd_dw_kernel(z, w, b, dg, dw_part, db_part, M, N, inv_norm, clamp_min, R: 
 class _LowRankLogDecay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, weight, bias, normalizer, clamp_min):
-        lead, (M, R), N = z.shape[:-1], z.reshape(-1, z.shape[-1]).shape, weight.shape[0]
-        z2 = z.reshape(M, R).contiguous()
+        R = z.shape[-1]
+        z2 = z.reshape(-1, R).contiguous()
+        M, N = z2.shape[0], weight.shape[0]
         weight = weight.contiguous()
         g = torch.empty(M, N, dtype=z.dtype, device=z.device)
-        args = _scalars(normalizer, clamp_min, bias, z.dtype)
+        kernel_args = _kernel_args(normalizer, clamp_min, bias, z.dtype, R)
 
         def grid(meta):
             return (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))
 
-        _fwd_kernel[grid](z2, weight, bias, g, M, N, *args[:2], R=R, **args[2])
+        _fwd_kernel[grid](z2, weight, bias, g, M, N, **kernel_args)
         ctx.save_for_backward(z2, weight, bias)
-        ctx.lead, ctx.args = lead, args
-        return g.view(*lead, N)
+        ctx.lead, ctx.kernel_args = z.shape[:-1], kernel_args
+        return g.view(*ctx.lead, N)
 
     @staticmethod
     def backward(ctx, grad_g):
         z2, weight, bias = ctx.saved_tensors
         (M, R), N = z2.shape, weight.shape[0]
         dg = grad_g.reshape(M, N).contiguous()
-        args = ctx.args
+        kernel_args = ctx.kernel_args
         dz = torch.empty_like(z2)
         _bwd_dz_kernel[lambda meta: (triton.cdiv(M, meta["BM"]),)](
-            z2, weight, bias, dg, dz, M, N, *args[:2], R=R, **args[2])
+            z2, weight, bias, dg, dz, M, N, **kernel_args)
         dw_part = torch.empty(_ROW_GROUPS, N, R, dtype=torch.float32, device=z2.device)
         db_part = (torch.empty(_ROW_GROUPS, N, dtype=torch.float32, device=z2.device)
                    if bias is not None else None)
         _bwd_dw_kernel[lambda meta: (triton.cdiv(N, meta["BN"]), _ROW_GROUPS)](
-            z2, weight, bias, dg, dw_part, db_part, M, N, *args[:2], R=R, GROUPS=_ROW_GROUPS,
-            **args[2])
+            z2, weight, bias, dg, dw_part, db_part, M, N, GROUPS=_ROW_GROUPS, **kernel_args)
         grad_w = dw_part.sum(0).to(weight.dtype)
         grad_b = db_part.sum(0).to(bias.dtype) if bias is not None else None
         return dz.view(*ctx.lead, R), grad_w, grad_b, None, None
 
 
-def _scalars(normalizer, clamp_min, bias, dtype):
-    """(1 / normalizer, clamp_min, the kernels' constexprs)."""
-    return (1.0 / normalizer, 0.0 if clamp_min is None else float(clamp_min),
-            dict(HAS_BIAS=bias is not None, CLAMP=clamp_min is not None,
-                 IEEE=dtype == torch.float32))
+def _kernel_args(normalizer, clamp_min, bias, dtype, rank):
+    """The scalars and constexprs the three kernels share, as keywords."""
+    return dict(inv_norm=1.0 / normalizer,
+                clamp_min=0.0 if clamp_min is None else float(clamp_min),
+                R=rank, HAS_BIAS=bias is not None, CLAMP=clamp_min is not None,
+                IEEE=dtype == torch.float32)
 
 
 def low_rank_log_decay(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
