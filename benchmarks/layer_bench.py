@@ -26,7 +26,7 @@ from common import (  # noqa: E402
 
 
 def build_mixer(name, hidden, heads, dtype, conv_kernel="auto", **options):
-    """The mixer at these sizes; ``options``: more LinearMoEConfig fields (the opt-in kernels)."""
+    """The mixer at these sizes; ``options``: more LinearMoEConfig fields (the kernel choices)."""
     from megatron.core.transformer.enums import AttnMaskType
 
     from linear_moe.config import LinearMoEConfig, resolve_mixer_defaults
@@ -193,7 +193,7 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
     if any("use_qk_l2norm" in kwargs for _, _, kwargs in calls):  # where q / k are normalised
         row["qk_norm"] = "conv" if getattr(mixer, "qk_l2norm_in_conv", False) else "op"
     if hasattr(mixer, "key_log_decay"):  # GLA: our one kernel or the GEMM + compiled logsigmoid
-        row["log_decay"] = "fused" if mixer.config.la_fused_log_decay else "torch"
+        row["log_decay"] = "fused" if mixer.fused_log_decay else "torch"
     # The batch-first input is the input norm's doing: the layer is charged what that norm
     # takes over the seq-first one (norm_ms - norm_ref_ms; negative where it is faster).
     norm_bf, norm_ref = norm_steps(seq, batch, hidden, dtype) if batch_first else (None, None)
@@ -244,12 +244,14 @@ def main(argv=None):
                              "_diff.txt, the ops by how much longer the layer spends on them")
     parser.add_argument("--conv-kernel", choices=["auto", "fla", "ours"], default="auto",
                         help="CUDA kernel of the mixers' short convolutions (--la-conv-kernel)")
-    parser.add_argument("--qk-l2norm-in", choices=["conv", "op"], default="op",
-                        help="where the delta-rule mixers L2-normalise q / k: in the op (the "
-                             "model's default) or in their short convs (--la-qk-l2norm-in-conv); "
+    parser.add_argument("--qk-l2norm-in", choices=["conv", "op"], default=None,
+                        help="where the delta-rule mixers L2-normalise q / k: in their short "
+                             "convs (--la-qk-l2norm-in-conv, the model's default) or in the op; "
                              "the bare op normalises them either way")
-    parser.add_argument("--fused-log-decay", action="store_true",
-                        help="GLA's key decay in one kernel of ours (--la-fused-log-decay)")
+    parser.add_argument("--fused-log-decay", action=argparse.BooleanOptionalAction,
+                        default=None,
+                        help="GLA's key decay in one kernel of ours or the GEMM and a compiled "
+                             "logsigmoid (--la-fused-log-decay; default: the model's)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time both steps captured as CUDA graphs (device time; GPU)")
     parser.add_argument("--input-layout", choices=["batch_first", "seq_first"],
@@ -259,6 +261,7 @@ def main(argv=None):
                              "over the seq-first ones') or contiguous [s, b, h] tensors (rows "
                              "before 2026-12-07)")
     args, dtype = parse_layer_args(parser, argv)
+    qk_in_conv = {None: None, "conv": True, "op": False}[args.qk_l2norm_in]
     from linear_moe.registry import registered_mixers
 
     rows = []
@@ -270,7 +273,7 @@ def main(argv=None):
                                   args.warmup, args.iters, args.profile, args.conv_kernel,
                                   args.cuda_graph and torch.cuda.is_available(),
                                   args.input_layout,
-                                  dict(la_qk_l2norm_in_conv=args.qk_l2norm_in == "conv",
+                                  dict(la_qk_l2norm_in_conv=qk_in_conv,
                                        la_fused_log_decay=args.fused_log_decay))
             except ValueError as refused:  # e.g. mamba2's chunk path on Hopper: note it, go on
                 row = {"mixer": name, "T": seq, "B": batch, "note": f"refused: {refused}"}

@@ -146,13 +146,16 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="gated_deltanet / deltanet / kda: L2-normalise q and k per head inside "
                         "their short convs (on CUDA in our conv kernel, no passes of its own) "
                         "instead of in the op (fla's use_qk_l2norm_in_kernel); the same math. "
-                        "Opt-in: GPU-tested, its speed not yet measured")
+                        "Default: wherever the mixer has its short convs; the flag requires it, "
+                        "--no-la-qk-l2norm-in-conv keeps the norm in the op")
     g.add_argument("--la-fused-log-decay", default=LinearMixerFields.la_fused_log_decay,
                    action=argparse.BooleanOptionalAction,
                    help="gla: the key decay (low-rank up projection, bias, logsigmoid, "
                         "normaliser, clamp) in one Triton kernel of ours on CUDA (linear_moe/ops/"
                         "low_rank_gate.py) instead of a GEMM and a compiled logsigmoid; the same "
-                        "math. Opt-in: GPU-tested, its speed not yet measured")
+                        "math. Default: wherever the kernel takes --la-gate-low-rank-dim (a power "
+                        "of two in [16, 128]); the flag requires it, --no-la-fused-log-decay "
+                        "turns it off")
     g.add_argument("--la-cp-kernel", default=LinearMixerFields.la_cp_kernel,
                    choices=["ours", "fla"],
                    help="context parallelism of the delta-rule / DPLR mixers (deltanet, "
@@ -280,7 +283,7 @@ def check_option_dependencies(entry, args) -> None:
         raise ValueError(f"--la-conv-kernel {args.la_conv_kernel} needs a short convolution, "
                          f"which mixer '{entry.name}' has off; add --la-use-short-conv or drop "
                          "--la-conv-kernel")
-    if args.la_qk_l2norm_in_conv and not args.la_use_short_conv:
+    if args.la_qk_l2norm_in_conv is True and not args.la_use_short_conv:
         raise ValueError(f"--la-qk-l2norm-in-conv needs a short convolution, which mixer "
                          f"'{entry.name}' has off; add --la-use-short-conv or drop the flag")
     if not args.la_norm_elementwise_affine and args.la_output_norm == "identity":

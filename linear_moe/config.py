@@ -36,11 +36,13 @@ class LinearMixerFields:
     la_conv_kernel: str = "auto"  # CUDA kernel of the short convolutions: auto | fla | ours
     # The delta-rule mixers' q / k L2 norm inside the q / k short convs (our kernel: no passes
     # of its own) instead of the op (fla's use_qk_l2norm_in_kernel: two passes each way).
-    # Opt-in until a layer-bench A/B on the GPU shows the gain (the kernels are GPU-tested).
-    la_qk_l2norm_in_conv: bool = False
+    # None: wherever the mixer has its short convs; True: required (refused without them);
+    # False: in the op.
+    la_qk_l2norm_in_conv: Optional[bool] = None
     # GLA's key decay (up projection, bias, logsigmoid) in one kernel of ours on CUDA
-    # (linear_moe/ops/low_rank_gate.py); opt-in until a layer-bench A/B shows the gain.
-    la_fused_log_decay: bool = False
+    # (linear_moe/ops/low_rank_gate.py). None: wherever the kernel takes the gate's rank
+    # (a power of two in [16, 128]); True: required (other ranks refused); False: off.
+    la_fused_log_decay: Optional[bool] = None
     # Context parallelism of the delta-rule / DPLR mixers (fla_context_parallel) on fla's chunk
     # kernels: ours = linear_moe's state passing (three op passes), fla = fla's own (one).
     la_cp_kernel: str = "ours"

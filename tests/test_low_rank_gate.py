@@ -61,7 +61,7 @@ def test_ranks_the_kernel_cannot_take_are_refused():
         low_rank_log_decay(torch.zeros(4, 12), torch.zeros(8, 12), None, 16.0)
 
 
-def _build_gla_worker(rank, world_size, rank_dim):
+def _build_gla_worker(rank, world_size, rank_dim, fused):
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
 
@@ -70,9 +70,9 @@ def _build_gla_worker(rank, world_size, rank_dim):
     mpu.initialize_model_parallel(tensor_model_parallel_size=1)
     tensor_parallel.model_parallel_cuda_manual_seed(1)
     try:
-        tiny_model(tiny_config(la_fused_log_decay=True, la_gate_low_rank_dim=rank_dim),
-                   "llama3", 128, 16)
-        return "built"
+        model = tiny_model(tiny_config(la_fused_log_decay=fused, la_gate_low_rank_dim=rank_dim),
+                           "llama3", 128, 16)
+        return [m.fused_log_decay for m in model.modules() if hasattr(m, "fused_log_decay")]
     except ValueError as e:
         return str(e)
     finally:
@@ -82,6 +82,11 @@ def _build_gla_worker(rank, world_size, rank_dim):
 def test_fused_log_decay_refuses_a_rank_the_kernel_cannot_take_at_build():
     from dist_utils import run_distributed
 
-    (message,) = run_distributed(_build_gla_worker, 1, 24)
+    """Asked for (True), a rank the kernel cannot take is refused; by default (None) the fused
+    kernel is used where the rank fits and not elsewhere; False turns it off."""
+    (message,) = run_distributed(_build_gla_worker, 1, 24, True)
     assert "--la-fused-log-decay takes --la-gate-low-rank-dim a power of two" in message, message
-    assert run_distributed(_build_gla_worker, 1, 32) == ["built"]
+    for rank_dim, fused, expected in ((32, True, True), (32, None, True), (24, None, False),
+                                      (32, False, False)):
+        (flags,) = run_distributed(_build_gla_worker, 1, rank_dim, fused)
+        assert flags and all(f is expected for f in flags), (rank_dim, fused, flags)

@@ -70,7 +70,7 @@ def _in_conv_worker(rank, world_size, cases):
     results = {}
     for name, overrides in cases:
         runs, asked = [], []
-        for in_conv in (False, True):
+        for in_conv in (False, None):  # in the op / the default: in the convs
             mpu.destroy_model_parallel()
             mpu.initialize_model_parallel(tensor_model_parallel_size=1)
             tensor_parallel.model_parallel_cuda_manual_seed(123)
@@ -109,9 +109,10 @@ def _in_conv_worker(rank, world_size, cases):
 
 
 def test_qk_l2norm_in_the_convs_equals_the_ops():
-    """Loss and every gradient equal with the norm in the convs and in the op; the op is then
-    asked not to normalise, and the q / k convs of both layers normalise. DeltaNet with a
-    q / k activation after the convs (relu) keeps the norm in the op."""
+    """Loss and every gradient equal with the norm in the op (--no-la-qk-l2norm-in-conv) and
+    in the convs (the default); the op is then asked not to normalise, and the q / k convs of
+    both layers normalise. DeltaNet with a q / k activation after the convs (relu) keeps the
+    norm in the op."""
     from dist_utils import run_distributed
 
     cases = [("gated_deltanet", dict(la_module="gated_deltanet")),
@@ -121,8 +122,39 @@ def test_qk_l2norm_in_the_convs_equals_the_ops():
     (results,) = run_distributed(_in_conv_worker, 1, cases)
     for name, r in results.items():
         moved = name != "deltanet/relu"
-        # two layers: the op asked to normalise by both (flag off), then by neither (on)
+        # two layers: the op asked to normalise by both (flag off), then by neither (default)
         assert r["asked"] == [True, True] + [not moved] * 2, (name, r["asked"])
         assert r["normed"] == (0, 4 if moved else 0), (name, r["normed"])
         worst = max(r["errors"], key=r["errors"].get)
         assert r["errors"][worst] < 1e-5, (name, worst, r["errors"][worst])
+
+
+def _no_conv_worker(rank, world_size):
+    from megatron.core import parallel_state as mpu
+    from megatron.core import tensor_parallel
+
+    from model_utils import tiny_config, tiny_model
+
+    mpu.initialize_model_parallel(tensor_model_parallel_size=1)
+    tensor_parallel.model_parallel_cuda_manual_seed(1)
+    out = {}
+    try:
+        for in_conv in (None, True):
+            try:
+                model = tiny_model(tiny_config(la_module="gated_deltanet", la_use_short_conv=False,
+                                               la_qk_l2norm_in_conv=in_conv), "llama3", 128, 16)
+                out[in_conv] = [m.qk_l2norm_in_conv for m in model.modules()
+                                if hasattr(m, "qk_l2norm_in_conv")]
+            except ValueError as e:
+                out[in_conv] = str(e)
+    finally:
+        mpu.destroy_model_parallel()
+    return out
+
+
+def test_without_short_convs_the_norm_stays_in_the_op_and_requiring_it_is_refused():
+    from dist_utils import run_distributed
+
+    (out,) = run_distributed(_no_conv_worker, 1)
+    assert out[None] and not any(out[None]), out
+    assert "--la-qk-l2norm-in-conv needs a short convolution" in out[True], out

@@ -366,8 +366,11 @@ class LinearMixer(MegatronModule):
                 self.num_v_heads * self.head_v_dim)
         self.q_proj, self.k_proj, self.v_proj = (self.column(self.hidden_size, d) for d in dims)
         self.use_short_conv = self.config.la_use_short_conv
-        self.qk_l2norm_in_conv = (qk_l2norm and self.use_short_conv
-                                  and getattr(self.config, "la_qk_l2norm_in_conv", False))
+        in_conv = getattr(self.config, "la_qk_l2norm_in_conv", None)
+        if qk_l2norm and in_conv is True and not self.use_short_conv:
+            raise ValueError("--la-qk-l2norm-in-conv needs a short convolution, which this "
+                             "mixer has off; add --la-use-short-conv or drop the flag")
+        self.qk_l2norm_in_conv = qk_l2norm and self.use_short_conv and in_conv is not False
         if self.use_short_conv:
             head_dim = self.head_k_dim if self.qk_l2norm_in_conv else None
             self.q_conv, self.k_conv = (self.short_conv(d, head_dim) for d in dims[:2])

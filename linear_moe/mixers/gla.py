@@ -55,13 +55,16 @@ class GLAMixer(LinearMixer):
         config.init_method(self.gk_down.weight)
         self.gk_up = self.column(config.la_gate_low_rank_dim,
                                  self.num_k_heads * self.head_k_dim, bias=True)
-        if getattr(config, "la_fused_log_decay", False):
-            from linear_moe.ops.low_rank_gate import fused_low_rank_log_decay_applies
+        from linear_moe.ops.low_rank_gate import fused_low_rank_log_decay_applies
 
-            if not fused_low_rank_log_decay_applies(config.la_gate_low_rank_dim):
-                raise ValueError(f"--la-fused-log-decay takes --la-gate-low-rank-dim a power of "
-                                 f"two in [16, 128], not {config.la_gate_low_rank_dim}; change "
-                                 "the rank or drop --la-fused-log-decay")
+        fused = getattr(config, "la_fused_log_decay", None)
+        applies = fused_low_rank_log_decay_applies(config.la_gate_low_rank_dim)
+        if fused is True and not applies:
+            raise ValueError(f"--la-fused-log-decay takes --la-gate-low-rank-dim a power of "
+                             f"two in [16, 128], not {config.la_gate_low_rank_dim}; change "
+                             "the rank or drop --la-fused-log-decay")
+        # on CUDA (key_log_decay); elsewhere the same math in torch
+        self.fused_log_decay = applies and fused is not False
         self.build_output()
 
     def key_log_decay(self, gk_low):
@@ -70,8 +73,7 @@ class GLAMixer(LinearMixer):
         for its backward and recomputes the fp32 cumsum. An fp32 gate made it keep the fp32
         cumsum and logsigmoid its fp32 input: 0.4 GiB more at the peer shape."""
         normalizer, clamp_min = self.config.la_gate_logit_normalizer, self.config.la_clamp_min
-        if (gk_low.is_cuda and self.config.la_backend != "reference"
-                and getattr(self.config, "la_fused_log_decay", False)):
+        if gk_low.is_cuda and self.config.la_backend != "reference" and self.fused_log_decay:
             from linear_moe.ops.low_rank_gate import low_rank_log_decay
 
             # the up projection, its bias and the logsigmoid in one kernel of ours
