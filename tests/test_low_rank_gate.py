@@ -61,7 +61,8 @@ def test_ranks_the_kernel_cannot_take_are_refused():
         low_rank_log_decay(torch.zeros(4, 12), torch.zeros(8, 12), None, 16.0)
 
 
-def _build_gla_worker(rank, world_size, rank_dim, fused):
+def _build_gla_worker(rank, world_size, cases):
+    """Per (rank_dim, fused): the GLA mixers' fused_log_decay flags, or the build's refusal."""
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
 
@@ -69,24 +70,29 @@ def _build_gla_worker(rank, world_size, rank_dim, fused):
 
     mpu.initialize_model_parallel(tensor_model_parallel_size=1)
     tensor_parallel.model_parallel_cuda_manual_seed(1)
+    out = []
     try:
-        model = tiny_model(tiny_config(la_fused_log_decay=fused, la_gate_low_rank_dim=rank_dim),
-                           "llama3", 128, 16)
-        return [m.fused_log_decay for m in model.modules() if hasattr(m, "fused_log_decay")]
-    except ValueError as e:
-        return str(e)
+        for rank_dim, fused in cases:
+            try:
+                model = tiny_model(tiny_config(la_fused_log_decay=fused,
+                                               la_gate_low_rank_dim=rank_dim), "llama3", 128, 16)
+                out.append([m.fused_log_decay for m in model.modules()
+                            if hasattr(m, "fused_log_decay")])
+            except ValueError as e:
+                out.append(str(e))
     finally:
         mpu.destroy_model_parallel()
+    return out
 
 
 def test_fused_log_decay_refuses_a_rank_the_kernel_cannot_take_at_build():
-    from dist_utils import run_distributed
-
     """Asked for (True), a rank the kernel cannot take is refused; by default (None) the fused
     kernel is used where the rank fits and not elsewhere; False turns it off."""
-    (message,) = run_distributed(_build_gla_worker, 1, 24, True)
+    from dist_utils import run_distributed
+
+    cases = [(24, True), (32, True), (32, None), (24, None), (32, False)]
+    (out,) = run_distributed(_build_gla_worker, 1, cases)
+    message = out[0]
     assert "--la-fused-log-decay takes --la-gate-low-rank-dim a power of two" in message, message
-    for rank_dim, fused, expected in ((32, True, True), (32, None, True), (24, None, False),
-                                      (32, False, False)):
-        (flags,) = run_distributed(_build_gla_worker, 1, rank_dim, fused)
+    for (rank_dim, fused), expected, flags in zip(cases[1:], (True, True, False, False), out[1:]):
         assert flags and all(f is expected for f in flags), (rank_dim, fused, flags)
