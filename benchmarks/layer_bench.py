@@ -187,13 +187,17 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
     bare_ms = time_fn(bare_step, warmup, iters, bare_host)
     # Host ms until the step returns: a layer step whose host time nears its total leaves the
     # GPU idle between kernels (its eager overhead then holds host time, not device time).
-    row = {"mixer": name, "T": seq, "B": batch, "input": input_layout, "layer_ms": layer_ms,
+    from linear_moe.layers.layout import gemm_form
+
+    row = {"mixer": name, "T": seq, "B": batch, "input": input_layout,
+           "gemm_form": gemm_form(), "layer_ms": layer_ms,
            "bare_ms": bare_ms, "layer_host_ms": statistics.median(layer_host),
            "bare_host_ms": statistics.median(bare_host)}
     if any("use_qk_l2norm" in kwargs for _, _, kwargs in calls):  # where q / k are normalised
         row["qk_norm"] = "conv" if getattr(mixer, "qk_l2norm_in_conv", False) else "op"
     if hasattr(mixer, "key_log_decay"):  # GLA: our one kernel or the GEMM + compiled logsigmoid
-        row["log_decay"] = "fused" if mixer.fused_log_decay else "torch"
+        row["log_decay"] = ("fused" if mixer.fused_log_decay and torch.cuda.is_available()
+                            else "torch")  # the kernel is CUDA-only
     # The batch-first input is the input norm's doing: the layer is charged what that norm
     # takes over the seq-first one (norm_ms - norm_ref_ms; negative where it is faster).
     norm_bf, norm_ref = norm_steps(seq, batch, hidden, dtype) if batch_first else (None, None)
@@ -252,6 +256,10 @@ def main(argv=None):
                         default=None,
                         help="GLA's key decay in one kernel of ours or the GEMM and a compiled "
                              "logsigmoid (--la-fused-log-decay; default: the model's)")
+    parser.add_argument("--gemm-form", choices=["rows", "batched"], default="rows",
+                        help="the mixer's projection GEMMs on contiguous operands as one 2-D "
+                             "GEMM over all rows (default) or batched over B "
+                             "(linear_moe.layers.layout.set_gemm_form)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time both steps captured as CUDA graphs (device time; GPU)")
     parser.add_argument("--input-layout", choices=["batch_first", "seq_first"],
@@ -262,6 +270,9 @@ def main(argv=None):
                              "before 2026-12-07)")
     args, dtype = parse_layer_args(parser, argv)
     qk_in_conv = {None: None, "conv": True, "op": False}[args.qk_l2norm_in]
+    from linear_moe.layers.layout import set_gemm_form
+
+    set_gemm_form(args.gemm_form)
     from linear_moe.registry import registered_mixers
 
     rows = []
@@ -279,7 +290,7 @@ def main(argv=None):
                 row = {"mixer": name, "T": seq, "B": batch, "note": f"refused: {refused}"}
             rows.append(emit(row))
     write_results(rows, args.out, "Layer overhead: Megatron mixer layer vs bare op + GEMMs",
-                  ["mixer", "T", "B", "input", "qk_norm", "log_decay", "layer_ms", "bare_ms", "norm_ms", "norm_ref_ms",
+                  ["mixer", "T", "B", "input", "gemm_form", "qk_norm", "log_decay", "layer_ms", "bare_ms", "norm_ms", "norm_ref_ms",
                    "overhead", "layer_host_ms", "bare_host_ms", "layer_graph_ms",
                    "bare_graph_ms", "norm_graph_ms", "norm_ref_graph_ms", "overhead_graph",
                    "note"])

@@ -12,6 +12,7 @@ from linear_moe.layers.layout import (
     linear_rows,
     linear_to_seq_first,
     matmul_into,
+    set_gemm_form,
     swap_leading_dims,
     weight_grads,
 )
@@ -62,6 +63,45 @@ def test_linear_rows_and_matmul_into_on_the_transposed_view():
     matmul_into(out.transpose(0, 1), g, w)
     assert torch.allclose(out, (g @ w).transpose(0, 1))
 
+
+class _OpNames(TorchDispatchMode):
+    """The aten ops run inside the block, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+    def gemms(self):
+        return [n for n in self.names if "mm" in n]
+
+
+def test_both_gemm_forms_give_the_same_products(monkeypatch):
+    """Contiguous operands as one 2-D GEMM over all rows or as the batched GEMM over B
+    (layout.set_gemm_form): the same results, the batched one through bmm / baddbmm."""
+    from linear_moe.layers import layout
+
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    w, bias = torch.randn(12, 16, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    g = torch.randn(3, 7, 12, dtype=torch.float64)
+    results, ops = {}, {}
+    for form in layout.GEMM_FORMS:
+        monkeypatch.setattr(layout, "_gemm_form", form)
+        with _OpNames() as names:
+            y = linear_rows(x, w, bias)
+            gx = matmul_into(torch.empty_like(x), g, w)
+            matmul_into(gx, g, w, accumulate=True, alpha=0.5)
+        results[form], ops[form] = (y, gx), names.gemms()
+    assert ops == {"rows": ["addmm", "addmm_", "addmm_"],
+                   "batched": ["bmm", "baddbmm_", "baddbmm_"]}, ops
+    (y_rows, gx_rows), (y_batched, gx_batched) = results["rows"], results["batched"]
+    assert torch.allclose(y_rows, F.linear(x, w, bias)) and torch.allclose(y_batched, y_rows)
+    assert torch.allclose(gx_rows, 1.5 * (g @ w)) and torch.allclose(gx_batched, gx_rows)
+    with pytest.raises(ValueError, match="is not one of rows, batched"):
+        set_gemm_form("columns")
 
 
 @pytest.mark.parametrize("contiguous", [True, False])

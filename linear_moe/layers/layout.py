@@ -84,10 +84,33 @@ def _rows_in(t: torch.Tensor, order: str) -> torch.Tensor:
     return _swap_copy(seq_first).reshape(-1, t.shape[-1])
 
 
+# How a GEMM of contiguous [B, S, k] operands is called: "rows" flattens them into one 2-D GEMM
+# over B*S rows (default), "batched" makes it the batched GEMM over B that the transposed views
+# take. The same products; cuBLAS picks its kernel by the call's form: in session 25's profiles
+# (H100, GLA layer, T = 2048, B = 32) the 2-D GEMMs' row-major outputs got 192x192 tiles, 10-25%
+# slower than the 256x128 ones the seq-first layout's batched calls got (benchmarks/NOTES.md).
+# scripts/probes/gemm_layout_probe.py and layer_bench --gemm-form measure the choice.
+GEMM_FORMS = ("rows", "batched")
+_gemm_form = "rows"
+
+
+def set_gemm_form(form: str) -> None:
+    """Choose the GEMM form for contiguous operands (GEMM_FORMS), process-wide."""
+    global _gemm_form
+    if form not in GEMM_FORMS:
+        raise ValueError(f"GEMM form {form!r} is not one of {', '.join(GEMM_FORMS)}")
+    _gemm_form = form
+
+
+def gemm_form() -> str:
+    """The GEMM form set_gemm_form chose."""
+    return _gemm_form
+
+
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """x [B, S, k] @ weight.T (+ bias) -> contiguous [B, S, n]; x contiguous or the transposed
     view of a contiguous [S, B, k] tensor (read in place by one batched GEMM)."""
-    if x.is_contiguous():
+    if x.is_contiguous() and _gemm_form == "rows":
         return F.linear(x, weight, bias)
     out = torch.bmm(x, weight.t().expand(x.shape[0], -1, -1))
     return out if bias is None else out.add_(bias)
@@ -99,7 +122,7 @@ def matmul_into(out: torch.Tensor, a: torch.Tensor, mat: torch.Tensor,
     transposed view as in ``linear_rows``, mat [k, n]."""
     # beta 0 writes out without reading it (out may be uninitialised): alpha costs no pass.
     beta = 1.0 if accumulate else 0.0
-    if out.is_contiguous() and a.is_contiguous():
+    if out.is_contiguous() and a.is_contiguous() and _gemm_form == "rows":
         out_2d, a_2d = out.view(-1, out.shape[-1]), a.reshape(-1, a.shape[-1])
         out_2d.addmm_(a_2d, mat, beta=beta, alpha=alpha)
     else:
