@@ -462,6 +462,10 @@ def test_mamba2_dt_limit_and_norm_before_gate(results):
      "--la-qk-l2norm-in-conv needs a short convolution"),
     (["--la-module", "gated_deltanet", "--la-fused-log-decay"],
      "does not use --la-fused-log-decay"),
+    (["--la-module", "deltanet", "--la-qk-activation", "relu", "--la-qk-l2norm-in-conv"],
+     "--la-qk-l2norm-in-conv needs deltanet's q/k L2 norm right after the convs"),
+    (["--la-module", "gla", "--la-gate-low-rank-dim", "24", "--la-fused-log-decay"],
+     "--la-fused-log-decay takes --la-gate-low-rank-dim a power of two in \\[16, 128\\], not 24"),
     (["--la-module", "based", "--no-la-norm-elementwise-affine"],
      "needs an output norm.*--la-output-norm identity"),
 ])

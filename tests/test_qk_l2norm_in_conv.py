@@ -138,23 +138,28 @@ def _no_conv_worker(rank, world_size):
     mpu.initialize_model_parallel(tensor_model_parallel_size=1)
     tensor_parallel.model_parallel_cuda_manual_seed(1)
     out = {}
+    no_conv = dict(la_module="gated_deltanet", la_use_short_conv=False)
+    cases = [("default", None, no_conv), ("required", True, no_conv),
+             ("relu", True, dict(la_module="deltanet", la_qk_activation="relu"))]
     try:
-        for in_conv in (None, True):
+        for case, in_conv, overrides in cases:
             try:
-                model = tiny_model(tiny_config(la_module="gated_deltanet", la_use_short_conv=False,
-                                               la_qk_l2norm_in_conv=in_conv), "llama3", 128, 16)
-                out[in_conv] = [m.qk_l2norm_in_conv for m in model.modules()
-                                if hasattr(m, "qk_l2norm_in_conv")]
+                model = tiny_model(tiny_config(la_qk_l2norm_in_conv=in_conv, **overrides),
+                                   "llama3", 128, 16)
+                out[case] = [m.qk_l2norm_in_conv for m in model.modules()
+                             if hasattr(m, "qk_l2norm_in_conv")]
             except ValueError as e:
-                out[in_conv] = str(e)
+                out[case] = str(e)
     finally:
         mpu.destroy_model_parallel()
     return out
 
 
-def test_without_short_convs_the_norm_stays_in_the_op_and_requiring_it_is_refused():
+def test_where_the_norm_cannot_move_it_stays_in_the_op_and_requiring_it_is_refused():
     from dist_utils import run_distributed
 
     (out,) = run_distributed(_no_conv_worker, 1)
-    assert out[None] and not any(out[None]), out
-    assert "--la-qk-l2norm-in-conv needs a short convolution" in out[True], out
+    assert out["default"] and not any(out["default"]), out
+    assert "--la-qk-l2norm-in-conv needs a short convolution" in out["required"], out
+    # deltanet with a relu after the convs: the norm cannot move there, and asking is refused
+    assert "--la-qk-l2norm-in-conv needs deltanet's q/k L2 norm right after" in out["relu"], out

@@ -51,8 +51,13 @@ class DeltaNetMixer(LinearMixer):
             raise ValueError(f"unknown --la-qk-norm '{config.la_qk_norm}'; choose l2 or sum")
         # q/k's L2 norm in their convs where nothing comes between (the activation is the
         # convs' SiLU or none)
-        self.build_qkv(qk_l2norm=config.la_qk_norm == "l2"
-                       and config.la_qk_activation in ("silu", "identity"))
+        in_conv = config.la_qk_norm == "l2" and config.la_qk_activation in ("silu", "identity")
+        if getattr(config, "la_qk_l2norm_in_conv", None) is True and not in_conv:
+            raise ValueError(f"--la-qk-l2norm-in-conv needs deltanet's q/k L2 norm right after "
+                             f"the convs, not --la-qk-norm {config.la_qk_norm} with "
+                             f"--la-qk-activation {config.la_qk_activation}; drop the flag or "
+                             "use --la-qk-norm l2 with silu / identity")
+        self.build_qkv(qk_l2norm=in_conv)
         if self.use_short_conv and config.la_qk_activation != "silu":
             for name in ("q_conv", "k_conv"):  # fla: the q/k convs carry only the silu
                 conv = getattr(self, name, None)
