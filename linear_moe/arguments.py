@@ -286,19 +286,16 @@ def check_option_dependencies(entry, args) -> None:
     if args.la_qk_l2norm_in_conv is True and not args.la_use_short_conv:
         raise ValueError(f"--la-qk-l2norm-in-conv needs a short convolution, which mixer "
                          f"'{entry.name}' has off; add --la-use-short-conv or drop the flag")
-    if (args.la_qk_l2norm_in_conv is True and entry.name == "deltanet"
-            and (args.la_qk_norm != "l2" or args.la_qk_activation not in ("silu", "identity"))):
-        raise ValueError(f"--la-qk-l2norm-in-conv needs deltanet's q/k L2 norm right after the "
-                         f"convs, not --la-qk-norm {args.la_qk_norm} with --la-qk-activation "
-                         f"{args.la_qk_activation}; drop the flag or use --la-qk-norm l2 with "
-                         "silu / identity")
-    if args.la_fused_log_decay is True:
-        from linear_moe.ops.low_rank_gate import fused_low_rank_log_decay_applies
+    if args.la_qk_l2norm_in_conv is True and entry.name == "deltanet":
+        from linear_moe.mixers.deltanet import qk_l2norm_in_conv_refusal
 
-        if not fused_low_rank_log_decay_applies(args.la_gate_low_rank_dim):
-            raise ValueError(f"--la-fused-log-decay takes --la-gate-low-rank-dim a power of two "
-                             f"in [16, 128], not {args.la_gate_low_rank_dim}; change the rank "
-                             "or drop --la-fused-log-decay")
+        if refusal := qk_l2norm_in_conv_refusal(args.la_qk_norm, args.la_qk_activation):
+            raise ValueError(refusal)
+    if args.la_fused_log_decay is True:
+        from linear_moe.ops.low_rank_gate import fused_rank_refusal
+
+        if refusal := fused_rank_refusal(args.la_gate_low_rank_dim):
+            raise ValueError(refusal)
     if not args.la_norm_elementwise_affine and args.la_output_norm == "identity":
         raise ValueError(f"--no-la-norm-elementwise-affine needs an output norm, and mixer "
                          f"'{entry.name}' has --la-output-norm identity; drop the flag or set "

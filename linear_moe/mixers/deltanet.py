@@ -25,6 +25,17 @@ QK_ACTIVATIONS = {
 }
 
 
+def qk_l2norm_in_conv_refusal(qk_norm: str, qk_activation: str) -> str | None:
+    """Why q/k's L2 norm cannot run in the convs (it must come right after them: nothing but
+    the convs' SiLU or no activation between), as the one-line error for asking; None where
+    it can."""
+    if qk_norm == "l2" and qk_activation in ("silu", "identity"):
+        return None
+    return (f"--la-qk-l2norm-in-conv needs deltanet's q/k L2 norm right after the convs, not "
+            f"--la-qk-norm {qk_norm} with --la-qk-activation {qk_activation}; drop the flag or "
+            "use --la-qk-norm l2 with silu / identity")
+
+
 @register_mixer(
     "deltanet",
     supports_decode=True,
@@ -51,13 +62,10 @@ class DeltaNetMixer(LinearMixer):
             raise ValueError(f"unknown --la-qk-norm '{config.la_qk_norm}'; choose l2 or sum")
         # q/k's L2 norm in their convs where nothing comes between (the activation is the
         # convs' SiLU or none)
-        in_conv = config.la_qk_norm == "l2" and config.la_qk_activation in ("silu", "identity")
-        if getattr(config, "la_qk_l2norm_in_conv", None) is True and not in_conv:
-            raise ValueError(f"--la-qk-l2norm-in-conv needs deltanet's q/k L2 norm right after "
-                             f"the convs, not --la-qk-norm {config.la_qk_norm} with "
-                             f"--la-qk-activation {config.la_qk_activation}; drop the flag or "
-                             "use --la-qk-norm l2 with silu / identity")
-        self.build_qkv(qk_l2norm=in_conv)
+        refusal = qk_l2norm_in_conv_refusal(config.la_qk_norm, config.la_qk_activation)
+        if getattr(config, "la_qk_l2norm_in_conv", None) is True and refusal:
+            raise ValueError(refusal)
+        self.build_qkv(qk_l2norm=refusal is None)
         if self.use_short_conv and config.la_qk_activation != "silu":
             for name in ("q_conv", "k_conv"):  # fla: the q/k convs carry only the silu
                 conv = getattr(self, name, None)

@@ -55,16 +55,14 @@ class GLAMixer(LinearMixer):
         config.init_method(self.gk_down.weight)
         self.gk_up = self.column(config.la_gate_low_rank_dim,
                                  self.num_k_heads * self.head_k_dim, bias=True)
-        from linear_moe.ops.low_rank_gate import fused_low_rank_log_decay_applies
+        from linear_moe.ops.low_rank_gate import fused_rank_refusal
 
         fused = getattr(config, "la_fused_log_decay", None)
-        applies = fused_low_rank_log_decay_applies(config.la_gate_low_rank_dim)
-        if fused is True and not applies:
-            raise ValueError(f"--la-fused-log-decay takes --la-gate-low-rank-dim a power of "
-                             f"two in [16, 128], not {config.la_gate_low_rank_dim}; change "
-                             "the rank or drop --la-fused-log-decay")
+        refusal = fused_rank_refusal(config.la_gate_low_rank_dim)
+        if fused is True and refusal:
+            raise ValueError(refusal)
         # on CUDA (key_log_decay); elsewhere the same math in torch
-        self.fused_log_decay = applies and fused is not False
+        self.fused_log_decay = refusal is None and fused is not False
         self.build_output()
 
     def key_log_decay(self, gk_low):

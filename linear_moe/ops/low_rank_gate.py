@@ -41,6 +41,15 @@ def fused_low_rank_log_decay_applies(rank: int) -> bool:
     return rank >= 16 and rank & (rank - 1) == 0 and rank <= 128
 
 
+def fused_rank_refusal(rank: int) -> str | None:
+    """The one-line error for --la-fused-log-decay asked for with a rank the kernel cannot
+    take, or None where it can."""
+    if fused_low_rank_log_decay_applies(rank):
+        return None
+    return (f"--la-fused-log-decay takes --la-gate-low-rank-dim a power of two in [16, 128], "
+            f"not {rank}; change the rank or drop --la-fused-log-decay")
+
+
 @triton.jit
 def _pre_activation(z, w, b, o_m, o_n, M, N, R: tl.constexpr, HAS_BIAS: tl.constexpr,
                     IEEE: tl.constexpr):
