@@ -256,9 +256,9 @@ def main(argv=None):
                         default=None,
                         help="GLA's key decay in one kernel of ours or the GEMM and a compiled "
                              "logsigmoid (--la-fused-log-decay; default: the model's)")
-    parser.add_argument("--gemm-form", choices=["rows", "batched"], default="rows",
-                        help="the mixer's projection GEMMs on contiguous operands as one 2-D "
-                             "GEMM over all rows (default) or batched over B "
+    parser.add_argument("--gemm-form", choices=["batched", "rows"], default="batched",
+                        help="the mixer's projection GEMMs on contiguous operands batched over "
+                             "B (default) or as one 2-D GEMM over all rows "
                              "(linear_moe.layers.layout.set_gemm_form)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time both steps captured as CUDA graphs (device time; GPU)")

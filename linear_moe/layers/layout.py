@@ -84,14 +84,15 @@ def _rows_in(t: torch.Tensor, order: str) -> torch.Tensor:
     return _swap_copy(seq_first).reshape(-1, t.shape[-1])
 
 
-# How a GEMM of contiguous [B, S, k] operands is called: "rows" flattens them into one 2-D GEMM
-# over B*S rows (default), "batched" makes it the batched GEMM over B that the transposed views
-# take. The same products; cuBLAS picks its kernel by the call's form: in session 25's profiles
-# (H100, GLA layer, T = 2048, B = 32) the 2-D GEMMs' row-major outputs got 192x192 tiles, 10-25%
-# slower than the 256x128 ones the seq-first layout's batched calls got (benchmarks/NOTES.md).
+# How a GEMM of contiguous [B, S, k] operands is called: "batched" (default) makes it the
+# batched GEMM over B that the transposed views take, "rows" flattens them into one 2-D GEMM
+# over B*S rows. The same products; cuBLAS picks its kernel by the call's form: in session 25's
+# profiles (H100, GLA layer, T = 2048, B = 32) the 2-D GEMMs' row-major outputs got 192x192
+# tiles, 10-25% slower than the 256x128 ones the batched calls got, and in session 26's layer
+# A/Bs the batched form took 0.4-0.6 ms off a GLA / GDN layer step (benchmarks/NOTES.md).
 # scripts/probes/gemm_layout_probe.py and layer_bench --gemm-form measure the choice.
-GEMM_FORMS = ("rows", "batched")
-_gemm_form = "rows"
+GEMM_FORMS = ("batched", "rows")
+_gemm_form = "batched"
 
 
 def set_gemm_form(form: str) -> None:

@@ -56,7 +56,7 @@ def _with_blas(library, fn):
         previous = torch.backends.cuda.preferred_blas_library()
         torch.backends.cuda.preferred_blas_library(library)
         try:
-            fn()
+            return fn()
         finally:
             torch.backends.cuda.preferred_blas_library(previous)
     return run
