@@ -70,6 +70,7 @@ def test_both_gemm_forms_give_the_same_products(monkeypatch):
     from linear_moe.layers import layout
 
     assert layout.gemm_form() == "batched"  # the default: faster on H100 (session 26 A/Bs)
+    monkeypatch.setattr(layout, "BATCHED_MIN_ROWS", 4)
     x = torch.randn(3, 7, 16, dtype=torch.float64)
     w, bias = torch.randn(12, 16, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
     g = torch.randn(3, 7, 12, dtype=torch.float64)
@@ -89,6 +90,14 @@ def test_both_gemm_forms_give_the_same_products(monkeypatch):
     assert torch.allclose(gx_rows, 1.5 * (g @ w)) and torch.allclose(gx_batched, gx_rows)
     with pytest.raises(ValueError, match="is not one of batched, rows"):
         set_gemm_form("columns")
+    # Sequences shorter than BATCHED_MIN_ROWS (decoding's one token) take the 2-D GEMM.
+    monkeypatch.setattr(layout, "_gemm_form", "batched")
+    x_short, g_short = x[:, :3].contiguous(), g[:, :3].contiguous()
+    with _Ops() as recorded:
+        y = linear_rows(x_short, w, bias)
+        matmul_into(torch.empty_like(x_short), g_short, w)
+    assert [n.split(".")[1] for n in recorded.names if "mm" in n] == ["addmm", "addmm_"]
+    assert torch.allclose(y, F.linear(x_short, w, bias))
 
 
 @pytest.mark.parametrize("contiguous", [True, False])

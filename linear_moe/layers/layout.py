@@ -91,7 +91,11 @@ def _rows_in(t: torch.Tensor, order: str) -> torch.Tensor:
 # tiles, 10-25% slower than the 256x128 ones the batched calls got, and in session 26's layer
 # A/Bs the batched form took 0.4-0.6 ms off a GLA / GDN layer step (benchmarks/NOTES.md).
 # scripts/probes/gemm_layout_probe.py and layer_bench --gemm-form measure the choice.
+# Sequences shorter than BATCHED_MIN_ROWS always take the 2-D GEMM: a batch of a few rows would
+# fill a fraction of each of the batched kernel's tiles, and at decoding (S = 1) every batch
+# would read the whole weight where one GEMM over the B rows reads it once.
 GEMM_FORMS = ("batched", "rows")
+BATCHED_MIN_ROWS = 256
 _gemm_form = "batched"
 
 
@@ -108,10 +112,17 @@ def gemm_form() -> str:
     return _gemm_form
 
 
+def _as_rows(*operands: torch.Tensor) -> bool:
+    """Whether a GEMM of these [B, S, .] operands runs as one 2-D GEMM over all rows: each is
+    contiguous, and the rows form is chosen or the sequences are short."""
+    return (all(t.is_contiguous() for t in operands)
+            and (_gemm_form == "rows" or operands[0].shape[1] < BATCHED_MIN_ROWS))
+
+
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """x [B, S, k] @ weight.T (+ bias) -> contiguous [B, S, n]; x contiguous or the transposed
     view of a contiguous [S, B, k] tensor (read in place by one batched GEMM)."""
-    if x.is_contiguous() and _gemm_form == "rows":
+    if _as_rows(x):
         return F.linear(x, weight, bias)
     out = torch.bmm(x, weight.t().expand(x.shape[0], -1, -1))
     return out if bias is None else out.add_(bias)
@@ -123,7 +134,7 @@ def matmul_into(out: torch.Tensor, a: torch.Tensor, mat: torch.Tensor,
     transposed view as in ``linear_rows``, mat [k, n]."""
     # beta 0 writes out without reading it (out may be uninitialised): alpha costs no pass.
     beta = 1.0 if accumulate else 0.0
-    if out.is_contiguous() and a.is_contiguous() and _gemm_form == "rows":
+    if _as_rows(out, a):
         out_2d, a_2d = out.view(-1, out.shape[-1]), a.reshape(-1, a.shape[-1])
         out_2d.addmm_(a_2d, mat, beta=beta, alpha=alpha)
     else:
