@@ -88,8 +88,8 @@ def _rows_in(t: torch.Tensor, order: str) -> torch.Tensor:
 # batched GEMM over B that the transposed views take, "rows" flattens them into one 2-D GEMM
 # over B*S rows. The same products; cuBLAS picks its kernel by the call's form: in session 25's
 # profiles (H100, GLA layer, T = 2048, B = 32) the 2-D GEMMs' row-major outputs got 192x192
-# tiles, 10-25% slower than the 256x128 ones the batched calls got, and in session 26's layer
-# A/Bs the batched form took 0.4-0.6 ms off a GLA / GDN layer step (benchmarks/NOTES.md).
+# tiles, up to 14% slower than the 256x128 ones the batched calls got, and in session 26's layer
+# A/Bs the batched form took 0.1-0.6 ms off a GLA / GDN layer step (benchmarks/NOTES.md).
 # scripts/probes/gemm_layout_probe.py and layer_bench --gemm-form measure the choice.
 # Sequences shorter than BATCHED_MIN_ROWS always take the 2-D GEMM: a batch of a few rows would
 # fill a fraction of each of the batched kernel's tiles, and at decoding (S = 1) every batch
