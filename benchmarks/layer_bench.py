@@ -187,10 +187,8 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
     bare_ms = time_fn(bare_step, warmup, iters, bare_host)
     # Host ms until the step returns: a layer step whose host time nears its total leaves the
     # GPU idle between kernels (its eager overhead then holds host time, not device time).
-    from linear_moe.layers.layout import gemm_form
-
     row = {"mixer": name, "T": seq, "B": batch, "input": input_layout,
-           "gemm_form": gemm_form(), "layer_ms": layer_ms,
+           "gemm_form": getattr(mixer, "gemm_form", None), "layer_ms": layer_ms,
            "bare_ms": bare_ms, "layer_host_ms": statistics.median(layer_host),
            "bare_host_ms": statistics.median(bare_host)}
     if any("use_qk_l2norm" in kwargs for _, _, kwargs in calls):  # where q / k are normalised
@@ -259,7 +257,7 @@ def main(argv=None):
     parser.add_argument("--gemm-form", choices=["batched", "rows"], default="batched",
                         help="the mixer's projection GEMMs on contiguous operands batched over "
                              "B (default) or as one 2-D GEMM over all rows "
-                             "(linear_moe.layers.layout.set_gemm_form)")
+                             "(--la-gemm-form)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time both steps captured as CUDA graphs (device time; GPU)")
     parser.add_argument("--input-layout", choices=["batch_first", "seq_first"],
@@ -270,9 +268,6 @@ def main(argv=None):
                              "before 2026-12-07)")
     args, dtype = parse_layer_args(parser, argv)
     qk_in_conv = {None: None, "conv": True, "op": False}[args.qk_l2norm_in]
-    from linear_moe.layers.layout import set_gemm_form
-
-    set_gemm_form(args.gemm_form)
     from linear_moe.registry import registered_mixers
 
     rows = []
@@ -285,7 +280,8 @@ def main(argv=None):
                                   args.cuda_graph and torch.cuda.is_available(),
                                   args.input_layout,
                                   dict(la_qk_l2norm_in_conv=qk_in_conv,
-                                       la_fused_log_decay=args.fused_log_decay))
+                                       la_fused_log_decay=args.fused_log_decay,
+                                       la_gemm_form=args.gemm_form))
             except ValueError as refused:  # e.g. mamba2's chunk path on Hopper: note it, go on
                 row = {"mixer": name, "T": seq, "B": batch, "note": f"refused: {refused}"}
             rows.append(emit(row))

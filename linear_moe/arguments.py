@@ -162,6 +162,12 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "gated_deltanet, kda, rwkv7, mom_gated_deltanet): ours = linear_moe's "
                         "state passing (three op passes; every mixer), fla = fla's own inside its "
                         "chunk kernels (one op pass; CUDA; not yet proven on a GPU here)")
+    g.add_argument("--la-gemm-form", default=LinearMixerFields.la_gemm_form,
+                   choices=["batched", "rows"],
+                   help="the mixers' projection GEMMs on contiguous operands batched over the "
+                        "batch rows (cuBLAS picked faster tiles for it on the H100: -0.1 to "
+                        "-0.6 ms a GLA / GDN layer step) or as one 2-D GEMM over all rows; the "
+                        "same products. Sequences under 256 tokens take the 2-D GEMM either way")
     g.add_argument("--la-fla-autotune-keys", default=LinearMixerFields.la_fla_autotune_keys,
                    choices=["shape", "fla"],
                    help="shape: fla's state-passing kernels are autotuned per sequence length "

@@ -46,6 +46,10 @@ class LinearMixerFields:
     # Context parallelism of the delta-rule / DPLR mixers (fla_context_parallel) on fla's chunk
     # kernels: ours = linear_moe's state passing (three op passes), fla = fla's own (one).
     la_cp_kernel: str = "ours"
+    # The projection GEMMs on contiguous operands batched over the batch rows ("batched": the
+    # tiles cuBLAS picks for it were faster on the H100) or as one 2-D GEMM over all rows
+    # ("rows"); linear_moe/layers/layout.py.
+    la_gemm_form: str = "batched"
     # fla's state kernels autotuned per (T, heads) ("shape") or on fla's keys ("fla"): see
     # linear_moe/ops/fla_autotune.py. Process-wide, applied when the model is built.
     la_fla_autotune_keys: str = "shape"

@@ -12,7 +12,6 @@ from linear_moe.layers.layout import (
     linear_rows,
     linear_to_seq_first,
     matmul_into,
-    set_gemm_form,
     swap_leading_dims,
     weight_grads,
 )
@@ -65,22 +64,22 @@ def test_linear_rows_and_matmul_into_on_the_transposed_view():
 
 
 def test_both_gemm_forms_give_the_same_products(monkeypatch):
-    """Contiguous operands as one 2-D GEMM over all rows or as the batched GEMM over B
-    (layout.set_gemm_form): the same results, the batched one through bmm / baddbmm."""
+    """Contiguous operands as one 2-D GEMM over all rows or as the batched GEMM over B (the
+    ``form`` argument, a mixer's la_gemm_form): the same results, the batched one through bmm /
+    baddbmm; sequences under BATCHED_MIN_ROWS take the 2-D GEMM either way."""
     from linear_moe.layers import layout
 
-    assert layout.gemm_form() == "batched"  # the default: faster on H100 (session 26 A/Bs)
+    assert layout.DEFAULT_GEMM_FORM == "batched"  # faster on the H100 (session 26 A/Bs)
     monkeypatch.setattr(layout, "BATCHED_MIN_ROWS", 4)
     x = torch.randn(3, 7, 16, dtype=torch.float64)
     w, bias = torch.randn(12, 16, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
     g = torch.randn(3, 7, 12, dtype=torch.float64)
     results, ops = {}, {}
     for form in layout.GEMM_FORMS:
-        monkeypatch.setattr(layout, "_gemm_form", form)
         with _Ops() as recorded:  # (defined below, with the up projection's test)
-            y = linear_rows(x, w, bias)
-            gx = matmul_into(torch.empty_like(x), g, w)
-            matmul_into(gx, g, w, accumulate=True, alpha=0.5)
+            y = linear_rows(x, w, bias, form=form)
+            gx = matmul_into(torch.empty_like(x), g, w, form=form)
+            matmul_into(gx, g, w, accumulate=True, alpha=0.5, form=form)
         results[form] = (y, gx)
         ops[form] = [n.split(".")[1] for n in recorded.names if "mm" in n]
     assert ops == {"rows": ["addmm", "addmm_", "addmm_"],
@@ -88,16 +87,62 @@ def test_both_gemm_forms_give_the_same_products(monkeypatch):
     (y_rows, gx_rows), (y_batched, gx_batched) = results["rows"], results["batched"]
     assert torch.allclose(y_rows, F.linear(x, w, bias)) and torch.allclose(y_batched, y_rows)
     assert torch.allclose(gx_rows, 1.5 * (g @ w)) and torch.allclose(gx_batched, gx_rows)
-    with pytest.raises(ValueError, match="is not one of batched, rows"):
-        set_gemm_form("columns")
+    with pytest.raises(ValueError, match=r"is not one of batched, rows \(--la-gemm-form\)"):
+        layout.check_gemm_form("columns")
     # Sequences shorter than BATCHED_MIN_ROWS (decoding's one token) take the 2-D GEMM.
-    monkeypatch.setattr(layout, "_gemm_form", "batched")
     x_short, g_short = x[:, :3].contiguous(), g[:, :3].contiguous()
     with _Ops() as recorded:
-        y = linear_rows(x_short, w, bias)
-        matmul_into(torch.empty_like(x_short), g_short, w)
+        y = linear_rows(x_short, w, bias, form="batched")
+        matmul_into(torch.empty_like(x_short), g_short, w, form="batched")
     assert [n.split(".")[1] for n in recorded.names if "mm" in n] == ["addmm", "addmm_"]
     assert torch.allclose(y, F.linear(x_short, w, bias))
+
+
+def _gemm_form_worker(rank, world_size):
+    from megatron.core import parallel_state as mpu
+    from test_mixer_options import H, SEQ, _build
+
+    from linear_moe.layers import layout
+
+    mpu.initialize_model_parallel(1)
+    layout.BATCHED_MIN_ROWS = min(layout.BATCHED_MIN_ROWS, SEQ)  # this process only
+    x = torch.randn(SEQ, 3, H)
+    x = x.transpose(0, 1).contiguous().transpose(0, 1)  # [s, b, h] as the input norm stores it
+    runs = {}
+    for form in layout.GEMM_FORMS:
+        m = _build("gla", la_gemm_form=form)  # the same seed: the same weights
+        xi = x.clone().requires_grad_()
+        with _Ops() as ops:
+            out = m(xi)[0]
+            out.pow(2).sum().backward()
+        mms = sorted({n.split(".")[1] for n in ops.names if "mm" in n})
+        runs[form] = (m.gemm_form, mms, out.detach(), xi.grad, m.q_proj.weight.grad)
+    try:
+        _build("gla", la_gemm_form="columns")
+        refusal = None
+    except ValueError as e:
+        refusal = str(e)
+    return runs, refusal
+
+
+def test_a_mixers_gemm_form_reaches_its_gemms():
+    """--la-gemm-form: a mixer's in-projections call the GEMMs of its form forward and backward
+    (rows: addmm / addmm_, batched: none of those), with equal outputs and gradients; an
+    unknown form is refused when the mixer is built."""
+    from dist_utils import run_distributed
+
+    runs, refusal = run_distributed(_gemm_form_worker, 1)[0]
+    (form_b, mms_b, out_b, gx_b, gw_b), (form_r, mms_r, out_r, gx_r, gw_r) = (
+        runs["batched"], runs["rows"])
+    assert (form_b, form_r) == ("batched", "rows")
+    # (o_proj writes its output and reads its gradient through the [s, b] transposed view,
+    # and the reference op has batched products of its own: bmm / baddbmm_ in either form.)
+    assert not {"addmm", "addmm_"} & set(mms_b), mms_b
+    assert {"addmm", "addmm_"} <= set(mms_r), mms_r
+    torch.testing.assert_close(out_b, out_r)
+    torch.testing.assert_close(gx_b, gx_r)
+    torch.testing.assert_close(gw_b, gw_r)
+    assert refusal is not None and "is not one of batched, rows (--la-gemm-form)" in refusal
 
 
 @pytest.mark.parametrize("contiguous", [True, False])

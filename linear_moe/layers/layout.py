@@ -84,57 +84,55 @@ def _rows_in(t: torch.Tensor, order: str) -> torch.Tensor:
     return _swap_copy(seq_first).reshape(-1, t.shape[-1])
 
 
-# How a GEMM of contiguous [B, S, k] operands is called: "batched" (default) makes it the
-# batched GEMM over B that the transposed views take, "rows" flattens them into one 2-D GEMM
-# over B*S rows. The same products; cuBLAS picks its kernel by the call's form: in session 25's
-# profiles (H100, GLA layer, T = 2048, B = 32) the 2-D GEMMs' row-major outputs got 192x192
-# tiles, up to 14% slower than the 256x128 ones the batched calls got, and in session 26's layer
-# A/Bs the batched form took 0.1-0.6 ms off a GLA / GDN layer step (benchmarks/NOTES.md).
+# How a GEMM of contiguous [B, S, k] operands is called (a mixer's ``la_gemm_form``, passed to
+# the functions below): "batched" (default) makes it the batched GEMM over B that the
+# transposed views take, "rows" flattens them into one 2-D GEMM over B*S rows. The same
+# products; cuBLAS picks its kernel by the call's form: in session 25's profiles (H100, GLA
+# layer, T = 2048, B = 32) the 2-D GEMMs' row-major outputs got 192x192 tiles, up to 14% slower
+# than the 256x128 ones the batched calls got, and in session 26's layer A/Bs the batched form
+# took 0.1-0.6 ms off a GLA / GDN layer step (benchmarks/NOTES.md).
 # scripts/probes/gemm_layout_probe.py and layer_bench --gemm-form measure the choice.
 # Sequences shorter than BATCHED_MIN_ROWS always take the 2-D GEMM: a batch of a few rows would
 # fill a fraction of each of the batched kernel's tiles, and at decoding (S = 1) every batch
 # would read the whole weight where one GEMM over the B rows reads it once.
 GEMM_FORMS = ("batched", "rows")
+DEFAULT_GEMM_FORM = "batched"
 BATCHED_MIN_ROWS = 256
-_gemm_form = "batched"
 
 
-def set_gemm_form(form: str) -> None:
-    """Choose the GEMM form for contiguous operands (GEMM_FORMS), process-wide."""
-    global _gemm_form
+def check_gemm_form(form: str) -> str:
+    """form, if it is one of GEMM_FORMS."""
     if form not in GEMM_FORMS:
-        raise ValueError(f"GEMM form {form!r} is not one of {', '.join(GEMM_FORMS)}")
-    _gemm_form = form
+        raise ValueError(f"GEMM form {form!r} is not one of {', '.join(GEMM_FORMS)} "
+                         "(--la-gemm-form)")
+    return form
 
 
-def gemm_form() -> str:
-    """The GEMM form set_gemm_form chose."""
-    return _gemm_form
-
-
-def _as_rows(*operands: torch.Tensor) -> bool:
+def _as_rows(form: str, *operands: torch.Tensor) -> bool:
     """Whether a GEMM of these [B, S, .] operands runs as one 2-D GEMM over all rows: each is
     contiguous, and the rows form is chosen or the sequences are short."""
     return (all(t.is_contiguous() for t in operands)
-            and (_gemm_form == "rows" or operands[0].shape[1] < BATCHED_MIN_ROWS))
+            and (form == "rows" or operands[0].shape[1] < BATCHED_MIN_ROWS))
 
 
-def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                form: str = DEFAULT_GEMM_FORM):
     """x [B, S, k] @ weight.T (+ bias) -> contiguous [B, S, n]; x contiguous or the transposed
     view of a contiguous [S, B, k] tensor (read in place by one batched GEMM)."""
-    if _as_rows(x):
+    if _as_rows(form, x):
         return F.linear(x, weight, bias)
     out = torch.bmm(x, weight.t().expand(x.shape[0], -1, -1))
     return out if bias is None else out.add_(bias)
 
 
 def matmul_into(out: torch.Tensor, a: torch.Tensor, mat: torch.Tensor,
-                accumulate: bool = False, alpha: float = 1.0) -> torch.Tensor:
+                accumulate: bool = False, alpha: float = 1.0,
+                form: str = DEFAULT_GEMM_FORM) -> torch.Tensor:
     """out (+)= alpha * a @ mat, in place: out [B, S, n] and a [B, S, k] each contiguous or a
     transposed view as in ``linear_rows``, mat [k, n]."""
     # beta 0 writes out without reading it (out may be uninitialised): alpha costs no pass.
     beta = 1.0 if accumulate else 0.0
-    if _as_rows(out, a):
+    if _as_rows(form, out, a):
         out_2d, a_2d = out.view(-1, out.shape[-1]), a.reshape(-1, a.shape[-1])
         out_2d.addmm_(a_2d, mat, beta=beta, alpha=alpha)
     else:
@@ -200,10 +198,11 @@ class _LinearToSeqFirst(torch.autograd.Function):
     """o [B, S, v] @ weight.T -> contiguous [S, B, n]: the GEMM writes the transposed view."""
 
     @staticmethod
-    def forward(ctx, o, weight):
+    def forward(ctx, o, weight, form):
         ctx.save_for_backward(o, weight)
+        ctx.form = form
         out = o.new_empty(o.shape[1], o.shape[0], weight.shape[0])
-        matmul_into(out.transpose(0, 1), o, weight.t())
+        matmul_into(out.transpose(0, 1), o, weight.t(), form=form)
         return out
 
     @staticmethod
@@ -212,13 +211,14 @@ class _LinearToSeqFirst(torch.autograd.Function):
         grad_bs = grad.transpose(0, 1)
         grad_o = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_o = matmul_into(torch.empty_like(o), grad_bs, weight)
+            grad_o = matmul_into(torch.empty_like(o), grad_bs, weight, form=ctx.form)
         if ctx.needs_input_grad[1]:
             grad_w = weight_grads([grad_bs], o)[0]
-        return grad_o, grad_w
+        return grad_o, grad_w, None
 
 
-def linear_to_seq_first(o: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def linear_to_seq_first(o: torch.Tensor, weight: torch.Tensor,
+                        form: str = DEFAULT_GEMM_FORM) -> torch.Tensor:
     """o [B, S, v] @ weight.T -> [S, B, n], with no [b, s] -> [s, b] copy forward or backward
     (the mixers' output projection)."""
-    return _LinearToSeqFirst.apply(o.contiguous(), weight)
+    return _LinearToSeqFirst.apply(o.contiguous(), weight, form)

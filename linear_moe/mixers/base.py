@@ -68,6 +68,8 @@ from linear_moe.layers import GatedRMSNorm, ShortConvolution, apply_rotary, init
 from linear_moe.layers.documents import Documents
 from linear_moe.layers.rwkv import token_shift_delta
 from linear_moe.layers.layout import (
+    DEFAULT_GEMM_FORM,
+    check_gemm_form,
     linear_rows,
     linear_to_seq_first,
     matmul_into,
@@ -174,14 +176,15 @@ class _SharedInputLinears(torch.autograd.Function):
     GEMMs (beta 1) instead of autograd summing one gradient per output (three passes over
     [tokens, hidden] each), and forms every weight gradient in one weight_grads call, so at
     most one copy of x. x may be the transposed view of [s, b, h] (layout's GEMMs).
-    grad_scales: per group, the factor of its share of x's gradient (LinearMixer._linears)."""
+    grad_scales: per group, the factor of its share of x's gradient (LinearMixer._linears);
+    form: the GEMM form (layout.GEMM_FORMS)."""
 
     @staticmethod
-    def forward(ctx, x, group_sizes, grad_scales, *weights_and_biases):
+    def forward(ctx, x, group_sizes, grad_scales, form, *weights_and_biases):
         num = len(weights_and_biases) // 2
         weights, biases = weights_and_biases[:num], weights_and_biases[num:]
         ctx.save_for_backward(x, *weights)
-        ctx.group_sizes, ctx.grad_scales = group_sizes, grad_scales
+        ctx.group_sizes, ctx.grad_scales, ctx.form = group_sizes, grad_scales, form
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: skipped
         outs = []
         for ws, bs in zip(_grouped(group_sizes, weights), _grouped(group_sizes, biases)):
@@ -189,7 +192,7 @@ class _SharedInputLinears(torch.autograd.Function):
             if any(b is not None for b in bs):
                 bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b
                                   for w, b in zip(ws, bs)])
-            outs.append(linear_rows(x, _concat(ws), bias))
+            outs.append(linear_rows(x, _concat(ws), bias, form=form))
         return tuple(outs)
 
     @staticmethod
@@ -209,10 +212,12 @@ class _SharedInputLinears(torch.autograd.Function):
                 if grad is None:  # an output that did not reach the loss
                     continue
                 if grad_x is None:
-                    grad_x = matmul_into(torch.empty_like(x), grad, _concat(ws), alpha=scale)
+                    grad_x = matmul_into(torch.empty_like(x), grad, _concat(ws), alpha=scale,
+                                         form=ctx.form)
                 else:
-                    matmul_into(grad_x, grad, _concat(ws), accumulate=True, alpha=scale)
-        needs = ctx.needs_input_grad[3:]
+                    matmul_into(grad_x, grad, _concat(ws), accumulate=True, alpha=scale,
+                                form=ctx.form)
+        needs = ctx.needs_input_grad[4:]
         wanted = [g if any(needs[f:f + n]) else None for g, f, n in zip(grads, firsts, sizes)]
         grad_weights, grad_biases = [None] * num, [None] * num
         for grad, grad_w, f, ws in zip(grads, weight_grads(wanted, x), firsts, groups):
@@ -225,7 +230,7 @@ class _SharedInputLinears(torch.autograd.Function):
                 grad_biases[f:f + len(ws)] = _sum_rows(grad).split(widths)
         grad_weights = [g if need else None for g, need in zip(grad_weights, needs)]
         grad_biases = [g if need else None for g, need in zip(grad_biases, needs[num:])]
-        return grad_x, None, None, *grad_weights, *grad_biases
+        return grad_x, None, None, None, *grad_weights, *grad_biases
 
 
 def _replicated(linear) -> bool:
@@ -296,6 +301,8 @@ class LinearMixer(MegatronModule):
             self.cp = SequenceChunks(cp_group)
 
         self.hidden_size = config.hidden_size
+        # How the projection GEMMs on contiguous operands are called (layout.GEMM_FORMS).
+        self.gemm_form = check_gemm_form(getattr(config, "la_gemm_form", DEFAULT_GEMM_FORM))
         self.num_heads = config.la_num_heads
         num_kv_heads = getattr(config, "la_num_kv_heads", None)
         num_v_heads = getattr(config, "la_num_v_heads", None)
@@ -432,7 +439,7 @@ class LinearMixer(MegatronModule):
             raise ValueError("a linear replicated over TP cannot share a fused GEMM with "
                              "TP-split ones; pass it as its own projection")
         return _SharedInputLinears.apply(self._column_input(x), tuple(len(g) for g in groups),
-                                         scales, *(p.weight for p in linears),
+                                         scales, self.gemm_form, *(p.weight for p in linears),
                                          *(p.bias for p in linears))
 
     def _column_input(self, x):
@@ -712,7 +719,7 @@ class LinearMixer(MegatronModule):
         """o [b, s, value_dim / tp] -> (out [s, b, h], bias): o_proj's GEMM writes the [s, b]
         order itself, then RowParallelLinear's reduction (all-reduce, or under sequence
         parallelism reduce-scatter over s); the bias is returned, as o_proj skips adding it."""
-        out = linear_to_seq_first(o, self.o_proj.weight)
+        out = linear_to_seq_first(o, self.o_proj.weight, form=self.gemm_form)
         if self.tp_size > 1:
             if self.config.sequence_parallel:
                 out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
