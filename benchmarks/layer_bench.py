@@ -237,6 +237,9 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
 
 
 def main(argv=None):
+    from linear_moe.config import LinearMixerFields
+    from linear_moe.layers.layout import GEMM_FORMS
+
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mixers", nargs="*", default=None, help="default: all registered")
@@ -254,10 +257,10 @@ def main(argv=None):
                         default=None,
                         help="GLA's key decay in one kernel of ours or the GEMM and a compiled "
                              "logsigmoid (--la-fused-log-decay; default: the model's)")
-    parser.add_argument("--gemm-form", choices=["batched", "rows"], default="batched",
+    parser.add_argument("--gemm-form", choices=GEMM_FORMS, default=LinearMixerFields.la_gemm_form,
                         help="the mixer's projection GEMMs on contiguous operands batched over "
-                             "B (default) or as one 2-D GEMM over all rows "
-                             "(--la-gemm-form)")
+                             "B or as one 2-D GEMM over all rows (--la-gemm-form; default: the "
+                             "model's)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time both steps captured as CUDA graphs (device time; GPU)")
     parser.add_argument("--input-layout", choices=["batch_first", "seq_first"],

@@ -15,7 +15,7 @@ import torch
 from linear_moe.config import LinearMixerFields, recomputes_layer_norms, resolve_mixer_defaults
 from linear_moe.layers.device_dispatch import device_dispatch_unsupported_reason
 from linear_moe.layers.grouped_experts import EXPERT_IMPLS
-from linear_moe.mixers.base import check_head_sharing
+from linear_moe.mixers.base import check_head_sharing, qk_l2norm_in_conv_needs_conv
 from linear_moe.models import PRESETS, get_preset
 from linear_moe.models.common import args_to_argv, is_moe_layer
 from linear_moe.registry import (
@@ -290,8 +290,7 @@ def check_option_dependencies(entry, args) -> None:
                          f"which mixer '{entry.name}' has off; add --la-use-short-conv or drop "
                          "--la-conv-kernel")
     if args.la_qk_l2norm_in_conv is True and not args.la_use_short_conv:
-        raise ValueError(f"--la-qk-l2norm-in-conv needs a short convolution, which mixer "
-                         f"'{entry.name}' has off; add --la-use-short-conv or drop the flag")
+        raise ValueError(qk_l2norm_in_conv_needs_conv(entry.name))
     if args.la_qk_l2norm_in_conv is True and entry.name == "deltanet":
         from linear_moe.mixers.deltanet import qk_l2norm_in_conv_refusal
 

@@ -88,6 +88,12 @@ class DecodeCache:
     states: dict = field(default_factory=dict)
 
 
+def qk_l2norm_in_conv_needs_conv(la_module: str) -> str:
+    """The one-line error for --la-qk-l2norm-in-conv asked of a mixer with its convs off."""
+    return (f"--la-qk-l2norm-in-conv needs a short convolution, which mixer '{la_module}' has "
+            "off; add --la-use-short-conv or drop the flag")
+
+
 def check_head_sharing(la_module: str, head_sharing: str | None, num_heads: int,
                        num_kv_heads: int | None, num_v_heads: int | None, tp: int) -> None:
     """Validate --la-num-kv-heads / --la-num-v-heads for a mixer (``head_sharing`` as
@@ -375,8 +381,7 @@ class LinearMixer(MegatronModule):
         self.use_short_conv = self.config.la_use_short_conv
         in_conv = getattr(self.config, "la_qk_l2norm_in_conv", None)
         if qk_l2norm and in_conv is True and not self.use_short_conv:
-            raise ValueError("--la-qk-l2norm-in-conv needs a short convolution, which this "
-                             "mixer has off; add --la-use-short-conv or drop the flag")
+            raise ValueError(qk_l2norm_in_conv_needs_conv(self.config.la_module))
         self.qk_l2norm_in_conv = qk_l2norm and self.use_short_conv and in_conv is not False
         if self.use_short_conv:
             head_dim = self.head_k_dim if self.qk_l2norm_in_conv else None
