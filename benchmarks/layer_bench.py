@@ -63,6 +63,86 @@ def projection_shapes(mixer, hidden):
     return x_width, others
 
 
+def fla_layer(name, mixer):
+    """fla's own layer (``fla.layers``) with the mixer's sizes and options, for the mixers whose
+    fla layer does the same math with the same parameters (test_benchmarks checks the counts), or
+    None: what a user of fla's layers gets at this shape, projections, convs and norm included."""
+    c = mixer.config
+    if c.la_feature_map is not None:  # named by us, not by fla's ACT2FN
+        return None
+    h, heads = c.hidden_size, c.la_num_heads
+    conv = dict(use_short_conv=c.la_use_short_conv, conv_size=c.la_conv_size,
+                conv_bias=c.la_conv_bias)
+    if name == "gla":
+        from fla.layers import GatedLinearAttention
+
+        return GatedLinearAttention(
+            mode="chunk", hidden_size=h, expand_k=c.la_expand_k, expand_v=c.la_expand_v,
+            num_heads=heads, num_kv_heads=c.la_num_kv_heads, use_output_gate=c.la_use_output_gate,
+            gate_fn=c.la_gate_fn, gate_logit_normalizer=c.la_gate_logit_normalizer,
+            gate_low_rank_dim=c.la_gate_low_rank_dim, clamp_min=c.la_clamp_min, **conv)
+    if name == "retention":
+        from fla.layers import MultiScaleRetention
+
+        return MultiScaleRetention(
+            mode="chunk", hidden_size=h, expand_k=c.la_expand_k, expand_v=c.la_expand_v,
+            num_heads=heads, num_kv_heads=c.la_num_kv_heads, use_output_gate=c.la_use_output_gate,
+            gate_fn=c.la_gate_fn, **conv)
+    if name == "deltanet":
+        from fla.layers import DeltaNet
+
+        return DeltaNet(mode="chunk", hidden_size=h, expand_k=c.la_expand_k,
+                        expand_v=c.la_expand_v, num_heads=heads, use_beta=c.la_use_beta,
+                        use_gate=c.la_use_output_gate, allow_neg_eigval=c.la_allow_neg_eigval,
+                        qk_activation=c.la_qk_activation, qk_norm=c.la_qk_norm, **conv)
+    if name == "gated_deltanet" and c.la_num_v_heads is None:
+        from fla.layers import GatedDeltaNet
+
+        # fla sizes it by head: key dim = heads x head_dim, value dim = key dim x expand_v
+        return GatedDeltaNet(hidden_size=h, head_dim=int(h * c.la_expand_k) // heads,
+                             num_heads=heads, expand_v=c.la_expand_v / c.la_expand_k,
+                             use_gate=c.la_use_output_gate, mode="chunk",
+                             allow_neg_eigval=c.la_allow_neg_eigval, **conv)
+    # Not kda: fla's KimiDeltaAttention gates its output through a low-rank projection, ours
+    # through the full-rank gate every mixer has.
+    return None
+
+
+def fla_layer_row(name, mixer, seq, batch, dtype, warmup, iters, graph):
+    """fla's layer (fla_layer) at the bench's shape, fwd+bwd from a [b, s, h] input and ones as
+    its output's gradient: fla_layer_ms (and fla_layer_graph_ms), with both parameter counts.
+    On the CPU only the counts: fla's layers run Triton kernels."""
+    theirs = fla_layer(name, mixer)
+    if theirs is None:
+        return {"fla_note": f"no fla layer mapped for {name}"}
+    row = {"params": sum(p.numel() for p in mixer.parameters()),
+           "fla_params": sum(p.numel() for p in theirs.parameters())}
+    if not torch.cuda.is_available():
+        row["fla_note"] = "fla's layer runs Triton kernels: timed on CUDA only"
+        return row
+    from linear_moe.ops import fla_compat
+
+    fla_compat.install_hopper_guard_shim()  # as for ours: fla #640's refusal, lifted alike
+    theirs = theirs.to(device(), dtype)
+    x = torch.randn(batch, seq, mixer.config.hidden_size, device=device(), dtype=dtype,
+                    requires_grad=True)
+    grad_out = torch.ones_like(x)
+
+    def step():
+        theirs(x)[0].backward(grad_out)
+
+    row["fla_layer_ms"] = time_fn(step, warmup, iters)
+    if graph:
+        from linear_moe.cuda_graph import capture_step
+
+        try:
+            row["fla_layer_graph_ms"] = time_fn(
+                capture_step(step, [x, *theirs.parameters()])[0], warmup, iters)
+        except Exception as refused:  # noqa: BLE001 - fla's layer as it is: note why, go on
+            row["fla_note"] = f"fla's layer not capturable: {type(refused).__name__}: {refused}"
+    return row
+
+
 def record_op_calls(mixer, x):
     """Run the mixer once and capture the op calls it makes with their inputs (MoM mixers call
     the op once per memory)."""
@@ -121,7 +201,8 @@ def norm_steps(seq, batch, hidden, dtype):
 
 
 def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_to=None,
-                conv_kernel="auto", graph=False, input_layout="batch_first", options=None):
+                conv_kernel="auto", graph=False, input_layout="batch_first", options=None,
+                against_fla=False):
     mixer = build_mixer(name, hidden, heads, dtype, conv_kernel, **(options or {}))
     # The mixer's input [s, b, h] as the model's input norm gives it (MixerInputRMSNorm): the
     # transposed view of a contiguous [b, s, h] tensor. seq_first: a contiguous [s, b, h] one
@@ -218,6 +299,13 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
                                                               for g in graphs)
             extra = row["norm_graph_ms"] - row["norm_ref_graph_ms"]
         row["overhead_graph"] = (row["layer_graph_ms"] + extra) / row["bare_graph_ms"]
+    if against_fla:  # ours over fla's own layer, ours charged as for its overhead
+        row.update(fla_layer_row(name, mixer, seq, batch, dtype, warmup, iters, graph))
+        if "fla_layer_ms" in row:
+            row["vs_fla"] = (layer_ms + (row["norm_ms"] - row["norm_ref_ms"]
+                                         if batch_first else 0.0)) / row["fla_layer_ms"]
+        if "fla_layer_graph_ms" in row:
+            row["vs_fla_graph"] = (row["layer_graph_ms"] + extra) / row["fla_layer_graph_ms"]
     if profile_to:
         from profile_step import device_ms_by_op, op_diff, profile, summarise
 
@@ -261,6 +349,10 @@ def main(argv=None):
                         help="the mixer's projection GEMMs on contiguous operands batched over "
                              "B or as one 2-D GEMM over all rows (--la-gemm-form; default: the "
                              "model's)")
+    parser.add_argument("--against-fla", action="store_true",
+                        help="also time fla's own layer (fla.layers) at the same shape where it "
+                             "does the same math (gla, retention, deltanet, gated_deltanet): "
+                             "vs_fla = ours / fla's, fwd+bwd (timed on CUDA only)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time both steps captured as CUDA graphs (device time; GPU)")
     parser.add_argument("--input-layout", choices=["batch_first", "seq_first"],
@@ -284,7 +376,8 @@ def main(argv=None):
                                   args.input_layout,
                                   dict(la_qk_l2norm_in_conv=qk_in_conv,
                                        la_fused_log_decay=args.fused_log_decay,
-                                       la_gemm_form=args.gemm_form))
+                                       la_gemm_form=args.gemm_form),
+                                  args.against_fla)
             except ValueError as refused:  # e.g. mamba2's chunk path on Hopper: note it, go on
                 row = {"mixer": name, "T": seq, "B": batch, "note": f"refused: {refused}"}
             rows.append(emit(row))
@@ -292,7 +385,8 @@ def main(argv=None):
                   ["mixer", "T", "B", "input", "gemm_form", "qk_norm", "log_decay", "layer_ms", "bare_ms", "norm_ms", "norm_ref_ms",
                    "overhead", "layer_host_ms", "bare_host_ms", "layer_graph_ms",
                    "bare_graph_ms", "norm_graph_ms", "norm_ref_graph_ms", "overhead_graph",
-                   "note"])
+                   "params", "fla_params", "fla_layer_ms", "fla_layer_graph_ms", "vs_fla",
+                   "vs_fla_graph", "fla_note", "note"])
     return rows
 
 

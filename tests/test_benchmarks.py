@@ -17,7 +17,7 @@ PEER_FLAGS = ["--ours-flags", "", "--mlp-act-recompute --fused-cross-entropy", "
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script,expected_rows,extra", [
-    ("layer_bench.py", None, []), ("e2e_bench.py", 10, []), ("peer_bench.py", 6, PEER_FLAGS),
+    ("layer_bench.py", None, ["--against-fla"]), ("e2e_bench.py", 10, []), ("peer_bench.py", 6, PEER_FLAGS),
     ("decode_bench.py", 4, []),
     ("cp_bench.py", 4, ["--mixers", "gla", "gated_deltanet", "gsa", "mom_gla"])])
 def test_benchmark_smoke(script, expected_rows, extra, tmp_path):
@@ -49,6 +49,11 @@ def test_benchmark_smoke(script, expected_rows, extra, tmp_path):
         assert all(r["three_pass_rel_diff"] < 1e-5 for r in generic)
     else:
         ratio = "overhead" if script == "layer_bench.py" else "speedup_vs_N"
+        if script == "layer_bench.py":  # fla's own layers, mapped from our config: same sizes
+            mapped = {r["mixer"]: r for r in rows if "fla_params" in r}
+            assert sorted(mapped) == ["deltanet", "gated_deltanet", "gla", "retention"]
+            assert all(r["fla_params"] == r["params"] > 0 and "CUDA only" in r["fla_note"]
+                       for r in mapped.values())
         assert all(row[ratio] > 0 for row in rows)
     assert (tmp_path / "result.md").read_text().count("\n|") >= len(rows)
     png = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot.py"),
