@@ -17,38 +17,14 @@ bf16 storage explains it; an error near the floor says it does not.
 import argparse
 import contextlib
 import json
+import pathlib
+import sys
 
 import torch
-import torch.nn.functional as F
 
-SEQ, BATCH, VOCAB = 300, 2, 512  # the GPU test's sizes
-
-
-def build(head_dim, dtype):
-    from megatron.core.models.gpt import GPTModel
-
-    from linear_moe.config import LinearMoEConfig, resolve_mixer_defaults
-    from linear_moe.model_provider import decoder_block_spec
-
-    hidden, heads = 2 * head_dim * 2, 2  # as the GPU test: la heads of exactly head_dim
-    config = LinearMoEConfig(
-        num_layers=2, hidden_size=hidden, num_attention_heads=4, ffn_hidden_size=2 * hidden,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, normalization="RMSNorm",
-        add_bias_linear=False, add_qkv_bias=True, gated_linear_unit=True, activation_func=F.silu,
-        bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, hidden_dropout=0.0,
-        attention_dropout=0.0, la_module="gated_deltanet", layer_type_list="LN",
-        la_num_heads=heads, la_expand_k=head_dim * heads / hidden,
-        la_expand_v=head_dim * heads / hidden, la_backend="reference", use_cpu_initialization=True)
-    resolve_mixer_defaults(config)
-    return GPTModel(config, decoder_block_spec(config, "qwen2_moe"), vocab_size=VOCAB,
-                    max_sequence_length=SEQ, position_embedding_type="rope")
-
-
-def run(model, tokens, labels):
-    positions = torch.arange(SEQ).expand(BATCH, SEQ)
-    logits = model(tokens, positions, None)
-    F.cross_entropy(logits.float().reshape(-1, VOCAB), labels.reshape(-1)).backward()
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "gpu"))
+from test_mixer_layers_gpu import BATCH, SEQ, VOCAB, _model, _run  # noqa: E402  the test's model
 
 
 @contextlib.contextmanager
@@ -91,18 +67,18 @@ def main():
     for seed in args.seeds:
         tensor_parallel.model_parallel_cuda_manual_seed(1)
         torch.manual_seed(seed)
-        ref = build(args.head_dim, torch.float32)
+        ref = _model("gated_deltanet", args.head_dim, "reference", torch.float32, "cpu")
         bf16 = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
                 for k, v in ref.state_dict().items()}
         tokens = torch.randint(0, VOCAB, (BATCH, SEQ))
         labels = torch.randint(0, VOCAB, (BATCH, SEQ))
-        run(ref, tokens, labels)
+        _run(ref, tokens, labels)
         grads = {}
         for way in ("floor", "bf16_intermediates"):
-            model = build(args.head_dim, torch.bfloat16)
+            model = _model("gated_deltanet", args.head_dim, "reference", torch.bfloat16, "cpu")
             model.load_state_dict(bf16)
             with bf16_intermediates() if way == "bf16_intermediates" else contextlib.nullcontext():
-                run(model, tokens, labels)
+                _run(model, tokens, labels)
             grads[way] = dict(model.named_parameters())
         for name, p in ref.named_parameters():
             if name.endswith(("A_log", "dt_bias")):

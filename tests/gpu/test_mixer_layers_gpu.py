@@ -33,7 +33,9 @@ SEED = int(os.environ.get("LINEAR_MOE_TEST_SEED", "0"))
 FLOOR_FACTOR, ABS_TOL = 2.0, 2e-2
 
 
-def _model(la_module, head_dim, backend, dtype):
+def _model(la_module, head_dim, backend, dtype, device="cuda"):
+    """The test's two-layer "LN" model (scripts/probes/gdn_decay_grad_precision.py builds it on
+    the CPU too)."""
     from megatron.core.models.gpt import GPTModel
 
     from linear_moe.config import LinearMoEConfig, resolve_mixer_defaults
@@ -48,16 +50,16 @@ def _model(la_module, head_dim, backend, dtype):
         apply_rope_fusion=False, gradient_accumulation_fusion=False, hidden_dropout=0.0,
         attention_dropout=0.0, la_module=la_module, layer_type_list="LN", la_num_heads=heads,
         la_expand_k=head_dim * heads / hidden, la_expand_v=head_dim * heads / hidden,
-        la_backend=backend,
+        la_backend=backend, use_cpu_initialization=device == "cpu",
     )
     resolve_mixer_defaults(config)
     model = GPTModel(config, decoder_block_spec(config, "qwen2_moe"), vocab_size=VOCAB,
                      max_sequence_length=SEQ, position_embedding_type="rope")
-    return model.cuda()
+    return model.to(device)
 
 
 def _run(model, tokens, labels):
-    positions = torch.arange(SEQ, device="cuda").expand(BATCH, SEQ)
+    positions = torch.arange(SEQ, device=tokens.device).expand(BATCH, SEQ)
     logits = model(tokens, positions, None)
     F.cross_entropy(logits.float().reshape(-1, VOCAB), labels.reshape(-1)).backward()
     return logits.float()
