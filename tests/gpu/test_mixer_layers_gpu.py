@@ -108,21 +108,25 @@ def test_fla_model_matches_fp32_reference(la_module, head_dim):
     assert any("self_attention.o_proj" in n for n in fla_err)
 
 
-def _record(la_module, head_dim, fla_err, floor_err):
+def _append_result(row):
+    """One row to $LINEAR_MOE_GPU_RESULTS (the device jobs bring it back), with seed and device."""
     path = os.environ.get("LINEAR_MOE_GPU_RESULTS")
-    if not path:
-        return
-    import json
+    if path:
+        import json
 
+        with open(path, "a") as f:
+            f.write(json.dumps({**row, "seed": SEED,
+                                "device": torch.cuda.get_device_name()}) + "\n")
+
+
+def _record(la_module, head_dim, fla_err, floor_err):
     # The five tensors closest to (or over) their bound, to tell a kernel issue from bf16 noise.
     ranked = sorted(fla_err, key=lambda n: -fla_err[n] / max(ABS_TOL, FLOOR_FACTOR * floor_err[n]))
-    with open(path, "a") as f:
-        f.write(json.dumps({"test": "model_fla_bf16_vs_reference_fp32", "mixer": la_module,
-                            "head_dim": head_dim, "max_rel_err": max(fla_err.values()),
-                            "max_floor_err": max(floor_err.values()),
-                            "closest_to_bound": [(n, fla_err[n], floor_err[n]) for n in ranked[:5]],
-                            "guard_policy": fla_compat.guard_policy(), "seed": SEED,
-                            "device": torch.cuda.get_device_name()}) + "\n")
+    _append_result({"test": "model_fla_bf16_vs_reference_fp32", "mixer": la_module,
+                    "head_dim": head_dim, "max_rel_err": max(fla_err.values()),
+                    "max_floor_err": max(floor_err.values()),
+                    "closest_to_bound": [(n, fla_err[n], floor_err[n]) for n in ranked[:5]],
+                    "guard_policy": fla_compat.guard_policy()})
 
 
 FP32_TOL = 1e-2  # Triton's dots take fp32 inputs as tf32 (10-bit mantissa) unless told otherwise
@@ -146,14 +150,8 @@ def test_fla_model_in_fp32_matches_fp32_reference(la_module, head_dim):
     err = {"logits": _rel(_run(fast, tokens, labels), _run(ref, tokens, labels))}
     ref_params = dict(ref.named_parameters())
     err.update({n: _rel(p.grad, ref_params[n].grad) for n, p in fast.named_parameters()})
-    path = os.environ.get("LINEAR_MOE_GPU_RESULTS")
-    if path:
-        import json
-
-        worst = sorted(err, key=err.get, reverse=True)[:5]
-        with open(path, "a") as f:
-            f.write(json.dumps({"test": "model_fla_fp32_vs_reference_fp32", "mixer": la_module,
-                                "head_dim": head_dim, "worst": [(n, err[n]) for n in worst],
-                                "seed": SEED, "device": torch.cuda.get_device_name()}) + "\n")
+    worst = sorted(err, key=err.get, reverse=True)[:5]
+    _append_result({"test": "model_fla_fp32_vs_reference_fp32", "mixer": la_module,
+                    "head_dim": head_dim, "worst": [(n, err[n]) for n in worst]})
     over = {n: f"{e:.2e}" for n, e in err.items() if e > FP32_TOL}
     assert not over, f"fla's kernels in fp32 differ from the fp32 reference: {over}"
