@@ -126,23 +126,35 @@ def test_our_low_rank_log_decay_matches_torch(dtype, tol, clamp_min):
         assert err <= tol, (name, err)
 
 
+@pytest.mark.parametrize("offset", [0, 37], ids=["offset0", "offset37"])  # 37: decoding
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)],
                          ids=["fp32", "bf16"])
-def test_fla_rotary_matches_torch(dtype, tol):
+def test_fla_rotary_matches_torch(dtype, tol, offset):
+    """Our launch of fla's rotary kernel (new outputs, no zero fill or gradient clone) against
+    the torch path, and bit for bit against fla's own rotary_embedding (same kernel)."""
+    from fla.modules.rotary import rotary_embedding
+
+    from linear_moe.layers.rotary import _cos_sin
+
     torch.manual_seed(0)
     x = torch.randn(2, 4099, 4, 128, device="cuda")  # long enough for large angles
     dy = torch.randn_like(x)
     out = []
     for fused, inp in ((True, x.to(dtype)), (False, x)):
         leaf = inp.detach().clone().requires_grad_()
-        y = apply_rotary(leaf, 10000.0, fused)
+        y = apply_rotary(leaf, 10000.0, fused, offset=offset)
         y.backward(dy.to(y.dtype))
         out.append((y, leaf.grad))
     assert out[0][0].dtype == dtype
     for name, a, b in zip(["y", "dx"], out[0], out[1]):
         err = rel_err(a.float(), b)
-        _record("rotary", str(dtype)[6:], 128, name, err)
+        _record("rotary", f"{str(dtype)[6:]}/offset={offset}", 128, name, err)
         assert err <= tol, (name, err)
+    leaf = x.to(dtype).requires_grad_()
+    cos, sin = (t[offset:] for t in _cos_sin(x.shape[1] + offset, 128, 10000.0, x.device, dtype))
+    y = rotary_embedding(leaf, cos, sin)
+    y.backward(dy.to(dtype))
+    assert torch.equal(y, out[0][0]) and torch.equal(leaf.grad, out[0][1])
 
 
 def test_swap_leading_dims_on_cuda():
