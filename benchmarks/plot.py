@@ -1,5 +1,5 @@
 """PNG plot of a benchmark result (<out>.json from e2e_bench.py, peer_bench.py,
-layer_bench.py, decode_bench.py or cp_bench.py): throughput against sequence length per model/pattern, and the ratio to the
+layer_bench.py, decode_bench.py or cp_bench.py): throughput against sequence length per model/pattern (and fla's own layer where layer_bench timed it), and the ratio to the
 run's baseline where it has one.
 
     python benchmarks/plot.py benchmarks/results/e2e_h100.json   # writes e2e_h100.png
@@ -34,6 +34,9 @@ def series(rows):
             label, ratio = r["model"], r.get("speedup_vs_fla")
         else:  # layer: tokens/s of the full layer's fwd + bwd
             label, ratio = r["mixer"], r.get("overhead")
+            if r.get("fla_layer_ms") is not None:  # --against-fla: fla's own layer beside it
+                out[f"fla's {label} layer"].append(
+                    (r["T"], r["B"] * r["T"] / r["fla_layer_ms"] * 1e3, None))
             r = {**r, "tokens_per_s": r["B"] * r["T"] / r["layer_ms"] * 1e3}
         out[label].append((r["T"], r["tokens_per_s"], ratio))
     return {k: sorted(v) for k, v in out.items()}

@@ -62,6 +62,21 @@ def test_benchmark_smoke(script, expected_rows, extra, tmp_path):
     assert (tmp_path / "result.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_draws_fla_layer_beside_ours():
+    """A layer row with fla's own layer timed (--against-fla, on CUDA) gives fla's layer its own
+    tokens/s series (no ratio: the right panel is item 1's overhead of our layer)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from plot import series
+
+    rows = [{"mixer": "deltanet", "T": 2048, "B": 32, "layer_ms": 20.0, "overhead": 1.25,
+             "fla_layer_ms": 25.0},
+            {"mixer": "kda", "T": 2048, "B": 32, "layer_ms": 16.0, "overhead": 1.1}]
+    data = series(rows)
+    assert data["deltanet"] == [(2048, 65536 / 20.0 * 1e3, 1.25)]
+    assert data["fla's deltanet layer"] == [(2048, 65536 / 25.0 * 1e3, None)]
+    assert "fla's kda layer" not in data
+
+
 def test_flop_formula_counts_each_part():
     """Training FLOPs = 3 x forward; forward = 2 x active GEMM weights + the mixers' cores."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
