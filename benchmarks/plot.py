@@ -1,6 +1,7 @@
 """PNG plot of a benchmark result (<out>.json from e2e_bench.py, peer_bench.py,
-layer_bench.py, decode_bench.py or cp_bench.py): throughput against sequence length per model/pattern (and fla's own layer where layer_bench timed it), and the ratio to the
-run's baseline where it has one.
+layer_bench.py, decode_bench.py or cp_bench.py): throughput against sequence length per
+model/pattern (and fla's own layer where layer_bench timed it), and the ratio to the run's
+baseline where it has one.
 
     python benchmarks/plot.py benchmarks/results/e2e_h100.json   # writes e2e_h100.png
 """
