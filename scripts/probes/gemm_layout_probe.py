@@ -123,11 +123,15 @@ def weight_grad_variants(n, dev="cuda"):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="also write the rows as JSON lines")
+    parser.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS),
+                        help="projection widths n (default: GLA's); session 28's retention "
+                             "profile ran the input-gradient accumulation at K = 4096 at ~530 "
+                             "TFLOP/s, session 16's GDN one at K = 3072 at ~400")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gemm_layout_probe: needs a CUDA GPU")
     rows = []
-    for n in WIDTHS:
+    for n in args.widths:
         for beta in (0.0, 1.0):
             variants, reset, out, out_sf = input_grad_variants(n, beta)
             reset()
@@ -150,7 +154,7 @@ def main():
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                cuda=torch.version.cuda)
     for row in rows:
-        row.update(env)
+        row.update(env, TFLOP_s=2 * B * S * row["n"] * H / row["ms"] / 1e9)
         print("ROW", json.dumps(row))
     if args.out:
         with open(args.out, "w") as f:
