@@ -24,7 +24,8 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "gpu"))
-from test_mixer_layers_gpu import BATCH, SEQ, VOCAB, _model, _run  # noqa: E402  the test's model
+from test_mixer_layers_gpu import (  # noqa: E402  the test's model and measures
+    BATCH, SEQ, VOCAB, _in_bf16, _model, _rel, _run)
 
 
 @contextlib.contextmanager
@@ -63,13 +64,11 @@ def main():
     from linear_moe.inference import init_single_process
 
     init_single_process()
-    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
     for seed in args.seeds:
         tensor_parallel.model_parallel_cuda_manual_seed(1)
         torch.manual_seed(seed)
         ref = _model("gated_deltanet", args.head_dim, "reference", torch.float32, "cpu")
-        bf16 = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
-                for k, v in ref.state_dict().items()}
+        bf16 = _in_bf16(ref.state_dict())
         tokens = torch.randint(0, VOCAB, (BATCH, SEQ))
         labels = torch.randint(0, VOCAB, (BATCH, SEQ))
         _run(ref, tokens, labels)
@@ -83,7 +82,7 @@ def main():
         for name, p in ref.named_parameters():
             if name.endswith(("A_log", "dt_bias")):
                 print(json.dumps({"seed": seed, "head_dim": args.head_dim, "tensor": name,
-                                  **{w: round(rel(g[name].grad, p.grad), 5)
+                                  **{w: round(_rel(g[name].grad, p.grad), 5)
                                      for w, g in grads.items()}}), flush=True)
 
 

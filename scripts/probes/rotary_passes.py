@@ -8,8 +8,13 @@ side in one run, equal results checked bit for bit.
 
 import argparse
 import json
+import pathlib
+import sys
 
 import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
+from common import time_fn  # noqa: E402  the benchmarks' timer
 
 
 def main():
@@ -42,16 +47,7 @@ def main():
     equal = all(torch.equal(a, b) for a, b in zip(*results.values()))
     row = {"shape": shape, "equal_bitwise": equal, "device": torch.cuda.get_device_name()}
     for name, rotate in ways.items():
-        for _ in range(5):
-            step(rotate)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(args.iters):
-            step(rotate)
-        end.record()
-        torch.cuda.synchronize()
-        row[f"{name}_ms"] = start.elapsed_time(end) / args.iters
+        row[f"{name}_ms"] = time_fn(lambda: step(rotate), 5, args.iters)
     row["ours_over_fla"] = row["ours_ms"] / row["fla_rotary_embedding_ms"]
     print("ROW " + json.dumps(row), flush=True)
 

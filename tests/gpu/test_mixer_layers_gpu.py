@@ -71,6 +71,21 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
+def _in_bf16(state_dict):
+    """A model's state in bf16 (megatron's _extra_state entries are None: kept)."""
+    return {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+            for k, v in state_dict.items()}
+
+
+def _errors(model, ref, logits_ref, tokens, labels):
+    """model's logits and every parameter's gradient against ref's (run before, its logits
+    logits_ref), as relative L2 errors by name."""
+    err = {"logits": _rel(_run(model, tokens, labels), logits_ref)}
+    ref_params = dict(ref.named_parameters())
+    err.update({n: _rel(p.grad, ref_params[n].grad) for n, p in model.named_parameters()})
+    return err
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("la_module", sorted(registered_mixers()))
 def test_fla_model_matches_fp32_reference(la_module, head_dim, monkeypatch):
@@ -87,8 +102,7 @@ def test_fla_model_matches_fp32_reference(la_module, head_dim, monkeypatch):
     tensor_parallel.model_parallel_cuda_manual_seed(1)
     torch.manual_seed(SEED)
     ref = _model(la_module, head_dim, "reference", torch.float32)
-    weights_bf16 = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
-                    for k, v in ref.state_dict().items()}  # megatron's _extra_state is None
+    weights_bf16 = _in_bf16(ref.state_dict())
     fast = _model(la_module, head_dim, "fla", torch.bfloat16)
     fast.load_state_dict(weights_bf16)
     floor = _model(la_module, head_dim, "reference", torch.bfloat16)
@@ -97,12 +111,8 @@ def test_fla_model_matches_fp32_reference(la_module, head_dim, monkeypatch):
     labels = torch.randint(0, VOCAB, (BATCH, SEQ), device="cuda")
     decays = _capture_log_decay(monkeypatch) if la_module == "gated_deltanet" else None
     logits_ref = _run(ref, tokens, labels)
-    fla_err = {"logits": _rel(_run(fast, tokens, labels), logits_ref)}
-    floor_err = {"logits": _rel(_run(floor, tokens, labels), logits_ref)}
-    ref_params, floor_params = dict(ref.named_parameters()), dict(floor.named_parameters())
-    for name, p in fast.named_parameters():
-        fla_err[name] = _rel(p.grad, ref_params[name].grad)
-        floor_err[name] = _rel(floor_params[name].grad, ref_params[name].grad)
+    fla_err = _errors(fast, ref, logits_ref, tokens, labels)
+    floor_err = _errors(floor, ref, logits_ref, tokens, labels)
     extra = {}
     if decays is not None:
         extra = _decay_sums_against_their_terms(decays, ref, fast, floor, fla_err, floor_err)
@@ -212,9 +222,7 @@ def test_fla_model_in_fp32_matches_fp32_reference(la_module, head_dim):
     fast.load_state_dict(ref.state_dict())
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), device="cuda")
     labels = torch.randint(0, VOCAB, (BATCH, SEQ), device="cuda")
-    err = {"logits": _rel(_run(fast, tokens, labels), _run(ref, tokens, labels))}
-    ref_params = dict(ref.named_parameters())
-    err.update({n: _rel(p.grad, ref_params[n].grad) for n, p in fast.named_parameters()})
+    err = _errors(fast, ref, _run(ref, tokens, labels), tokens, labels)
     worst = sorted(err, key=err.get, reverse=True)[:5]
     _append_result({"test": "model_fla_fp32_vs_reference_fp32", "mixer": la_module,
                     "head_dim": head_dim, "worst": [(n, err[n]) for n in worst]})
