@@ -98,6 +98,17 @@ def test_both_gemm_forms_give_the_same_products(monkeypatch):
     assert torch.allclose(y, F.linear(x_short, w, bias))
 
 
+def test_split_k_slices():
+    """Near-equal slices in multiples of 64, none thin; one slice at or under the width."""
+    from linear_moe.layers.layout import split_k
+
+    assert split_k(6176, 2048) == [(0, 1600), (1600, 3200), (3200, 4800), (4800, 6176)]  # GDN
+    assert split_k(4096, 2048) == [(0, 2048), (2048, 4096)]  # retention's v / gate
+    assert split_k(3072, 2048) == [(0, 1536), (1536, 3072)]  # GDN's gate
+    assert split_k(2048, 2048) == [(0, 2048)] and split_k(6176, None) == [(0, 6176)]
+    assert split_k(10, 4) == [(0, 4), (4, 8), (8, 10)]
+
+
 @pytest.mark.parametrize("form", ["batched", "rows"])
 @pytest.mark.parametrize("operands", ["contiguous", "seq_first_views"])
 def test_split_k_gemms_give_the_same_products(monkeypatch, form, operands):

@@ -21,6 +21,8 @@ import statistics
 
 import torch
 
+from linear_moe.layers.layout import split_k
+
 B, S, H = 32, 2048, 2048  # the layer bench's batch, sequence and hidden size
 WIDTHS = (2048, 1024)  # GLA's v / gate and q / k projection widths (expand_k 0.5)
 SPLIT_K = 2048  # the slice width of the split-K variants (layout.SPLIT_K_WIDTH)
@@ -89,12 +91,13 @@ def input_grad_variants(n, beta, dev="cuda"):
             a.view(-1, n), w, beta=beta)),
         "baddbmm_seq_first": lambda: out_sf.baddbmm_(a_sf, w.expand(B, -1, -1), beta=beta),
     }
-    if n > SPLIT_K:  # matmul_into with layout.SPLIT_K_WIDTH: accumulating GEMMs over K slices
+    slices = split_k(n, SPLIT_K)
+    if len(slices) > 1:  # matmul_into with layout.SPLIT_K_WIDTH: accumulating GEMMs over K slices
         def split(batched):
             def run():
-                for i, start in enumerate(range(0, n, SPLIT_K)):
+                for i, (start, stop) in enumerate(slices):
                     b_i = beta if i == 0 else 1.0
-                    a_i, w_i = a[..., start:start + SPLIT_K], w[start:start + SPLIT_K]
+                    a_i, w_i = a[..., start:stop], w[start:stop]
                     if batched:
                         out.baddbmm_(a_i, w_i.expand(B, -1, -1), beta=b_i)
                     else:
