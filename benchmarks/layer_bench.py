@@ -204,8 +204,6 @@ def norm_steps(seq, batch, hidden, dtype):
 def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_to=None,
                 conv_kernel="auto", graph=False, input_layout="batch_first", options=None,
                 against_fla=False):
-    from linear_moe.layers import layout
-
     mixer = build_mixer(name, hidden, heads, dtype, conv_kernel, **(options or {}))
     # The mixer's input [s, b, h] as the model's input norm gives it (MixerInputRMSNorm): the
     # transposed view of a contiguous [b, s, h] tensor. seq_first: a contiguous [s, b, h] one
@@ -272,8 +270,7 @@ def bench_mixer(name, hidden, heads, seq, batch, dtype, warmup, iters, profile_t
     # Host ms until the step returns: a layer step whose host time nears its total leaves the
     # GPU idle between kernels (its eager overhead then holds host time, not device time).
     row = {"mixer": name, "T": seq, "B": batch, "input": input_layout,
-           "gemm_form": getattr(mixer, "gemm_form", None), "split_k_width": layout.SPLIT_K_WIDTH,
-           "layer_ms": layer_ms,
+           "gemm_form": getattr(mixer, "gemm_form", None), "layer_ms": layer_ms,
            "bare_ms": bare_ms, "layer_host_ms": statistics.median(layer_host),
            "bare_host_ms": statistics.median(bare_host)}
     if any("use_qk_l2norm" in kwargs for _, _, kwargs in calls):  # where q / k are normalised
@@ -353,10 +350,6 @@ def main(argv=None):
                         help="the mixer's projection GEMMs on contiguous operands batched over "
                              "B or as one 2-D GEMM over all rows (--la-gemm-form; default: the "
                              "model's)")
-    parser.add_argument("--split-k-width", type=int, default=None,
-                        help="the input-gradient GEMMs reduced over more than this width as "
-                             "accumulating GEMMs over slices of it (layout.SPLIT_K_WIDTH; "
-                             "default: the model's, one GEMM)")
     parser.add_argument("--against-fla", action="store_true",
                         help="also time fla's own layer (fla.layers) at the same shape where it "
                              "does the same math (gla, retention, deltanet, gated_deltanet): "
@@ -370,10 +363,6 @@ def main(argv=None):
                              "over the seq-first ones') or contiguous [s, b, h] tensors (rows "
                              "before 2026-12-07)")
     args, dtype = parse_layer_args(parser, argv)
-    from linear_moe.layers import layout
-
-    if args.split_k_width is not None:
-        layout.SPLIT_K_WIDTH = args.split_k_width  # this process's mixers (their backward)
     qk_in_conv = {None: None, "conv": True, "op": False}[args.qk_l2norm_in]
     from linear_moe.registry import registered_mixers
 
@@ -394,7 +383,7 @@ def main(argv=None):
                 row = {"mixer": name, "T": seq, "B": batch, "note": f"refused: {refused}"}
             rows.append(emit(row))
     write_results(rows, args.out, "Layer overhead: Megatron mixer layer vs bare op + GEMMs",
-                  ["mixer", "T", "B", "input", "gemm_form", "split_k_width", "qk_norm", "log_decay", "layer_ms", "bare_ms", "norm_ms", "norm_ref_ms",
+                  ["mixer", "T", "B", "input", "gemm_form", "qk_norm", "log_decay", "layer_ms", "bare_ms", "norm_ms", "norm_ref_ms",
                    "overhead", "layer_host_ms", "bare_host_ms", "layer_graph_ms",
                    "bare_graph_ms", "norm_graph_ms", "norm_ref_graph_ms", "overhead_graph",
                    "params", "fla_params", "fla_layer_ms", "fla_layer_graph_ms", "vs_fla",

@@ -98,51 +98,6 @@ def test_both_gemm_forms_give_the_same_products(monkeypatch):
     assert torch.allclose(y, F.linear(x_short, w, bias))
 
 
-def test_split_k_slices():
-    """Near-equal slices in multiples of 64, none thin; one slice at or under the width."""
-    from linear_moe.layers.layout import split_k
-
-    assert split_k(6176, 2048) == [(0, 1600), (1600, 3200), (3200, 4800), (4800, 6176)]  # GDN
-    assert split_k(4096, 2048) == [(0, 2048), (2048, 4096)]  # retention's v / gate
-    assert split_k(3072, 2048) == [(0, 1536), (1536, 3072)]  # GDN's gate
-    assert split_k(2048, 2048) == [(0, 2048)] and split_k(6176, None) == [(0, 6176)]
-    assert split_k(10, 4) == [(0, 4), (4, 8), (8, 10)]
-
-
-@pytest.mark.parametrize("form", ["batched", "rows"])
-@pytest.mark.parametrize("operands", ["contiguous", "seq_first_views"])
-def test_split_k_gemms_give_the_same_products(monkeypatch, form, operands):
-    """layout.SPLIT_K_WIDTH: matmul_into reduces over slices of at most that width, the first
-    GEMM honouring accumulate (beta 0 or 1), the later ones adding (beta 1), alpha on each: the
-    same out (+)= alpha * a @ mat as one GEMM, in the output tensor given, whether the operands
-    are contiguous or the transposed views of [s, b] memory, and mat a transposed view too."""
-    from linear_moe.layers import layout
-
-    assert layout.SPLIT_K_WIDTH is None  # off until measured on the GPU
-    monkeypatch.setattr(layout, "BATCHED_MIN_ROWS", 4)
-    a = torch.randn(3, 7, 10, dtype=torch.float64)
-    mat_t = torch.randn(16, 10, dtype=torch.float64)  # read as its transposed view [10, 16]
-    base = torch.randn(3, 7, 16, dtype=torch.float64)
-    if operands == "seq_first_views":
-        a = a.transpose(0, 1).contiguous().transpose(0, 1)
-        base = base.transpose(0, 1).contiguous().transpose(0, 1)
-    expected = {False: 0.5 * a @ mat_t.t(), True: base + 0.5 * a @ mat_t.t()}
-    for accumulate in (False, True):
-        monkeypatch.setattr(layout, "SPLIT_K_WIDTH", 4)  # slices of 4, 4 and 2
-        out = base.clone()  # (clone keeps a transposed view's strides)
-        with _Ops() as recorded:
-            got = matmul_into(out, a, mat_t.t(), accumulate=accumulate, alpha=0.5, form=form)
-        assert got is out and got.shape == (3, 7, 16)
-        gemms = [n.split(".")[1] for n in recorded.names if "mm" in n]
-        contiguous = operands == "contiguous"
-        assert gemms == 3 * (["addmm_"] if form == "rows" and contiguous else ["baddbmm_"])
-        assert torch.allclose(got, expected[accumulate]), (form, operands, accumulate)
-        monkeypatch.setattr(layout, "SPLIT_K_WIDTH", None)  # one GEMM: the same result
-        one = matmul_into(base.clone(), a, mat_t.t(), accumulate=accumulate, alpha=0.5,
-                          form=form)
-        assert torch.allclose(one, got)
-
-
 def _gemm_form_worker(rank, world_size):
     from megatron.core import parallel_state as mpu
     from test_mixer_options import H, SEQ, _build

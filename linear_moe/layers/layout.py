@@ -125,27 +125,6 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out if bias is None else out.add_(bias)
 
 
-# The reduction width above which matmul_into (the input gradients, reduced over a projection's
-# width) runs as accumulating GEMMs over near-equal slices of at most this width (split_k);
-# None: one GEMM. Off until measured: in session 28's retention profile (H100, B = 32,
-# S = 2048, hidden 2048) cuBLAS's batched GEMM reduced over 4096 ran at ~530 TFLOP/s where the
-# same layer's over 2048 ran at ~770 (scripts/probes/gemm_layout_probe.py and layer_bench
-# --split-k-width time the choice).
-SPLIT_K_WIDTH: int | None = None
-
-
-def split_k(k: int, width: int | None) -> list[tuple[int, int]]:
-    """(start, stop) slices of a reduction over k, each at most ``width`` wide (one slice for
-    None or k <= width): as many as needed, of equal widths rounded up to a multiple of 64 (the
-    GEMM kernels' K tile), so no thin remainder slice pays a full pass over the output for
-    little compute (GDN's 6176 = 1600 x 3 + 1376, not 2048 x 3 + 32)."""
-    if width is None or k <= width:
-        return [(0, k)]
-    count = -(-k // width)
-    step = min(width, -(-(-(-k // count)) // 64) * 64)
-    return [(start, min(start + step, k)) for start in range(0, k, step)]
-
-
 def matmul_into(out: torch.Tensor, a: torch.Tensor, mat: torch.Tensor,
                 accumulate: bool = False, alpha: float = 1.0,
                 form: str = DEFAULT_GEMM_FORM) -> torch.Tensor:
@@ -153,15 +132,11 @@ def matmul_into(out: torch.Tensor, a: torch.Tensor, mat: torch.Tensor,
     transposed view as in ``linear_rows``, mat [k, n]."""
     # beta 0 writes out without reading it (out may be uninitialised): alpha costs no pass.
     beta = 1.0 if accumulate else 0.0
-    as_rows = _as_rows(form, out, a)
-    dest, a_all = (out.view(-1, out.shape[-1]), a.reshape(-1, a.shape[-1])) if as_rows else (out, a)
-    for start, stop in split_k(a.shape[-1], SPLIT_K_WIDTH):  # later slices add to the first's
-        a_part, mat_part = a_all[..., start:stop], mat[start:stop]
-        if as_rows:
-            dest.addmm_(a_part, mat_part, beta=beta, alpha=alpha)
-        else:
-            dest.baddbmm_(a_part, mat_part.expand(a.shape[0], -1, -1), beta=beta, alpha=alpha)
-        beta = 1.0
+    if _as_rows(form, out, a):
+        out_2d, a_2d = out.view(-1, out.shape[-1]), a.reshape(-1, a.shape[-1])
+        out_2d.addmm_(a_2d, mat, beta=beta, alpha=alpha)
+    else:
+        out.baddbmm_(a, mat.expand(a.shape[0], -1, -1), beta=beta, alpha=alpha)
     return out
 
 

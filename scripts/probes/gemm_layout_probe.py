@@ -21,11 +21,21 @@ import statistics
 
 import torch
 
-from linear_moe.layers.layout import split_k
-
 B, S, H = 32, 2048, 2048  # the layer bench's batch, sequence and hidden size
 WIDTHS = (2048, 1024)  # GLA's v / gate and q / k projection widths (expand_k 0.5)
-SPLIT_K = 2048  # the slice width of the split-K variants (layout.SPLIT_K_WIDTH)
+SPLIT_K = 2048  # the widest slice of the split-K variants
+
+
+def split_k(k: int, width: int) -> list[tuple[int, int]]:
+    """(start, stop) slices of a reduction over k, at most ``width`` wide: as many as needed,
+    of near-equal widths in multiples of 64 (no thin remainder slice paying a full pass over
+    the output for little compute). Session 29 timed these input-gradient formulations: slower
+    than one GEMM at 3072 and 4096 (benchmarks/NOTES.md), so the layout code does not split."""
+    if k <= width:
+        return [(0, k)]
+    count = -(-k // width)
+    step = min(width, -(-(-(-k // count)) // 64) * 64)
+    return [(start, min(start + step, k)) for start in range(0, k, step)]
 
 
 def _time(fn, warmup=5, iters=20):
@@ -92,7 +102,7 @@ def input_grad_variants(n, beta, dev="cuda"):
         "baddbmm_seq_first": lambda: out_sf.baddbmm_(a_sf, w.expand(B, -1, -1), beta=beta),
     }
     slices = split_k(n, SPLIT_K)
-    if len(slices) > 1:  # matmul_into with layout.SPLIT_K_WIDTH: accumulating GEMMs over K slices
+    if len(slices) > 1:  # accumulating GEMMs over K slices, the first honouring beta
         def split(batched):
             def run():
                 for i, (start, stop) in enumerate(slices):
