@@ -20,6 +20,7 @@ import json
 import os
 import re
 import sys
+from typing import NamedTuple
 
 import torch
 
@@ -158,10 +159,18 @@ def profile(step, warmup: int, iters: int, record_shapes: bool = False):
     return prof
 
 
+class OpTime(NamedTuple):
+    ms: float  # device ms per step (CPU ms on the CPU)
+    calls: float  # calls per step
+
+
 def device_ms_by_op(prof, iters: int) -> dict:
-    """{(aten op, its input shapes): device ms per step of the kernels it launched itself}
-    (profile(..., record_shapes=True)); on the CPU, its own CPU ms. Set two steps' side by side
-    (op_diff) to see which ops one does that the other does not."""
+    """{(aten op, its input shapes): OpTime(device ms per step of the kernels it launched
+    itself, its calls per step)} (profile(..., record_shapes=True)); on the CPU, its own CPU ms.
+    Set two steps' side by side (op_diff) to see which ops one does that the other does not.
+    A row can hold different GEMMs of the same shapes (session 28 read retention's o_proj
+    forward and two input gradients, all [32, 2048, 2048] += [.., 4096] @ [4096, 2048], as two
+    slow GEMMs): the calls say how many."""
     key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     out = {}
     for e in prof.key_averages(group_by_input_shape=True):
@@ -170,20 +179,26 @@ def device_ms_by_op(prof, iters: int) -> dict:
         us = getattr(e, key, 0.0) or 0.0
         if us:
             name = (e.key, str(e.input_shapes))
-            out[name] = out.get(name, 0.0) + us / 1e3 / iters
+            ms, calls = out.get(name, (0.0, 0.0))
+            out[name] = OpTime(ms + us / 1e3 / iters, calls + e.count / iters)
     return out
 
 
 def op_diff(a: dict, b: dict, labels=("layer", "bare"), rows: int = 40) -> str:
-    """A table of the ops of device_ms_by_op a and b, by how much more a spends on each."""
-    keys = sorted(set(a) | set(b), key=lambda k: -(a.get(k, 0.0) - b.get(k, 0.0)))
-    lines = [f"{labels[0]:>9s} {labels[1]:>9s} {'diff':>9s}  ms/step  op  input shapes",
-             f"{sum(a.values()):9.3f} {sum(b.values()):9.3f} "
-             f"{sum(a.values()) - sum(b.values()):9.3f}  total"]
+    """A table of the ops of device_ms_by_op a and b, by how much more a spends on each, with
+    each side's calls per step."""
+    none = OpTime(0.0, 0.0)
+    keys = sorted(set(a) | set(b), key=lambda k: -(a.get(k, none).ms - b.get(k, none).ms))
+    total_a, total_b = (sum(t.ms for t in side.values()) for side in (a, b))
+    lines = [f"{labels[0]:>9s} {labels[1]:>9s} {'diff':>9s} {'calls':>9s}  ms/step; calls/step "
+             f"{labels[0]}/{labels[1]}  op  input shapes",
+             f"{total_a:9.3f} {total_b:9.3f} {total_a - total_b:9.3f} {'-':>9s}  total"]
     shown = keys if len(keys) <= rows + 10 else keys[:rows] + keys[-10:]  # and b's extras
     for k in shown:
-        x, y = a.get(k, 0.0), b.get(k, 0.0)
-        lines.append(f"{x:9.3f} {y:9.3f} {x - y:9.3f}  {k[0]}  {k[1][:160]}")
+        x, y = a.get(k, none), b.get(k, none)
+        calls = f"{x.calls:g}/{y.calls:g}"
+        lines.append(f"{x.ms:9.3f} {y.ms:9.3f} {x.ms - y.ms:9.3f} {calls:>9s}  {k[0]}  "
+                     f"{k[1][:160]}")
     return "\n".join(lines) + "\n"
 
 

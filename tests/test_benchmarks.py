@@ -266,7 +266,11 @@ def test_layer_bench_profile_diff_lists_the_layers_own_ops(tmp_path):
     layer, bare, diff = map(float, lines[1].split()[:3])
     # Each of the three is rounded to 3 decimals on its own: they can disagree by 1.5e-3.
     assert lines[1].endswith("total") and abs(layer - bare - diff) <= 1.5e-3 + 1e-9 and layer > 0 < bare
-    rows = [line.split(None, 4) for line in lines[2:]]
+    rows = [line.split(None, 5) for line in lines[2:]]
     assert [float(r[2]) for r in rows] == sorted((float(r[2]) for r in rows), reverse=True)
-    layer_only = {r[3] for r in rows if float(r[1]) == 0.0 and float(r[0]) > 0}
+    layer_only = {r[4] for r in rows if float(r[1]) == 0.0 and float(r[0]) > 0}
     assert {"_SharedInputLinears", "_LinearToSeqFirst"} <= layer_only
+    # Each side's calls per step: gla's layer calls its output projection once a step (the
+    # bare step never), so a row holding several calls of the same shapes says so.
+    calls = {r[4]: r[3] for r in rows}
+    assert calls["_LinearToSeqFirst"] == "1/0", calls
