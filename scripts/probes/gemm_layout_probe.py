@@ -39,6 +39,9 @@ def split_k(k: int, width: int) -> list[tuple[int, int]]:
 
 
 def _time(fn, warmup=5, iters=20):
+    # CUDA events, not benchmarks/common.time_fn's host clock around a synchronise: these are
+    # single ~1 ms kernels, where the synchronise's tens of microseconds would blur the few
+    # percent between formulations.
     for _ in range(warmup):
         fn()
     times = []
