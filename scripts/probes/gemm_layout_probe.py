@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-
 import torch
+
+from event_timing import event_time_ms  # (this folder: scripts/probes)
 
 B, S, H = 32, 2048, 2048  # the layer bench's batch, sequence and hidden size
 WIDTHS = (2048, 1024)  # GLA's v / gate and q / k projection widths (expand_k 0.5)
@@ -36,23 +36,6 @@ def split_k(k: int, width: int) -> list[tuple[int, int]]:
     count = -(-k // width)
     step = min(width, -(-(-(-k // count)) // 64) * 64)
     return [(start, min(start + step, k)) for start in range(0, k, step)]
-
-
-def _time(fn, warmup=5, iters=20):
-    # CUDA events, not benchmarks/common.time_fn's host clock around a synchronise: these are
-    # single ~1 ms kernels, where the synchronise's tens of microseconds would blur the few
-    # percent between formulations.
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _kernels(fn):
@@ -173,13 +156,13 @@ def main():
                 got = out_sf() if name.endswith("seq_first") else out()
                 err = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
                 rows.append(dict(gemm="input_grad", n=n, beta=beta, variant=name,
-                                 ms=_time(fn), rel_err=err, kernels=_kernels(fn)))
+                                 ms=event_time_ms(fn), rel_err=err, kernels=_kernels(fn)))
         for gemm, variants in (("forward", forward_variants(n)),
                                ("weight_grad", weight_grad_variants(n))):
             expected = variants["mm_2d"]()
             for name, fn in variants.items():
                 err = ((fn().float() - expected.float()).norm() / expected.float().norm()).item()
-                rows.append(dict(gemm=gemm, n=n, variant=name, ms=_time(fn), rel_err=err,
+                rows.append(dict(gemm=gemm, n=n, variant=name, ms=event_time_ms(fn), rel_err=err,
                                  kernels=_kernels(fn)))
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                cuda=torch.version.cuda)

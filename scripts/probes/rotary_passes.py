@@ -8,13 +8,10 @@ side in one run, equal results checked bit for bit.
 
 import argparse
 import json
-import pathlib
-import sys
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
-from common import time_fn  # noqa: E402  the benchmarks' timer
+from event_timing import event_time_ms  # (this folder: scripts/probes)
 
 
 def main():
@@ -47,7 +44,7 @@ def main():
     equal = all(torch.equal(a, b) for a, b in zip(*results.values()))
     row = {"shape": shape, "equal_bitwise": equal, "device": torch.cuda.get_device_name()}
     for name, rotate in ways.items():
-        row[f"{name}_ms"] = time_fn(lambda: step(rotate), 5, args.iters)
+        row[f"{name}_ms"] = event_time_ms(lambda: step(rotate), 5, args.iters)
     row["ours_over_fla"] = row["ours_ms"] / row["fla_rotary_embedding_ms"]
     print("ROW " + json.dumps(row), flush=True)
 
