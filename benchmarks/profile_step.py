@@ -168,9 +168,8 @@ def device_ms_by_op(prof, iters: int) -> dict:
     """{(aten op, its input shapes): OpTime(device ms per step of the kernels it launched
     itself, its calls per step)} (profile(..., record_shapes=True)); on the CPU, its own CPU ms.
     Set two steps' side by side (op_diff) to see which ops one does that the other does not.
-    A row can hold different GEMMs of the same shapes (session 28 read retention's o_proj
-    forward and two input gradients, all [32, 2048, 2048] (+)= [.., 4096] @ [4096, 2048], as two
-    slow GEMMs): the calls say how many."""
+    One key can hold different GEMMs of the same shapes (a forward and input gradients): the
+    calls say how many."""
     key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     out = {}
     for e in prof.key_averages(group_by_input_shape=True):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+
 import torch
 
 from event_timing import event_time_ms  # (this folder: scripts/probes)
@@ -31,10 +33,8 @@ def split_k(k: int, width: int) -> list[tuple[int, int]]:
     of near-equal widths in multiples of 64 (no thin remainder slice paying a full pass over
     the output for little compute). Session 29 timed these input-gradient formulations: slower
     than one GEMM at 3072 and 4096 (benchmarks/NOTES.md), so the layout code does not split."""
-    if k <= width:
-        return [(0, k)]
-    count = -(-k // width)
-    step = min(width, -(-(-(-k // count)) // 64) * 64)
+    count = math.ceil(k / width)  # the fewest slices of at most width
+    step = min(width, math.ceil(k / count / 64) * 64)
     return [(start, min(start + step, k)) for start in range(0, k, step)]
 
 
